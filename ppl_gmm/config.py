@@ -1,0 +1,189 @@
+"""The experiment config: a pydantic schema with defaults, YAML loading and KEY=VALUE overrides."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "HyperConfig",
+    "InitConfig",
+    "ModelConfig",
+    "apply_overrides",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    source: str = "synthetic"  # synthetic | csv | npy | a built-in data set name
+    n: int = Field(2000, ge=2)  # synthetic: number of points (train + test)
+    dim: int = Field(2, ge=1)
+    k: int = Field(3, ge=1)  # synthetic: true number of components
+    separation: float = Field(4.0, gt=0)  # synthetic: minimal distance between true means
+    path: str | None = None  # csv / npy: the file
+    label_column: str | None = None  # csv: true labels, kept out of the features
+    standardize: bool = False  # z-score with the train split's statistics
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # 0 = no test split
+
+
+class HyperConfig(_Strict):
+    """Conjugate prior hyperparameters; null means the data-based default (as scikit-learn's
+    BayesianGaussianMixture). Used only with ``model.prior: conjugate``."""
+
+    # Dirichlet concentration per component; 1.0 (flat) keeps MAP weights inside the simplex.
+    weight_concentration: float | None = Field(None, gt=0)
+    mean_precision: float = Field(1.0, gt=0)  # beta_0: prior strength on the means
+    mean_prior: list[float] | None = None  # m_0 (D); default: the train mean
+    degrees_of_freedom: float | None = Field(None, gt=0)  # nu_0; default: D
+    # the Wishart's inverse scale W_0^-1: a number, a (D) diagonal or a (D, D) matrix;
+    # default: the train covariance, projected on the covariance type
+    covariance_prior: float | list[float] | list[list[float]] | None = None
+
+
+class ModelConfig(_Strict):
+    name: str = "gmm"
+    k: int = Field(3, ge=1)
+    covariance: Literal["full", "diag", "tied", "spherical"] = "full"
+    prior: Literal["none", "conjugate"] = "none"
+    hyperparameters: HyperConfig = HyperConfig()
+
+
+class InitConfig(_Strict):
+    method: Literal["kmeans", "kmeans++", "random_from_data", "from_run"] = "kmeans++"
+    n_init: int = Field(1, ge=1)  # restarts; each backend keeps its best by train log-likelihood
+    run: str | None = None  # from_run: an experiment or backend directory
+    kmeans_iter: int = Field(100, ge=1)  # kmeans: at most this many Lloyd iterations
+    reg_covar: float = Field(1e-6, ge=0)  # added to initial covariance diagonals
+
+
+class Config(_Strict):
+    experiment: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    seed: int = Field(0, ge=0, lt=2**63)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["float64", "float32"] = "float64"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    init: InitConfig = InitConfig()
+    # each backend listed runs, in this order; its options are validated by the backend
+    backends: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"em": {}})
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _options_are_mappings(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {name: {} if opts is None else opts for name, opts in value.items()}
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _at_least_one(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not value:
+            raise ValueError("list at least one backend, e.g. `backends: {em: {}}`")
+        return value
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line naming the field, what was expected and what was found."""
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    field = ".".join([prefix, *loc] if prefix else loc) or "config"
+    if first["type"] == "extra_forbidden":
+        known = _known_fields(model, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        fix = f" Did you mean {hint[0]!r}?" if hint else ""
+        return f"{field}: unknown field. Known fields here: {', '.join(known)}.{fix}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"{field}: {msg.lower()}."
+    return f"{field}: {msg}, but found {first['input']!r}."
+
+
+def _known_fields(model: type[BaseModel], loc: Sequence[str]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries in a nested dict; values parse as YAML scalars."""
+    result = _copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. model.k=5.")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"{key}: the value {text!r} is not valid YAML ({exc}).") from None
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"{key}: {where} is {child!r}, not a section with fields.")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _copy(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _copy(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_copy(value) for value in node]
+    return node
+
+
+def parse_config(raw: Any, overrides: Sequence[str] = ()) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config: expected a mapping of fields, but found {type(raw).__name__}.")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, Config)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``KEY=VALUE`` overrides and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the config ({exc}).") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        detail = str(exc).replace("\n", " ")
+        raise UserError(f"{path}: not valid YAML ({detail}).") from None
+    return parse_config(raw, overrides)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,232 @@
+"""Data: synthetic mixtures with known truth, CSV and .npy files, built-in sets; split, standardize.
+
+Everything is checked here, once: a bad file or value becomes a one-line ``UserError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .config import DataConfig
+from .errors import UserError
+
+__all__ = ["Dataset", "load_data", "make_synthetic", "BUILTIN", "sha256_of"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train (and test) features as float64 CPU tensors, with true labels when known.
+
+    train: (N, D); test: (M, D) or None; *_labels: (N,) / (M,) int arrays or None;
+    truth: the generating parameters of synthetic data (weights, means, covariances) or None.
+    """
+
+    source: str
+    train: Tensor
+    test: Tensor | None
+    train_labels: np.ndarray | None
+    test_labels: np.ndarray | None
+    feature_names: tuple[str, ...]
+    truth: dict[str, Tensor] | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.train.shape[1])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.train_labels is not None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "n_train": int(self.train.shape[0]),
+            "n_test": 0 if self.test is None else int(self.test.shape[0]),
+            "dim": self.dim,
+            "has_labels": self.has_labels,
+            "feature_names": list(self.feature_names),
+            "sha256": sha256_of(self.train),
+        }
+
+
+def sha256_of(x: Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x.numpy(), dtype=np.float64).tobytes()).hexdigest()
+
+
+def make_synthetic(
+    n: int, dim: int, k: int, separation: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Draw n points from a random K-component full-covariance mixture.
+
+    Component covariances have eigenvalues in [0.5, 1.5]; true means lie at least
+    ``separation`` apart where the space allows it. Returns x (n, D), labels (n,) and the truth.
+    """
+    weights = rng.dirichlet(np.full(k, 10.0))
+    radius = separation * max(1.0, k ** (1.0 / dim))
+    means = np.empty((k, dim))
+    for j in range(k):
+        candidates = rng.uniform(-radius, radius, size=(256, dim))
+        if j == 0:
+            means[j] = candidates[0]
+            continue
+        gaps = np.linalg.norm(candidates[:, None, :] - means[None, :j], axis=-1).min(axis=1)
+        ok = np.flatnonzero(gaps >= separation)
+        means[j] = candidates[ok[0] if ok.size else int(np.argmax(gaps))]
+    rotations = np.linalg.qr(rng.standard_normal((k, dim, dim)))[0]
+    eigen = rng.uniform(0.5, 1.5, size=(k, dim))
+    covariances = np.einsum("kij,kj,klj->kil", rotations, eigen, rotations)
+    labels = rng.choice(k, size=n, p=weights)
+    noise = np.einsum("nij,nj->ni", np.linalg.cholesky(covariances)[labels], rng.standard_normal((n, dim)))
+    x = means[labels] + noise
+    return x, labels, {"weights": weights, "means": means, "covariances": covariances}
+
+
+def _read_builtin_sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]:
+    def load() -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        from sklearn import datasets
+
+        bunch = getattr(datasets, f"load_{name}")()
+        return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), list(bunch.feature_names)
+
+    return load
+
+
+def _read_old_faithful() -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    with resources.files("ppl_gmm.datasets").joinpath("old_faithful.csv").open("r") as handle:
+        frame = pd.read_csv(handle)
+    return frame.to_numpy(dtype=np.float64), None, list(frame.columns)
+
+
+BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]] = {
+    "iris": _read_builtin_sklearn("iris"),
+    "wine": _read_builtin_sklearn("wine"),
+    "old_faithful": _read_old_faithful,
+}
+
+
+def _need_path(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise UserError(f"data.path: data.source is {cfg.source!r}, so a file path is needed.")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"data.path: file not found: {path}.")
+    return path
+
+
+def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    path = _need_path(cfg)
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read as CSV ({detail}).") from None
+    labels = None
+    if cfg.label_column is not None:
+        if cfg.label_column not in frame.columns:
+            raise UserError(
+                f"data.label_column: {path} has no column {cfg.label_column!r}; "
+                f"its columns are {', '.join(map(str, frame.columns))}."
+            )
+        column = frame.pop(cfg.label_column)
+        if column.isna().any():
+            raise UserError(f"{path}: column {cfg.label_column!r} has missing labels.")
+        labels = pd.factorize(column, sort=True)[0]
+    if frame.shape[1] == 0:
+        raise UserError(f"{path}: no feature columns.")
+    for name in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name]):
+            raise UserError(
+                f"{path}: column {name!r} is not numeric. Drop it, or name it in data.label_column."
+            )
+    return frame.to_numpy(dtype=np.float64), labels, [str(c) for c in frame.columns]
+
+
+def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    path = _need_path(cfg)
+    if cfg.label_column is not None:
+        raise UserError("data.label_column: only CSV files have named columns; set it to null.")
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read as a .npy array ({exc}).") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise UserError(f"{path}: expected a numeric array, but found dtype {getattr(array, 'dtype', '?')}.")
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise UserError(f"{path}: expected a 2-D array (points × features), but found shape {array.shape}.")
+    return np.asarray(array, dtype=np.float64), None, [f"x{j}" for j in range(array.shape[1])]
+
+
+def load_data(cfg: DataConfig, seed: int) -> Dataset:
+    """Load or draw the data, check it, split it and optionally standardize it."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    truth = None
+    if cfg.source == "synthetic":
+        x, labels, truth_np = make_synthetic(cfg.n, cfg.dim, cfg.k, cfg.separation, rng)
+        names = [f"x{j}" for j in range(cfg.dim)]
+        truth = {key: torch.from_numpy(value) for key, value in truth_np.items()}
+    elif cfg.source == "csv":
+        x, labels, names = _read_csv(cfg)
+    elif cfg.source == "npy":
+        x, labels, names = _read_npy(cfg)
+    elif cfg.source in BUILTIN:
+        x, labels, names = BUILTIN[cfg.source]()
+    else:
+        known = ", ".join(["synthetic", "csv", "npy", *sorted(BUILTIN)])
+        raise UserError(f"data.source: unknown data source {cfg.source!r}. Known sources: {known}.")
+    where = cfg.path if cfg.source in ("csv", "npy") else f"data set {cfg.source!r}"
+    _check_values(x, where)
+
+    order = rng.permutation(x.shape[0])
+    n_test = int(round(cfg.test_fraction * x.shape[0])) if cfg.test_fraction > 0 else 0
+    if cfg.test_fraction > 0:
+        n_test = max(n_test, 1)
+    n_train = x.shape[0] - n_test
+    if n_train < 2:
+        raise UserError(
+            f"data.test_fraction: {where} has {x.shape[0]} points, which leaves {n_train} for "
+            "training; at least 2 are needed. Lower data.test_fraction or use more data."
+        )
+    train_idx, test_idx = np.sort(order[:n_train]), np.sort(order[n_train:])
+    train, test = x[train_idx], (x[test_idx] if n_test else None)
+    if cfg.standardize:
+        center, scale = train.mean(axis=0), train.std(axis=0)
+        constant = np.flatnonzero(scale == 0)
+        if constant.size:
+            raise UserError(
+                f"data.standardize: feature {names[constant[0]]!r} is constant in the train split, "
+                "so it cannot be scaled. Drop it or set data.standardize: false."
+            )
+        train = (train - center) / scale
+        test = None if test is None else (test - center) / scale
+    return Dataset(
+        source=cfg.source,
+        train=torch.from_numpy(np.ascontiguousarray(train)),
+        test=None if test is None else torch.from_numpy(np.ascontiguousarray(test)),
+        train_labels=None if labels is None else np.asarray(labels)[train_idx],
+        test_labels=None if labels is None or not n_test else np.asarray(labels)[test_idx],
+        feature_names=tuple(names),
+        truth=truth,
+    )
+
+
+def _check_values(x: np.ndarray, where: object) -> None:
+    if x.shape[0] < 2:
+        raise UserError(f"{where}: has {x.shape[0]} point(s); at least 2 are needed.")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise UserError(
+            f"{where}: {int(bad.sum())} value(s) are NaN or infinite (first at row {row}, "
+            f"column {col}). Remove or impute them."
+        )

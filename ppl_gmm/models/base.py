@@ -1,0 +1,81 @@
+"""What every latent model offers: its Pyro declaration and what exact inference needs of it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..registry import Registry
+
+__all__ = ["LatentModel", "MODELS", "Params"]
+
+Params = Mapping[str, Tensor]
+"""A point estimate: named tensors, listed in each model's documentation."""
+
+
+class LatentModel(ABC):
+    """A mixture-type latent model p(x, z | θ) p(θ) with K discrete states per point.
+
+    ``model`` is the one declaration in Pyro. ``log_joint`` is the same density written for
+    speed, and the tests prove the two agree; ``m_step`` is the closed-form maximizer of the
+    expected complete-data log-joint (plus the log prior when there is one).
+    """
+
+    name: ClassVar[str]
+    k: int
+    max_plate_nesting: ClassVar[int] = 1
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: ModelConfig, x: Tensor) -> LatentModel:
+        """Build the model; data-based defaults (prior hyperparameters) come from train ``x``."""
+
+    @property
+    @abstractmethod
+    def has_prior(self) -> bool:
+        """Whether θ has a proper prior (MAP and Bayesian backends) or none (maximum likelihood)."""
+
+    @abstractmethod
+    def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
+        """The Pyro model, with the assignments marked for enumeration."""
+
+    @abstractmethod
+    def log_joint(self, x: Tensor, params: Params) -> Tensor:
+        """log p(x_n, z_n = k | θ) for x: (N, D); returns (N, K)."""
+
+    @abstractmethod
+    def log_prior(self, params: Params) -> Tensor:
+        """log p(θ), a scalar; zero for the improper flat prior of maximum likelihood."""
+
+    @abstractmethod
+    def m_step(self, x: Tensor, resp: Tensor, reg_covar: float, use_prior: bool = True) -> Params:
+        """θ maximizing Σ_n Σ_k resp[n, k] log p(x_n, z_n = k | θ) (+ log p(θ))."""
+
+    @abstractmethod
+    def n_params(self) -> int:
+        """Free parameters, counted as scikit-learn counts them (for BIC and AIC)."""
+
+    @abstractmethod
+    def to_sites(self, params: Params) -> dict[str, Tensor]:
+        """The values of the Pyro model's global sites for a point estimate."""
+
+    @abstractmethod
+    def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
+        """The point estimate for values of the global sites."""
+
+    @abstractmethod
+    def check_params(self, params: Params, where: str) -> Params:
+        """Validate shapes against this model (a ``UserError`` naming ``where`` if they differ)
+        and project onto its parameter space; returns float64 tensors."""
+
+    def log_likelihood(self, x: Tensor, params: Params) -> Tensor:
+        """log p(x_n | θ) with the assignment summed out; returns (N,)."""
+        return torch.logsumexp(self.log_joint(x, params), dim=-1)
+
+
+MODELS: Registry[type[LatentModel]] = Registry("model")

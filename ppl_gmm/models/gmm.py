@@ -1,0 +1,399 @@
+"""The Gaussian mixture, declared once in Pyro, with what exact EM needs of it.
+
+Global sites of ``GaussianMixture.model``:
+
+    weights    (K,)                 Dirichlet(α0) | flat on the simplex
+    precision  full (K, D, D)       Wishart(ν0, W0) | flat on positive-definite matrices
+               tied (D, D)          one Wishart(ν0, W0) shared by all components
+               diag (K, D)          Gamma(ν0 / 2, rate = c0 / 2) per coordinate
+               spherical (K,)       Gamma(D ν0 / 2, rate = D c0 / 2)
+    locs       (K, D)               N(m0, (β0 Λ_k)^-1) | flat on R^D
+
+Local sites: ``z`` (Categorical(weights), enumerated) and ``x`` (MultivariateNormal(locs[z],
+precision[z])). ``prior: none`` replaces each prior by a flat improper one, so the posterior mode
+is the maximum-likelihood estimate. W0^-1 (``covariance_prior``, c0 for diag and spherical)
+follows scikit-learn's BayesianGaussianMixture, as do the data-based defaults.
+
+Point estimates hold float64 ``weights`` (K), ``means`` (K, D) and ``covariances`` (K, D, D):
+full matrices whatever the covariance type, and consistent with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import config_enumerate
+from pyro.ops.indexing import Vindex
+from torch import Tensor
+from torch.distributions import constraints
+
+from ..config import HyperConfig, ModelConfig
+from ..errors import UserError
+from .base import MODELS, LatentModel, Params
+
+__all__ = ["ConjugatePrior", "GaussianMixture", "precision_cholesky", "gaussian_log_prob"]
+
+
+@dataclass(frozen=True)
+class ConjugatePrior:
+    """Dirichlet–Normal–Wishart hyperparameters (float64).
+
+    covariance_prior is W0^-1 in the covariance type's own shape: full and tied (D, D),
+    diag (D,), spherical ().
+    """
+
+    weight_concentration: float
+    mean_precision: float
+    mean_prior: Tensor
+    degrees_of_freedom: float
+    covariance_prior: Tensor
+
+
+@dataclass(frozen=True)
+class _CovarianceType:
+    """How one covariance type stores, estimates and expands its covariances.
+
+    scatter(x, resp, nk, means, xtx) -> Σ_n resp[n,k] (x_n - means_k)(...)^T in native shape
+    ml_count(nk, n, d) -> the maximum-likelihood divisor of the scatter
+    map_count(nk, n, d, k, nu0) -> the posterior-mode divisor (derived in the module docs)
+    native(cov_full) -> the native shape of full covariances; to_full: the inverse
+    """
+
+    scatter: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+    ml_count: Callable[[Tensor, int, int], Tensor]
+    map_count: Callable[[Tensor, int, int, int, float], Tensor]
+    native: Callable[[Tensor], Tensor]
+    to_full: Callable[[Tensor, int, int], Tensor]
+    n_cov_params: Callable[[int, int], int]
+    mean_deviation: Callable[[Tensor], Tensor]
+
+
+def _scatter_full(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
+    out = torch.empty(means.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    for k in range(means.shape[0]):
+        diff = x - means[k]
+        out[k] = (resp[:, k, None] * diff).T @ diff
+    return out
+
+
+def _scatter_diag(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
+    return resp.T @ (x * x) - 2.0 * means * (resp.T @ x) + nk[:, None] * means**2
+
+
+def _scatter_spherical(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
+    return _scatter_diag(x, resp, nk, means, xtx).sum(dim=1)
+
+
+def _scatter_tied(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
+    sums = resp.T @ x
+    cross = means.T @ sums
+    return xtx - cross - cross.T + (nk[:, None] * means).T @ means
+
+
+def _eye_like(d: int, ref: Tensor) -> Tensor:
+    return torch.eye(d, dtype=ref.dtype, device=ref.device)
+
+
+COVARIANCE_TYPES: dict[str, _CovarianceType] = {
+    "full": _CovarianceType(
+        scatter=_scatter_full,
+        ml_count=lambda nk, n, d: nk[:, None, None],
+        map_count=lambda nk, n, d, k, nu0: (nu0 - d + nk)[:, None, None],
+        native=lambda cov: cov,
+        to_full=lambda c, k, d: c,
+        n_cov_params=lambda k, d: k * d * (d + 1) // 2,
+        mean_deviation=lambda dev: dev[:, :, None] * dev[:, None, :],
+    ),
+    "tied": _CovarianceType(
+        scatter=_scatter_tied,
+        ml_count=lambda nk, n, d: nk.sum(),
+        map_count=lambda nk, n, d, k, nu0: nu0 - d - 1 + k + nk.sum(),
+        native=lambda cov: cov[0],
+        to_full=lambda c, k, d: c.expand(k, d, d).clone(),
+        n_cov_params=lambda k, d: d * (d + 1) // 2,
+        mean_deviation=lambda dev: dev.T @ dev,
+    ),
+    "diag": _CovarianceType(
+        scatter=_scatter_diag,
+        ml_count=lambda nk, n, d: nk[:, None],
+        map_count=lambda nk, n, d, k, nu0: (nu0 - 1 + nk)[:, None],
+        native=lambda cov: torch.diagonal(cov, dim1=-2, dim2=-1),
+        to_full=lambda c, k, d: torch.diag_embed(c),
+        n_cov_params=lambda k, d: k * d,
+        mean_deviation=lambda dev: dev**2,
+    ),
+    "spherical": _CovarianceType(
+        scatter=_scatter_spherical,
+        ml_count=lambda nk, n, d: nk * d,
+        map_count=lambda nk, n, d, k, nu0: d * (nu0 + 1 + nk) - 2,
+        native=lambda cov: torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1),
+        to_full=lambda c, k, d: c[:, None, None] * _eye_like(d, c),
+        n_cov_params=lambda k, d: k,
+        mean_deviation=lambda dev: (dev**2).sum(-1),
+    ),
+}
+
+
+def precision_cholesky(covariances: Tensor) -> Tensor:
+    """Upper-triangular U with U U^T = Σ^-1, for covariances (..., D, D)."""
+    chol = torch.linalg.cholesky(covariances)
+    eye = _eye_like(covariances.shape[-1], covariances).expand_as(covariances)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).mT
+
+
+def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
+    """log N(x_n | means_k, Σ_k) for x (N, D), means (K, D), prec_chol (K, D, D); returns (N, K)."""
+    d = x.shape[1]
+    y = torch.einsum("nd,kde->nke", x, prec_chol) - torch.einsum("kd,kde->ke", means, prec_chol)
+    log_det = torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (d * math.log(2 * math.pi) + (y * y).sum(-1)) + log_det
+
+
+def _default_prior(cfg: HyperConfig, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
+    """scikit-learn's BayesianGaussianMixture defaults, from the train data x (N, D)."""
+    x = x.to(torch.float64)
+    d = x.shape[1]
+    empirical = torch.atleast_2d(torch.cov(x.T)) if x.shape[0] > 1 else torch.eye(d, dtype=x.dtype)
+    native_default = {
+        "full": empirical,
+        "tied": empirical,
+        "diag": torch.diagonal(empirical).clone(),
+        "spherical": torch.diagonal(empirical).mean(),
+    }[covariance]
+    if cfg.covariance_prior is None:
+        cov_prior = native_default
+    else:
+        cov_prior = _native_covariance_prior(cfg.covariance_prior, covariance, d)
+    if cfg.mean_prior is None:
+        mean_prior = x.mean(0)
+    else:
+        mean_prior = torch.tensor(cfg.mean_prior, dtype=torch.float64)
+        if mean_prior.shape != (d,):
+            raise UserError(
+                f"model.hyperparameters.mean_prior: expected {d} numbers (one per feature), "
+                f"but found {mean_prior.numel()}."
+            )
+    nu0 = float(d) if cfg.degrees_of_freedom is None else cfg.degrees_of_freedom
+    if covariance in ("full", "tied") and nu0 <= d - 1:
+        raise UserError(
+            f"model.hyperparameters.degrees_of_freedom: a Wishart prior needs more than D - 1 = "
+            f"{d - 1}, but found {nu0}. Try {d}."
+        )
+    alpha0 = 1.0 if cfg.weight_concentration is None else cfg.weight_concentration
+    return ConjugatePrior(alpha0, cfg.mean_precision, mean_prior, nu0, cov_prior)
+
+
+def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
+    field = "model.hyperparameters.covariance_prior"
+    tensor = torch.tensor(value, dtype=torch.float64)
+    if tensor.ndim == 0:
+        tensor = tensor * torch.eye(d, dtype=torch.float64)
+    elif tensor.ndim == 1:
+        if tensor.shape != (d,):
+            raise UserError(f"{field}: expected {d} diagonal entries, but found {tensor.numel()}.")
+        tensor = torch.diag(tensor)
+    if tensor.shape != (d, d):
+        raise UserError(f"{field}: expected a {d}×{d} matrix, but found shape {tuple(tensor.shape)}.")
+    if not torch.allclose(tensor, tensor.T) or torch.linalg.eigvalsh(tensor).min() <= 0:
+        raise UserError(f"{field}: must be symmetric positive definite.")
+    return COVARIANCE_TYPES[covariance].native(tensor[None])
+
+
+@MODELS.register("gmm")
+class GaussianMixture(LatentModel):
+    """K-component Gaussian mixture with a covariance type and an optional conjugate prior."""
+
+    name = "gmm"
+
+    def __init__(self, k: int, dim: int, covariance: str, prior: ConjugatePrior | None) -> None:
+        self.k = k
+        self.dim = dim
+        self.covariance = covariance
+        self.prior = prior
+        self._type = COVARIANCE_TYPES[covariance]
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, x: Tensor) -> GaussianMixture:
+        prior = None
+        if cfg.prior == "conjugate":
+            prior = _default_prior(cfg.hyperparameters, cfg.covariance, cfg.k, x)
+        return cls(cfg.k, int(x.shape[1]), cfg.covariance, prior)
+
+    @property
+    def has_prior(self) -> bool:
+        return self.prior is not None
+
+    # ---- the declaration -------------------------------------------------------------------
+
+    def _prior_tensor(self, value: Tensor, like: Tensor) -> Tensor:
+        return value.to(dtype=like.dtype, device=like.device)
+
+    def weights_prior(self, like: Tensor) -> dist.TorchDistribution:
+        k = self.k
+        if self.prior is None:
+            return dist.ImproperUniform(constraints.simplex, (), (k,))
+        concentration = torch.full((k,), self.prior.weight_concentration, dtype=like.dtype, device=like.device)
+        return dist.Dirichlet(concentration)
+
+    def precision_prior(self, like: Tensor) -> dist.TorchDistribution:
+        """The prior of the ``precision`` site, batch (K,) except for tied."""
+        k, d, p = self.k, self.dim, self.prior
+        batch = () if self.covariance == "tied" else (k,)
+        if p is None:
+            support, event = {
+                "full": (constraints.positive_definite, (d, d)),
+                "tied": (constraints.positive_definite, (d, d)),
+                "diag": (constraints.positive, (d,)),
+                "spherical": (constraints.positive, ()),
+            }[self.covariance]
+            return dist.ImproperUniform(support, batch, event)
+        c0 = self._prior_tensor(p.covariance_prior, like)
+        nu0 = torch.tensor(p.degrees_of_freedom, dtype=like.dtype, device=like.device)
+        if self.covariance in ("full", "tied"):
+            return dist.Wishart(nu0, precision_matrix=c0).expand(batch)
+        if self.covariance == "diag":
+            return dist.Gamma(nu0 / 2, c0 / 2).expand((k, d)).to_event(1)
+        return dist.Gamma(d * nu0 / 2, d * c0 / 2).expand((k,))
+
+    def locs_prior(self, full_precision: Tensor) -> dist.TorchDistribution:
+        """The prior of the ``locs`` site given (K, D, D) precisions, batch (K,)."""
+        if self.prior is None:
+            return dist.ImproperUniform(constraints.real_vector, (self.k,), (self.dim,))
+        m0 = self._prior_tensor(self.prior.mean_prior, full_precision)
+        return dist.MultivariateNormal(m0, precision_matrix=self.prior.mean_precision * full_precision)
+
+    def full_precision(self, precision: Tensor) -> Tensor:
+        """(K, D, D) precision matrices from the ``precision`` site's value."""
+        return self._type.to_full(precision, self.k, self.dim)
+
+    @config_enumerate
+    def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
+        like = x if x is not None else torch.zeros((), dtype=torch.get_default_dtype())
+        n = x.shape[0] if x is not None else n
+
+        # global variables
+        weights = pyro.sample("weights", self.weights_prior(like))
+        if self.covariance == "tied":
+            precision = pyro.sample("precision", self.precision_prior(like))
+        with pyro.plate("components", self.k):
+            if self.covariance != "tied":
+                precision = pyro.sample("precision", self.precision_prior(like))
+            full_precision = self.full_precision(precision)
+            locs = pyro.sample("locs", self.locs_prior(full_precision))
+
+        # local variables
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Categorical(weights))
+            return pyro.sample(
+                "x",
+                dist.MultivariateNormal(
+                    Vindex(locs)[..., z, :], precision_matrix=Vindex(full_precision)[..., z, :, :]
+                ),
+                obs=x,
+            )
+
+    # ---- what exact inference needs, equal to the declaration ------------------------------
+
+    def log_joint(self, x: Tensor, params: Params) -> Tensor:
+        prec_chol = precision_cholesky(params["covariances"])
+        return torch.log(params["weights"]) + gaussian_log_prob(x, params["means"], prec_chol)
+
+    def log_prior(self, params: Params) -> Tensor:
+        weights = params["weights"]
+        if self.prior is None:
+            return torch.zeros((), dtype=weights.dtype, device=weights.device)
+        sites = self.to_sites(params)
+        full_precision = self.full_precision(sites["precision"])
+        return (
+            self.weights_prior(weights).log_prob(sites["weights"]).sum()
+            + self.precision_prior(weights).log_prob(sites["precision"]).sum()
+            + self.locs_prior(full_precision).log_prob(sites["locs"]).sum()
+        )
+
+    def m_step(self, x: Tensor, resp: Tensor, reg_covar: float, use_prior: bool = True) -> Params:
+        n, d = x.shape
+        eps = 10 * torch.finfo(x.dtype).eps
+        nk = resp.sum(0) + eps
+        sums = resp.T @ x
+        xtx = x.T @ x if self.covariance == "tied" else x.new_zeros(())
+        kind = self._type
+        prior = self.prior if use_prior else None
+        if prior is None:
+            weights = nk / nk.sum()
+            means = sums / nk[:, None]
+            cov = kind.scatter(x, resp, nk, means, xtx) / kind.ml_count(nk, n, d)
+        else:
+            raw = nk + prior.weight_concentration - 1.0
+            weights = raw / raw.sum()
+            beta0 = prior.mean_precision
+            m0 = prior.mean_prior.to(x)
+            means = (beta0 * m0 + sums) / (beta0 + nk)[:, None]
+            scale = kind.native(self._prior_scale(x)[None])
+            numerator = scale + kind.scatter(x, resp, nk, means, xtx)
+            numerator = numerator + beta0 * kind.mean_deviation(means - m0)
+            cov = numerator / kind.map_count(nk, n, d, self.k, prior.degrees_of_freedom)
+        covariances = kind.to_full(cov, self.k, d)
+        covariances = covariances + reg_covar * _eye_like(d, x)
+        return {"weights": weights, "means": means, "covariances": covariances}
+
+    def _prior_scale(self, like: Tensor) -> Tensor:
+        """W0^-1 as a full (D, D) matrix."""
+        assert self.prior is not None
+        c0 = self.prior.covariance_prior.to(like)
+        if self.covariance in ("full", "tied"):
+            return c0
+        if self.covariance == "diag":
+            return torch.diag(c0)
+        # spherical: the Gamma(D ν0/2, D c0/2) prior adds D c0 to the summed squared deviations
+        return self.dim * c0 * _eye_like(self.dim, like)
+
+    def n_params(self) -> int:
+        k, d = self.k, self.dim
+        return self._type.n_cov_params(k, d) + k * d + k - 1
+
+    def to_sites(self, params: Params) -> dict[str, Tensor]:
+        precision = torch.linalg.inv(params["covariances"])
+        precision = 0.5 * (precision + precision.mT)
+        return {
+            "weights": params["weights"],
+            "locs": params["means"],
+            "precision": self._type.native(precision),
+        }
+
+    def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
+        covariances = torch.linalg.inv(self.full_precision(sites["precision"]))
+        return {
+            "weights": sites["weights"],
+            "means": sites["locs"],
+            "covariances": 0.5 * (covariances + covariances.mT),
+        }
+
+    def check_params(self, params: Params, where: str) -> Params:
+        k, d = self.k, self.dim
+        expected = {"weights": (k,), "means": (k, d), "covariances": (k, d, d)}
+        for name, shape in expected.items():
+            if name not in params:
+                raise UserError(f"{where}: has no tensor {name!r}; a Gaussian mixture needs {sorted(expected)}.")
+            found = tuple(params[name].shape)
+            if found != shape:
+                what = "model.k" if found[:1] != shape[:1] else "the data's dimension"
+                raise UserError(
+                    f"{where}: {name} has shape {found}, but {what} needs {shape} "
+                    f"(k={k}, dim={d}). Start from a run with the same k and features."
+                )
+        weights = params["weights"].to(torch.float64)
+        covariances = params["covariances"].to(torch.float64)
+        native = self._type.native(covariances)
+        if self.covariance == "tied":
+            native = (weights[:, None, None] * covariances).sum(0)
+        covariances = self._type.to_full(native, k, d)
+        return {
+            "weights": weights / weights.sum(),
+            "means": params["means"].to(torch.float64),
+            "covariances": covariances,
+        }
