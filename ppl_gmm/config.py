@@ -19,6 +19,7 @@ __all__ = [
     "InitConfig",
     "ModelConfig",
     "apply_overrides",
+    "dump_config",
     "format_validation_error",
     "load_config",
     "parse_config",

@@ -1,0 +1,71 @@
+"""What every backend offers: options, a check before fitting, and ``fit``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from ..models.base import LatentModel, Params
+from ..registry import Registry
+
+__all__ = ["BACKENDS", "Backend", "FitError", "FitResult", "Options", "Report", "StepInfo"]
+
+
+class Options(BaseModel):
+    """A backend's options; unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StepInfo(NamedTuple):
+    """One step's diagnostics: the backend's own objective and, where it was evaluated, the
+    exact train log-likelihood, both per point."""
+
+    step: int
+    wall_seconds: float
+    objective: float
+    log_likelihood: float | None
+
+
+Report = Callable[[StepInfo], None]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    params: Params
+    n_steps: int
+    converged: bool
+    fit_seconds: float
+    point_estimate: str  # mle | map | posterior_mean | posterior_median
+    elbo: float | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+class FitError(RuntimeError):
+    """A backend failed while fitting; the message says at which step and what to change."""
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    options: ClassVar[type[Options]]
+
+    def check(self, model: LatentModel, options: Options) -> None:
+        """Raise ``UserError`` if this backend cannot fit ``model`` with ``options``."""
+
+    def total_steps(self, options: Options) -> int | None:
+        """The most steps ``fit`` takes, for progress display."""
+        return None
+
+    @abstractmethod
+    def fit(
+        self, model: LatentModel, x: Tensor, init: Params, options: Options, report: Report
+    ) -> FitResult:
+        """Fit from ``init`` on x (N, D); call ``report`` once per step."""
+
+
+BACKENDS: Registry[type[Backend]] = Registry("backend")

@@ -1,0 +1,128 @@
+"""The command line: parse arguments, call, print. Nothing below this module prints or reads argv."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from tqdm import tqdm
+
+from . import __version__
+from .backends import StepInfo
+from .config import load_config
+from .errors import UserError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+class _Bars:
+    """Progress on stderr: one bar per backend fit, with the current objective."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: tqdm | None = None
+
+    def begin(self, backend: str, restart: int, total: int | None) -> None:
+        desc = backend if restart == 0 else f"{backend} (restart {restart})"
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=self.quiet,
+                        dynamic_ncols=True, leave=True)
+
+    def step(self, info: StepInfo) -> None:
+        if self.bar is not None:
+            if info.step > 0:
+                self.bar.update(1)
+            self.bar.set_postfix(objective=f"{info.objective:.6g}", refresh=False)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _format(value: object, digits: int = 6) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .experiment import Interrupted, prepare, execute
+
+    config = load_config(args.config, args.overrides)
+    plan = prepare(config)
+    try:
+        outcome = execute(plan, Path(args.runs_dir), _Bars(args.quiet))
+    except Interrupted as exc:
+        sys.stderr.write(f"error: interrupted; finished backends are kept in {exc.path}\n")
+        print(exc.path)
+        return 130
+    header = ["backend", "status", "n_steps", "converged", "train_ll", "test_ll", "fit_seconds"]
+    lines = [header]
+    for name, s in outcome.summaries.items():
+        lines.append([name, s["status"], _format(s["n_steps"]), _format(s["converged"]),
+                      _format(s["train_log_likelihood"]), _format(s["test_log_likelihood"]),
+                      _format(s["fit_seconds"], 3)])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    for row in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print(outcome.path)
+    return 1 if outcome.failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ppl-gmm", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"ppl-gmm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser(
+        "run",
+        help="run every backend of a config on the same data from the same start",
+        description="Run every backend listed in CONFIG on the same data and initial parameters; "
+        "write one experiment directory and print its path last.",
+    )
+    run.add_argument("config", help="a YAML config, e.g. configs/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="override a config field by its dotted path, e.g. model.k=5")
+    run.add_argument("--runs-dir", default="runs", help="where experiment directories go (default: runs)")
+    run.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""One scoring of any point estimate: exact log-likelihoods, BIC/AIC, ARI/NMI, component matching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import Tensor
+
+from .data import Dataset
+from .models.base import LatentModel, Params
+
+__all__ = ["match_components", "mean_log_likelihood", "score"]
+
+
+def _cpu64(params: Params) -> dict[str, Tensor]:
+    return {name: value.detach().to("cpu", torch.float64) for name, value in params.items()}
+
+
+def mean_log_likelihood(model: LatentModel, x: Tensor, params: Params) -> float:
+    """Mean over points of log p(x_n | θ), assignments summed out, in float64."""
+    return float(model.log_likelihood(x.to(torch.float64), _cpu64(params)).mean())
+
+
+def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float | int | None]:
+    """Exact train/test log-likelihood per point, BIC, AIC (lower is better), ARI and NMI of the
+    most probable assignments against the true labels when the data have them."""
+    params = _cpu64(params)
+    n = data.train.shape[0]
+    log_joint = model.log_joint(data.train, params)
+    train = float(torch.logsumexp(log_joint, dim=1).mean())
+    test = None if data.test is None else mean_log_likelihood(model, data.test, params)
+    n_params = model.n_params()
+    ari = nmi = None
+    if data.train_labels is not None and math.isfinite(train):
+        predicted = torch.argmax(log_joint, dim=1).numpy()
+        ari = float(adjusted_rand_score(data.train_labels, predicted))
+        nmi = float(normalized_mutual_info_score(data.train_labels, predicted))
+    return {
+        "train_log_likelihood": train,
+        "test_log_likelihood": test,
+        "bic": -2.0 * n * train + n_params * math.log(n),
+        "aic": -2.0 * n * train + 2.0 * n_params,
+        "n_params": n_params,
+        "ari": ari,
+        "nmi": nmi,
+    }
+
+
+def match_components(reference: Tensor, other: Tensor) -> np.ndarray:
+    """The permutation of ``other``'s components that best matches ``reference``'s, by the
+    Hungarian algorithm on squared distances. reference, other: (K, D) means; returns
+    ``perm`` (K,) such that other[perm[k]] pairs with reference[k]."""
+    cost = torch.cdist(reference.to(torch.float64), other.to(torch.float64)).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty_like(cols)
+    perm[rows] = cols
+    return perm

@@ -1,0 +1,291 @@
+"""run(cfg): data → model → init → each backend → evaluate → the experiment directory.
+
+``prepare`` checks everything that can be checked before fitting and writes nothing;
+``execute`` fits and writes. A failing backend is recorded as ``failed`` and the others still run;
+an interruption records the running backend as ``interrupted`` and keeps everything finished.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pydantic import ValidationError
+
+from . import __version__
+from .backends import BACKENDS, Backend, FitResult, Options, StepInfo
+from .config import Config, dump_config, format_validation_error
+from .data import Dataset, load_data
+from .errors import UserError
+from .evaluate import score
+from .init import initialize
+from .models import MODELS, LatentModel, Params
+from .runs import create_experiment_dir, save_tensors, write_csv, write_json, write_text
+
+__all__ = ["Interrupted", "Outcome", "Plan", "Progress", "execute", "prepare", "run"]
+
+
+class Progress(Protocol):
+    """Where long work reports itself; the command line draws it on stderr."""
+
+    def begin(self, backend: str, restart: int, total: int | None) -> None: ...
+    def step(self, info: StepInfo) -> None: ...
+    def end(self) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class _Silent:
+    def begin(self, backend: str, restart: int, total: int | None) -> None:
+        pass
+
+    def step(self, info: StepInfo) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything an experiment needs, checked: the resolved config, data, model and inits."""
+
+    config: Config
+    data: Dataset
+    model: LatentModel
+    backends: tuple[tuple[str, Backend, Options], ...]
+    inits: tuple[Params, ...]
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: Path
+    summaries: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, s in self.summaries.items() if s["status"] == "failed"]
+
+
+class Interrupted(Exception):
+    """The run was interrupted; what finished is saved under ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"interrupted; results so far are in {path}")
+        self.path = path
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for, but no GPU is available here. Use cpu or auto.")
+    return torch.device(name)
+
+
+def _resolve_backends(cfg: Config, model: LatentModel) -> tuple[tuple[str, Backend, Options], ...]:
+    resolved = []
+    for name, raw in cfg.backends.items():
+        backend = BACKENDS.get(name, field=f"backends.{name}")()
+        if not isinstance(raw, Mapping):
+            raise UserError(f"backends.{name}: expected a mapping of options, but found {raw!r}.")
+        try:
+            options = backend.options.model_validate(dict(raw))
+        except ValidationError as err:
+            raise UserError(format_validation_error(err, backend.options, f"backends.{name}")) from None
+        backend.check(model, options)
+        resolved.append((name, backend, options))
+    return tuple(resolved)
+
+
+def prepare(cfg: Config) -> Plan:
+    """Load the data, build the model, resolve options and draw the initial parameters.
+
+    Raises ``UserError`` for anything wrong with the config or data; writes nothing.
+    """
+    device = _device(cfg.device)
+    dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
+    data = load_data(cfg.data, cfg.seed)
+    n_train = data.train.shape[0]
+    if cfg.model.k > n_train:
+        raise UserError(
+            f"model.k: {cfg.model.k} components need at least as many train points, but the data "
+            f"have {n_train}. Lower model.k or data.test_fraction."
+        )
+    model = MODELS.get(cfg.model.name, field="model.name").from_config(cfg.model, data.train)
+    backends = _resolve_backends(cfg, model)
+    x = data.train.to(device)
+    inits = tuple(
+        {name: value.to("cpu", torch.float64) for name, value in initialize(model, x, cfg.init, cfg.seed, r).items()}
+        for r in range(cfg.init.n_init)
+    )
+    resolved = cfg.model_copy(
+        update={"backends": {name: options.model_dump(mode="json") for name, _, options in backends}}
+    )
+    return Plan(resolved, data, model, backends, inits, device, dtype)
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "ppl_gmm": __version__,
+    }
+
+
+def _init_tensors(inits: tuple[Params, ...]) -> dict[str, torch.Tensor]:
+    tensors = dict(inits[0])
+    for r, params in enumerate(inits[1:], start=1):
+        tensors.update({f"restart{r}.{name}": value for name, value in params.items()})
+    return tensors
+
+
+def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Outcome:
+    """Fit every backend and write the experiment directory; returns its path and summaries."""
+    progress = progress or _Silent()
+    cfg = plan.config
+    path = create_experiment_dir(runs_dir, cfg.experiment)
+    write_text(path / "config.yaml", dump_config(cfg))
+    write_json(path / "data.json", plan.data.describe())
+    save_tensors(path / "init.safetensors", _init_tensors(plan.inits))
+    if plan.data.truth is not None:
+        save_tensors(path / "truth.safetensors", plan.data.truth)
+    common = {
+        "model": plan.model.name,
+        "seed": cfg.seed,
+        "device": str(plan.device),
+        "dtype": cfg.dtype,
+        "versions": _versions(),
+    }
+    summaries: dict[str, dict[str, Any]] = {}
+    try:
+        for name, backend, options in plan.backends:
+            summaries[name] = _run_backend(plan, path, name, backend, options, common, progress)
+    finally:
+        rows = [summaries[name] for name, _, _ in plan.backends if name in summaries]
+        write_csv(path / "comparison.csv", pd.json_normalize(rows))
+    return Outcome(path, summaries)
+
+
+def _run_backend(
+    plan: Plan,
+    path: Path,
+    name: str,
+    backend: Backend,
+    options: Options,
+    common: Mapping[str, Any],
+    progress: Progress,
+) -> dict[str, Any]:
+    out = path / name
+    out.mkdir()
+    rows: list[dict[str, Any]] = []
+    x = plan.data.train.to(plan.device, plan.dtype)
+    best: tuple[float, int, FitResult] | None = None
+    fit_seconds = 0.0
+    summary: dict[str, Any] = {"backend": name, "status": "completed", "error": None}
+    try:
+        for restart, init in enumerate(plan.inits):
+            pyro.clear_param_store()
+            pyro.set_rng_seed(plan.config.seed + restart)
+            started = time.perf_counter()
+
+            def report(info: StepInfo, restart: int = restart) -> None:
+                rows.append({"restart": restart, **info._asdict()})
+                progress.step(info)
+
+            init_here = {key: value.to(plan.device, plan.dtype) for key, value in init.items()}
+            progress.begin(name, restart, backend.total_steps(options))
+            try:
+                result = backend.fit(plan.model, x, init_here, options, report)
+            except BaseException:
+                fit_seconds += time.perf_counter() - started
+                raise
+            finally:
+                progress.end()
+            fit_seconds += result.fit_seconds
+            train = score(plan.model, result.params, plan.data)["train_log_likelihood"]
+            if best is None or train > best[0]:
+                best = (train, restart, result)
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="interrupted by the user")
+        _write_backend(out, summary, common, rows, None, plan, fit_seconds)
+        raise Interrupted(path) from None
+    except Exception as exc:  # a failing backend must not take the others down
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        summary.update(status="failed", error=message)
+        progress.message(f"warning: {name} failed: {message}")
+        return _write_backend(out, summary, common, rows, None, plan, fit_seconds)
+    assert best is not None
+    _, restart, result = best
+    if not result.converged:
+        progress.message(
+            f"warning: {name} did not converge in {result.n_steps} steps; raise "
+            f"backends.{name}.max_iter or its tolerance."
+        )
+    summary.update(
+        n_steps=result.n_steps,
+        converged=result.converged,
+        point_estimate=result.point_estimate,
+        elbo=result.elbo,
+        restart=restart,
+        **dict(result.extras),
+    )
+    return _write_backend(out, summary, common, rows, result.params, plan, fit_seconds)
+
+
+def _write_backend(
+    out: Path,
+    summary: dict[str, Any],
+    common: Mapping[str, Any],
+    rows: list[dict[str, Any]],
+    params: Params | None,
+    plan: Plan,
+    fit_seconds: float,
+) -> dict[str, Any]:
+    metrics = pd.DataFrame(rows, columns=["restart", "step", "wall_seconds", "objective", "log_likelihood"])
+    if len(plan.inits) == 1:
+        metrics = metrics.drop(columns="restart")
+    write_csv(out / "metrics.csv", metrics)
+    scores: dict[str, Any] = dict.fromkeys(
+        ["train_log_likelihood", "test_log_likelihood", "bic", "aic", "n_params", "ari", "nmi"]
+    )
+    if params is not None:
+        save_tensors(out / "params.safetensors", params)
+        scores = score(plan.model, params, plan.data)
+    full = {
+        "backend": summary["backend"],
+        "model": common["model"],
+        "status": summary["status"],
+        "error": summary["error"],
+        "n_steps": summary.get("n_steps", int(metrics["step"].max()) if len(metrics) else 0),
+        "converged": summary.get("converged", False),
+        "fit_seconds": fit_seconds,
+        **scores,
+        "point_estimate": summary.get("point_estimate"),
+        "elbo": summary.get("elbo"),
+        **{key: value for key, value in summary.items() if key not in ("backend", "status", "error")},
+        **{key: value for key, value in common.items() if key != "model"},
+    }
+    write_json(out / "summary.json", full)
+    return full
+
+
+def run(cfg: Config, runs_dir: Path, progress: Progress | None = None) -> Outcome:
+    return execute(prepare(cfg), runs_dir, progress)

@@ -1,0 +1,124 @@
+"""Initial parameters: k-means++ seeding and Lloyd's k-means in torch, random points, earlier runs.
+
+Runs once per experiment; every backend starts from the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .config import InitConfig
+from .errors import UserError
+from .models.base import LatentModel, Params
+from .runs import best_backend_dir
+
+__all__ = ["kmeans_plusplus", "lloyd", "initialize", "load_run_params"]
+
+
+def _squared_distances(x: Tensor, centers: Tensor) -> Tensor:
+    """||x_n - c_k||² for x (N, D), centers (K, D); returns (N, K), clamped at zero."""
+    d2 = (x * x).sum(1, keepdim=True) - 2.0 * x @ centers.T + (centers * centers).sum(1)
+    return d2.clamp_min_(0.0)
+
+
+def kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with 2 + ln k local trials per
+    center as scikit-learn does). x: (N, D); returns the indices (k,) of the chosen points."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    closest = _squared_distances(x, x[chosen]).squeeze(1)
+    for _ in range(1, k):
+        total = closest.sum()
+        if total <= 0:
+            raise UserError(
+                f"model.k: the data have fewer than {k} distinct points, so k-means++ cannot "
+                "seed k distinct centers. Lower model.k."
+            )
+        draws = torch.rand(trials, generator=generator, dtype=x.dtype) * total
+        candidates = torch.searchsorted(torch.cumsum(closest, 0), draws.to(x.device), right=True)
+        candidates = candidates.clamp_max_(n - 1)
+        candidate_closest = torch.minimum(closest, _squared_distances(x, x[candidates]).T)
+        best = int(torch.argmin(candidate_closest.sum(1)))
+        chosen.append(int(candidates[best]))
+        closest = candidate_closest[best]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def lloyd(x: Tensor, centers: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
+    """Lloyd iterations until no label changes (or ``max_iter``). An empty cluster takes the
+    point farthest from its center. Returns centers (K, D) and labels (N,)."""
+    labels = torch.argmin(_squared_distances(x, centers), dim=1)
+    for _ in range(max_iter):
+        counts = torch.bincount(labels, minlength=centers.shape[0]).to(x.dtype)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        centers = sums / counts.clamp_min(1.0)[:, None]
+        for empty in torch.nonzero(counts == 0).flatten().tolist():
+            far = torch.argmax(_squared_distances(x, centers).gather(1, labels[:, None]))
+            centers[empty] = x[far]
+            labels[far] = empty
+        new_labels = torch.argmin(_squared_distances(x, centers), dim=1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return centers, labels
+
+
+def _from_labels(model: LatentModel, x: Tensor, labels: Tensor, reg_covar: float) -> Params:
+    resp = torch.nn.functional.one_hot(labels, model.k).to(x.dtype)
+    return model.m_step(x, resp, reg_covar, use_prior=False)
+
+
+def load_run_params(model: LatentModel, run: str) -> Params:
+    """The parameters of an earlier backend directory, or of an experiment's best backend."""
+    path = Path(run)
+    if not path.exists():
+        raise UserError(f"init.run: {path} does not exist.")
+    if path.is_dir() and not (path / "params.safetensors").is_file():
+        found = best_backend_dir(path)
+        if found is None:
+            raise UserError(
+                f"init.run: {path} holds no params.safetensors and no completed backend run. "
+                "Name a backend directory such as runs/<experiment>/em."
+            )
+        path = found
+    file = path / "params.safetensors" if path.is_dir() else path
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"init.run: cannot read {file} ({exc}).") from None
+    return model.check_params(tensors, f"init.run ({file})")
+
+
+def initialize(
+    model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restart: int = 0
+) -> Params:
+    """Initial parameters for restart ``restart``: float64 tensors on x's device."""
+    if cfg.method == "from_run":
+        if cfg.run is None:
+            raise UserError("init.run: init.method is from_run, so init.run must name a run directory.")
+        params = load_run_params(model, cfg.run)
+        return {name: value.to(x.device) for name, value in params.items()}
+    state = np.random.SeedSequence([seed, 2, restart]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
+    x64 = x.to(torch.float64)
+    if cfg.method == "random_from_data":
+        index = torch.randperm(x64.shape[0], generator=generator)[: model.k].to(x.device)
+        spread = model.m_step(x64, torch.full((x64.shape[0], model.k), 1.0 / model.k, dtype=x64.dtype,
+                                              device=x.device), cfg.reg_covar, use_prior=False)
+        weights = torch.full((model.k,), 1.0 / model.k, dtype=x64.dtype, device=x.device)
+        return {"weights": weights, "means": x64[index].clone(), "covariances": spread["covariances"]}
+    index = kmeans_plusplus(x64, model.k, generator).to(x.device)
+    centers = x64[index].clone()
+    if cfg.method == "kmeans":
+        centers, labels = lloyd(x64, centers, cfg.kmeans_iter)
+    else:
+        labels = torch.argmin(_squared_distances(x64, centers), dim=1)
+    return _from_labels(model, x64, labels, cfg.reg_covar)

@@ -1,0 +1,111 @@
+"""The experiment directory: unique names, atomic writes, reading back. No pickle anywhere."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+__all__ = [
+    "best_backend_dir",
+    "create_experiment_dir",
+    "read_summary",
+    "save_tensors",
+    "write_bytes",
+    "write_csv",
+    "write_json",
+    "write_text",
+]
+
+
+def create_experiment_dir(runs_dir: Path, experiment: str) -> Path:
+    """``runs_dir/<experiment>-<YYYYmmdd-HHMMSS>-<6 hex>``, created exclusively, so two runs
+    started in the same second never share a directory."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = runs_dir / f"{experiment}-{stamp}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_json(path: Path, value: Mapping[str, Any]) -> None:
+    """JSON with non-finite numbers written as null, so every reader can parse it."""
+    write_text(path, json.dumps(_finite(dict(value)), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    write_text(path, frame.to_csv(index=False))
+
+
+def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """safetensors of float64 CPU tensors."""
+    clean = {name: value.detach().to("cpu", torch.float64).contiguous() for name, value in tensors.items()}
+    write_bytes(path, safetensors_bytes(clean))
+
+
+def read_summary(backend_dir: Path) -> dict[str, Any] | None:
+    """The summary of a backend directory, or None when missing or unreadable."""
+    try:
+        value = json.loads((backend_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def best_backend_dir(experiment_dir: Path) -> Path | None:
+    """The completed backend with the highest train log-likelihood in an experiment directory."""
+    best: tuple[float, Path] | None = None
+    for child in sorted(p for p in experiment_dir.iterdir() if p.is_dir()):
+        summary = read_summary(child)
+        if not summary or summary.get("status") != "completed":
+            continue
+        score = summary.get("train_log_likelihood")
+        if not isinstance(score, int | float) or not (child / "params.safetensors").is_file():
+            continue
+        if best is None or score > best[0]:
+            best = (float(score), child)
+    return None if best is None else best[1]
