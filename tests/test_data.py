@@ -1,0 +1,79 @@
+"""Data loading, splitting and standardization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.datasets import load_iris
+from sklearn.preprocessing import StandardScaler
+
+from ppl_gmm.config import DataConfig
+from ppl_gmm.data import load_data
+
+
+def test_synthetic_is_seeded_and_labelled() -> None:
+    cfg = DataConfig(n=500, dim=3, k=4, separation=5.0, test_fraction=0.2)
+    a, b, c = load_data(cfg, 1), load_data(cfg, 1), load_data(cfg, 2)
+    assert torch.equal(a.train, b.train) and not torch.equal(a.train, c.train)
+    assert a.train.shape == (400, 3) and a.test.shape == (100, 3)
+    assert a.train_labels.shape == (400,) and a.test_labels.shape == (100,)
+    means = a.truth["means"].numpy()
+    gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(4, 1)]
+    assert gaps.min() >= 5.0
+    for k in range(4):  # points of each label sit around their true mean
+        members = a.train.numpy()[a.train_labels == k]
+        assert np.linalg.norm(members.mean(0) - means[k]) < 0.6
+
+
+def test_csv_with_label_column(tmp_path) -> None:
+    frame = pd.DataFrame({"a": [1.0, 2, 3, 4, 5], "kind": ["x", "y", "x", "y", "x"], "b": [0, 1, 0, 1, 2]})
+    path = tmp_path / "cells.csv"
+    frame.to_csv(path, index=False)
+    data = load_data(DataConfig(source="csv", path=str(path), label_column="kind", test_fraction=0), 0)
+    assert data.feature_names == ("a", "b")
+    np.testing.assert_array_equal(data.train.numpy(), frame[["a", "b"]].to_numpy(dtype=float))
+    np.testing.assert_array_equal(data.train_labels, [0, 1, 0, 1, 0])
+    assert data.test is None and data.describe()["n_test"] == 0
+
+
+def test_npy_file(tmp_path) -> None:
+    array = np.arange(20, dtype=np.float32).reshape(10, 2)
+    np.save(tmp_path / "x.npy", array)
+    data = load_data(DataConfig(source="npy", path=str(tmp_path / "x.npy"), test_fraction=0.3), 0)
+    assert data.train.dtype == torch.float64 and data.train.shape == (7, 2)
+    both = np.sort(np.concatenate([data.train.numpy(), data.test.numpy()]), axis=0)
+    np.testing.assert_array_equal(both, array.astype(np.float64))
+    assert not data.has_labels
+
+
+@pytest.mark.parametrize(("name", "shape", "labelled"),
+                         [("iris", (150, 4), True), ("wine", (178, 13), True),
+                          ("old_faithful", (272, 2), False)])
+def test_builtin_sets(name: str, shape: tuple[int, int], labelled: bool) -> None:
+    data = load_data(DataConfig(source=name, test_fraction=0), 0)
+    assert tuple(data.train.shape) == shape and data.has_labels == labelled
+    if name == "iris":
+        np.testing.assert_array_equal(data.train.numpy(), load_iris().data)
+    if name == "old_faithful":
+        assert data.feature_names == ("eruptions", "waiting")
+        assert 1.5 < float(data.train[:, 0].min()) and float(data.train[:, 1].max()) < 100
+
+
+def test_split_is_a_seeded_partition() -> None:
+    cfg = DataConfig(source="iris", test_fraction=0.2)
+    data = load_data(cfg, 4)
+    assert data.train.shape[0] == 120 and data.test.shape[0] == 30
+    rows = {tuple(r) for r in np.concatenate([data.train.numpy(), data.test.numpy()]).tolist()}
+    assert rows == {tuple(r) for r in load_iris().data.tolist()}
+    assert not torch.equal(load_data(cfg, 5).train, data.train)
+
+
+def test_standardize_uses_train_statistics() -> None:
+    raw = load_data(DataConfig(source="wine", test_fraction=0.25), 0)
+    scaled = load_data(DataConfig(source="wine", test_fraction=0.25, standardize=True), 0)
+    scaler = StandardScaler().fit(raw.train.numpy())
+    np.testing.assert_allclose(scaled.train.numpy(), scaler.transform(raw.train.numpy()), atol=1e-12)
+    np.testing.assert_allclose(scaled.test.numpy(), scaler.transform(raw.test.numpy()), atol=1e-12)
+    assert scaled.describe()["sha256"] != raw.describe()["sha256"]

@@ -1,0 +1,129 @@
+"""Exact EM against scikit-learn, its monotone objective, and recovery of simulated truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import adjusted_rand_score
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from ppl_gmm.backends import BACKENDS
+from ppl_gmm.backends.em import EM, EMOptions
+from ppl_gmm.config import InitConfig, ModelConfig
+from ppl_gmm.data import make_synthetic
+from ppl_gmm.evaluate import match_components
+from ppl_gmm.init import initialize
+from ppl_gmm.models.gmm import GaussianMixture
+
+
+def _fit(model, x, init, **options):
+    steps = []
+    result = EM().fit(model, x, init, EMOptions(**options), steps.append)
+    return result, steps
+
+
+def _native_precisions(covariances: np.ndarray, covariance: str) -> np.ndarray:
+    precisions = np.linalg.inv(covariances)
+    diagonal = np.diagonal(precisions, axis1=1, axis2=2)
+    return {"full": precisions, "tied": precisions[0], "diag": diagonal,
+            "spherical": diagonal.mean(1)}[covariance]
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_em_matches_scikit_learn_from_the_same_start(covariance: str) -> None:
+    x_np, _, _ = make_synthetic(3000, 3, 4, 2.5, np.random.default_rng(7))
+    x = torch.from_numpy(x_np)
+    model = GaussianMixture.from_config(ModelConfig(k=4, covariance=covariance), x)
+    init = initialize(model, x, InitConfig(method="kmeans++"), seed=5)
+    result, _ = _fit(model, x, init, max_iter=25, tol=0.0, reg_covar=1e-4)
+    reference = SkGaussianMixture(
+        4, covariance_type=covariance, tol=0.0, max_iter=25, reg_covar=1e-4,
+        weights_init=init["weights"].numpy(), means_init=init["means"].numpy(),
+        precisions_init=_native_precisions(init["covariances"].numpy(), covariance),
+    )
+    with pytest.warns(ConvergenceWarning):
+        reference.fit(x_np)
+    assert result.n_steps == reference.n_iter_ == 25
+    ours = float(model.log_likelihood(x, result.params).mean())
+    np.testing.assert_allclose(ours, reference.score(x_np), rtol=1e-8)
+    np.testing.assert_allclose(result.params["means"].numpy(), reference.means_, atol=1e-6)
+    np.testing.assert_allclose(result.params["weights"].numpy(), reference.weights_, atol=1e-8)
+    np.testing.assert_allclose(
+        model._type.native(result.params["covariances"]).numpy(), reference.covariances_, atol=1e-8
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(40, 300),
+    dim=st.integers(1, 3),
+    k=st.integers(1, 4),
+    covariance=st.sampled_from(["full", "tied", "diag", "spherical"]),
+    prior=st.sampled_from(["none", "conjugate"]),
+)
+def test_em_objective_never_decreases(seed, n, dim, k, covariance, prior) -> None:
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.1, 10.0, size=dim)
+    x = torch.from_numpy(rng.standard_normal((n, dim)) * scale + rng.integers(0, 3, (n, 1)) * scale)
+    model = GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance, prior=prior), x)
+    init = initialize(model, x, InitConfig(method="kmeans++", reg_covar=1e-3), seed=seed)
+    _, steps = _fit(model, x, init, max_iter=40, tol=0.0, reg_covar=0.0)
+    objective = np.array([s.objective for s in steps])
+    assert np.isfinite(objective).all()
+    drops = np.diff(objective)
+    assert drops.min() >= -1e-10 * np.abs(objective).max(), drops.min()
+    if prior == "none":
+        np.testing.assert_array_equal(objective, [s.log_likelihood for s in steps])
+
+
+def test_em_recovers_well_separated_truth(blobs) -> None:
+    x, labels, truth = blobs
+    model = GaussianMixture.from_config(ModelConfig(k=4, covariance="full"), x)
+    init = initialize(model, x, InitConfig(method="kmeans++"), seed=0)
+    result, _ = _fit(model, x, init)
+    assert result.converged
+    predicted = torch.argmax(model.log_joint(x, result.params), dim=1).numpy()
+    assert adjusted_rand_score(labels, predicted) > 0.95
+    perm = match_components(torch.from_numpy(truth["means"]), result.params["means"])
+    counts = np.bincount(labels, minlength=4)
+    standard_error = np.sqrt(np.diagonal(truth["covariances"], axis1=1, axis2=2) / counts[:, None])
+    assert (np.abs(result.params["means"][perm].numpy() - truth["means"]) < 4 * standard_error).all()
+    np.testing.assert_allclose(result.params["weights"][perm].numpy(), truth["weights"], atol=0.04)
+    np.testing.assert_allclose(result.params["covariances"][perm].numpy(), truth["covariances"],
+                               atol=0.25)
+
+
+def test_em_stops_when_the_change_is_below_tol(blobs) -> None:
+    x = blobs[0]
+    model = GaussianMixture.from_config(ModelConfig(k=4), x)
+    init = initialize(model, x, InitConfig(), seed=1)
+    result, steps = _fit(model, x, init, tol=1e-4)
+    assert result.converged and result.n_steps == steps[-1].step
+    assert abs(steps[-1].objective - steps[-2].objective) < 1e-4
+    assert all(abs(b.objective - a.objective) >= 1e-4 for a, b in zip(steps[:-2], steps[1:-1]))
+    short, _ = _fit(model, x, init, max_iter=1, tol=0.0)
+    assert not short.converged and short.n_steps == 1
+
+
+def test_map_em_is_pulled_towards_the_prior(blobs) -> None:
+    """With a strong prior on the means, MAP-EM's means move from the ML ones towards m0."""
+    x = blobs[0][:200]
+    ml = GaussianMixture.from_config(ModelConfig(k=4), x)
+    strong = GaussianMixture.from_config(
+        ModelConfig(k=4, prior="conjugate", hyperparameters={"mean_precision": 1e4}), x)
+    init = initialize(ml, x, InitConfig(), seed=2)
+    ml_fit, _ = _fit(ml, x, init, max_iter=50)
+    map_fit, steps = _fit(strong, x, init, max_iter=50)
+    assert map_fit.point_estimate == "map" and ml_fit.point_estimate == "mle"
+    m0 = strong.prior.mean_prior
+    assert (map_fit.params["means"] - m0).norm(dim=1).max() < 0.5 * (ml_fit.params["means"] - m0).norm(dim=1).min()
+    assert steps[-1].objective != steps[-1].log_likelihood
+
+
+def test_em_is_registered() -> None:
+    assert BACKENDS.get("em") is EM

@@ -1,0 +1,142 @@
+"""The model declared in Pyro and the pieces EM uses are the same model."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+from torch.distributions import transform_to
+
+from ppl_gmm.config import HyperConfig, ModelConfig
+from ppl_gmm.models import MODELS
+from ppl_gmm.models.gmm import GaussianMixture
+
+CASES = list(itertools.product(["full", "tied", "diag", "spherical"], ["none", "conjugate"]))
+
+
+def _model(x: torch.Tensor, covariance: str, prior: str, k: int = 3) -> GaussianMixture:
+    return GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance, prior=prior), x)
+
+
+def _params(model: GaussianMixture, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    resp = torch.softmax(2 * torch.randn(x.shape[0], model.k, generator=gen, dtype=x.dtype), dim=1)
+    return dict(model.m_step(x, resp, reg_covar=0.0))
+
+
+def _enumerated_trace(model: GaussianMixture, x: torch.Tensor, sites: dict[str, torch.Tensor]):
+    conditioned = poutine.condition(model.model, data=sites)
+    trace = poutine.trace(poutine.enum(conditioned, first_available_dim=-2)).get_trace(x)
+    trace.compute_log_prob()
+    return trace
+
+
+@pytest.mark.parametrize(("covariance", "prior"), CASES)
+def test_log_joint_equals_pyro_enumerated_trace(covariance: str, prior: str, blobs) -> None:
+    x = blobs[0][:200]
+    model = _model(x, covariance, prior)
+    params = _params(model, x, 1)
+    trace = _enumerated_trace(model, x, model.to_sites(params))
+    pyro_log_joint = (trace.nodes["z"]["log_prob"] + trace.nodes["x"]["log_prob"]).T
+    assert pyro_log_joint.shape == (200, model.k)
+    torch.testing.assert_close(model.log_joint(x, params), pyro_log_joint, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize(("covariance", "prior"), CASES)
+def test_log_prior_equals_pyro_global_sites(covariance: str, prior: str, blobs) -> None:
+    x = blobs[0][:200]
+    model = _model(x, covariance, prior)
+    params = _params(model, x, 2)
+    trace = _enumerated_trace(model, x, model.to_sites(params))
+    pyro_prior = sum(trace.nodes[s]["log_prob"].sum() for s in ("weights", "precision", "locs"))
+    torch.testing.assert_close(model.log_prior(params), pyro_prior.to(torch.float64), rtol=1e-12, atol=1e-10)
+    if prior == "none":
+        assert float(pyro_prior) == 0.0
+    else:
+        assert float(pyro_prior) != 0.0
+
+
+@pytest.mark.parametrize(("covariance", "prior"), CASES)
+def test_m_step_is_stationary_for_the_pyro_model(covariance: str, prior: str, blobs) -> None:
+    """The closed-form M-step maximizes Σ r log p(x, z | θ) + log p(θ) as Pyro computes it:
+    the gradient in unconstrained coordinates vanishes there, and nearby points score lower."""
+    x = blobs[0][:300]
+    model = _model(x, covariance, prior)
+    gen = torch.Generator().manual_seed(3)
+    resp = torch.softmax(torch.randn(x.shape[0], model.k, generator=gen, dtype=x.dtype), dim=1)
+    sites = model.to_sites(model.m_step(x, resp, reg_covar=0.0))
+    support_trace = poutine.trace(poutine.condition(model.model, data=sites)).get_trace(x)
+    transforms = {s: transform_to(support_trace.nodes[s]["fn"].support) for s in sites}
+    free = {s: transforms[s].inv(v).detach().requires_grad_() for s, v in sites.items()}
+
+    def objective(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        constrained = {s: transforms[s](v) for s, v in values.items()}
+        trace = _enumerated_trace(model, x, constrained)
+        log_joint = (trace.nodes["z"]["log_prob"] + trace.nodes["x"]["log_prob"]).T
+        return (resp * log_joint).sum() + sum(trace.nodes[s]["log_prob"].sum() for s in sites)
+
+    best = objective(free)
+    grads = torch.autograd.grad(best, list(free.values()))
+    for name, grad in zip(free, grads, strict=True):
+        assert grad.abs().max() < 1e-8, name
+    for trial in range(3):
+        nudged = {s: v.detach() + 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                  for s, v in free.items()}
+        assert objective(nudged) < best, trial
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_n_params_matches_scikit_learn(covariance: str, blobs) -> None:
+    x = blobs[0]
+    model = _model(x, covariance, "none", k=4)
+    reference = SkGaussianMixture(4, covariance_type=covariance, max_iter=1, random_state=0)
+    reference.means_ = np.zeros((4, x.shape[1]))
+    reference.covariances_ = {"full": np.zeros((4, 3, 3)), "tied": np.zeros((3, 3)),
+                              "diag": np.zeros((4, 3)), "spherical": np.zeros(4)}[covariance]
+    assert model.n_params() == reference._n_parameters()
+
+
+def test_conjugate_defaults_follow_scikit_learn(blobs) -> None:
+    x = blobs[0]
+    model = _model(x, "full", "conjugate")
+    prior = model.prior
+    assert prior is not None
+    np.testing.assert_allclose(prior.covariance_prior.numpy(), np.cov(x.numpy().T), rtol=1e-12)
+    np.testing.assert_allclose(prior.mean_prior.numpy(), x.numpy().mean(0), rtol=1e-12)
+    assert prior.degrees_of_freedom == x.shape[1]
+    assert prior.mean_precision == 1.0
+    diag = _model(x, "diag", "conjugate").prior
+    np.testing.assert_allclose(diag.covariance_prior.numpy(), np.var(x.numpy(), axis=0, ddof=1))
+
+
+def test_explicit_hyperparameters_are_used(blobs) -> None:
+    x = blobs[0]
+    cfg = ModelConfig(k=2, covariance="spherical", prior="conjugate", hyperparameters=HyperConfig(
+        weight_concentration=2.0, mean_precision=0.5, mean_prior=[1.0, 2.0, 3.0],
+        degrees_of_freedom=7.0, covariance_prior=0.25))
+    prior = GaussianMixture.from_config(cfg, x).prior
+    assert (prior.weight_concentration, prior.mean_precision, prior.degrees_of_freedom) == (2.0, 0.5, 7.0)
+    assert prior.mean_prior.tolist() == [1.0, 2.0, 3.0]
+    assert float(prior.covariance_prior) == 0.25
+
+
+def test_sites_round_trip(blobs) -> None:
+    x = blobs[0][:300]
+    for covariance in ("full", "tied", "diag", "spherical"):
+        model = _model(x, covariance, "none")
+        params = _params(model, x, 4)
+        back = model.from_sites(model.to_sites(params))
+        for name in params:
+            torch.testing.assert_close(back[name], params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_registry_lists_known_models() -> None:
+    from ppl_gmm.errors import UserError
+
+    assert MODELS.get("gmm") is GaussianMixture
+    with pytest.raises(UserError, match="model.name: unknown model 'hmm'. Known models: gmm"):
+        MODELS.get("hmm", field="model.name")
