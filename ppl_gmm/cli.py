@@ -35,8 +35,15 @@ class _Bars:
 
     def begin(self, backend: str, restart: int, total: int | None) -> None:
         desc = backend if restart == 0 else f"{backend} (restart {restart})"
-        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=self.quiet,
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="step",
+            file=sys.stderr,
+            disable=self.quiet,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def step(self, info: StepInfo) -> None:
         if self.bar is not None:
@@ -67,7 +74,7 @@ def _format(value: object, digits: int = 6) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .experiment import Interrupted, prepare, execute
+    from .experiment import Interrupted, execute, prepare
 
     config = load_config(args.config, args.overrides)
     plan = prepare(config)
@@ -80,9 +87,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     header = ["backend", "status", "n_steps", "converged", "train_ll", "test_ll", "fit_seconds"]
     lines = [header]
     for name, s in outcome.summaries.items():
-        lines.append([name, s["status"], _format(s["n_steps"]), _format(s["converged"]),
-                      _format(s["train_log_likelihood"]), _format(s["test_log_likelihood"]),
-                      _format(s["fit_seconds"], 3)])
+        lines.append(
+            [
+                name,
+                s["status"],
+                _format(s["n_steps"]),
+                _format(s["converged"]),
+                _format(s["train_log_likelihood"]),
+                _format(s["test_log_likelihood"]),
+                _format(s["fit_seconds"], 3),
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     for row in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -101,8 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         "write one experiment directory and print its path last.",
     )
     run.add_argument("config", help="a YAML config, e.g. configs/quickstart.yaml")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                     help="override a config field by its dotted path, e.g. model.k=5")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override a config field by its dotted path, e.g. model.k=5",
+    )
     run.add_argument("--runs-dir", default="runs", help="where experiment directories go (default: runs)")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(handler=_cmd_run)
@@ -110,7 +129,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also come after the flags: `run CONFIG --quiet model.k=5`
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)

@@ -27,7 +27,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -35,7 +35,7 @@ class DataConfig(_Strict):
     n: int = Field(2000, ge=2)  # synthetic: number of points (train + test)
     dim: int = Field(2, ge=1)
     k: int = Field(3, ge=1)  # synthetic: true number of components
-    separation: float = Field(4.0, gt=0)  # synthetic: minimal distance between true means
+    separation: float = Field(4.0, gt=0, le=1e6)  # synthetic: minimal distance between true means
     path: str | None = None  # csv / npy: the file
     label_column: str | None = None  # csv: true labels, kept out of the features
     standardize: bool = False  # z-score with the train split's statistics
@@ -134,7 +134,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         try:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError as exc:
-            raise UserError(f"{key}: the value {text!r} is not valid YAML ({exc}).") from None
+            detail = " ".join(str(exc).split())
+            raise UserError(f"{key}: the value {text!r} is not valid YAML ({detail}).") from None
         node = result
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):

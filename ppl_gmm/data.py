@@ -117,6 +117,8 @@ def _need_path(cfg: DataConfig) -> Path:
     if not cfg.path:
         raise UserError(f"data.path: data.source is {cfg.source!r}, so a file path is needed.")
     path = Path(cfg.path)
+    if path.is_dir():
+        raise UserError(f"data.path: {path} is a directory; name a {cfg.source} file.")
     if not path.is_file():
         raise UserError(f"data.path: file not found: {path}.")
     return path

@@ -117,7 +117,10 @@ def prepare(cfg: Config) -> Plan:
     """
     device = _device(cfg.device)
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
-    data = load_data(cfg.data, cfg.seed)
+    try:
+        data = load_data(cfg.data, cfg.seed)
+    except MemoryError:
+        raise UserError("data: not enough memory to hold the data. Lower data.n or data.dim.") from None
     n_train = data.train.shape[0]
     if cfg.model.k > n_train:
         raise UserError(
@@ -128,7 +131,10 @@ def prepare(cfg: Config) -> Plan:
     backends = _resolve_backends(cfg, model)
     x = data.train.to(device)
     inits = tuple(
-        {name: value.to("cpu", torch.float64) for name, value in initialize(model, x, cfg.init, cfg.seed, r).items()}
+        {
+            name: value.to("cpu", torch.float64)
+            for name, value in initialize(model, x, cfg.init, cfg.seed, r).items()
+        }
         for r in range(cfg.init.n_init)
     )
     resolved = cfg.model_copy(
@@ -210,7 +216,7 @@ def _run_backend(
                 rows.append({"restart": restart, **info._asdict()})
                 progress.step(info)
 
-            init_here = {key: value.to(plan.device, plan.dtype) for key, value in init.items()}
+            init_here = {key: value.to(plan.device, plan.dtype).clone() for key, value in init.items()}
             progress.begin(name, restart, backend.total_steps(options))
             try:
                 result = backend.fit(plan.model, x, init_here, options, report)

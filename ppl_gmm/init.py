@@ -97,9 +97,7 @@ def load_run_params(model: LatentModel, run: str) -> Params:
     return model.check_params(tensors, f"init.run ({file})")
 
 
-def initialize(
-    model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restart: int = 0
-) -> Params:
+def initialize(model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restart: int = 0) -> Params:
     """Initial parameters for restart ``restart``: float64 tensors on x's device."""
     if cfg.method == "from_run":
         if cfg.run is None:
@@ -111,8 +109,12 @@ def initialize(
     x64 = x.to(torch.float64)
     if cfg.method == "random_from_data":
         index = torch.randperm(x64.shape[0], generator=generator)[: model.k].to(x.device)
-        spread = model.m_step(x64, torch.full((x64.shape[0], model.k), 1.0 / model.k, dtype=x64.dtype,
-                                              device=x.device), cfg.reg_covar, use_prior=False)
+        spread = model.m_step(
+            x64,
+            torch.full((x64.shape[0], model.k), 1.0 / model.k, dtype=x64.dtype, device=x.device),
+            cfg.reg_covar,
+            use_prior=False,
+        )
         weights = torch.full((model.k,), 1.0 / model.k, dtype=x64.dtype, device=x.device)
         return {"weights": weights, "means": x64[index].clone(), "covariances": spread["covariances"]}
     index = kmeans_plusplus(x64, model.k, generator).to(x.device)

@@ -34,9 +34,7 @@ class Registry(Generic[T]):
         except KeyError:
             where = f"{field}: " if field else ""
             known = ", ".join(sorted(self._items))
-            raise UserError(
-                f"{where}unknown {self.kind} {name!r}. Known {self.kind}s: {known}."
-            ) from None
+            raise UserError(f"{where}unknown {self.kind} {name!r}. Known {self.kind}s: {known}.") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

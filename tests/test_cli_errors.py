@@ -97,10 +97,21 @@ def _csv(work: Path, name: str, text: str) -> str:
         (["device=tpu"], "device"),
         (["experiment=a/b"], "experiment"),
         (["model.k.x=1"], "model.k"),  # a scalar used as a section
+        (["model.k=["], "model.k"),  # a value that is not valid YAML
+        (["model.k={a: [}"], "model.k"),
+        (["data.separation=.inf"], "data.separation"),  # non-finite numbers
+        (["data.separation=1e200"], "data.separation"),  # overflows the synthetic draw
+        (["init.reg_covar=.nan"], "init.reg_covar"),
+        (
+            ["model.prior=conjugate", "model.hyperparameters.mean_precision=.inf"],
+            "model.hyperparameters.mean_precision",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )
-def test_bad_override(work: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], field: str) -> None:
+def test_bad_override(
+    work: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], field: str
+) -> None:
     line = _expect_error(work, ["run", "inputs/tiny.yaml", *overrides, "--quiet"], [field], capsys)
     assert line.startswith(f"error: {field}"), line
 
@@ -126,8 +137,15 @@ def test_bad_key_value(work: Path, capsys: pytest.CaptureFixture[str], item: str
         ({**TINY, "model": {"k": "three"}}, "model.k"),
         ({**TINY, "data": {"n": 200, "source": "nope"}}, "data.source"),
     ],
-    ids=["nested-typo", "top-typo", "unknown-backend", "unknown-option", "no-backend", "k-type",
-         "source"],
+    ids=[
+        "nested-typo",
+        "top-typo",
+        "unknown-backend",
+        "unknown-option",
+        "no-backend",
+        "k-type",
+        "source",
+    ],
 )
 def test_bad_config_file(work: Path, capsys: pytest.CaptureFixture[str], config: dict, field: str) -> None:
     _write_yaml(work / "inputs" / "bad.yaml", config)
@@ -183,8 +201,18 @@ def test_config_not_a_mapping(work: Path, capsys: pytest.CaptureFixture[str], te
         ("a,b\n1,2,3,4\n5,6\n7,8\n", ["csv"]),  # ragged
         ("a,b\ntrue,1\nfalse,2\ntrue,3\nfalse,4\ntrue,5\n", ["csv", "'a'"]),  # boolean column
     ],
-    ids=["non-numeric", "missing", "nan", "inf", "-inf", "one-row", "header-only", "empty",
-         "ragged", "bool"],
+    ids=[
+        "non-numeric",
+        "missing",
+        "nan",
+        "inf",
+        "-inf",
+        "one-row",
+        "header-only",
+        "empty",
+        "ragged",
+        "bool",
+    ],
 )
 def test_bad_csv(work: Path, capsys: pytest.CaptureFixture[str], text: str, names: list[str]) -> None:
     path = _csv(work, "data.csv", text)
@@ -197,7 +225,10 @@ def test_bad_csv(work: Path, capsys: pytest.CaptureFixture[str], text: str, name
 def test_csv_nan_names_row(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _csv(work, "data.csv", "a,b\n1,2\n3,nan\n5,inf\n7,8\n9,1\n")
     line = _expect_error(
-        work, ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}"], ["data.csv"], capsys
+        work,
+        ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}"],
+        ["data.csv"],
+        capsys,
     )
     assert "NaN or infinite" in line and "2 value(s)" in line, line
 
@@ -206,16 +237,20 @@ def test_csv_binary_garbage(work: Path, capsys: pytest.CaptureFixture[str]) -> N
     garbage = bytes(np.random.default_rng(0).integers(0, 256, size=4096, dtype=np.uint8))
     (work / "inputs" / "garbage.csv").write_bytes(garbage)
     _expect_error(
-        work, ["run", "inputs/tiny.yaml", "data.source=csv", "data.path=inputs/garbage.csv"],
-        ["garbage.csv"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", "data.source=csv", "data.path=inputs/garbage.csv"],
+        ["garbage.csv"],
+        capsys,
     )
 
 
 @pytest.mark.parametrize("source", ["csv", "npy"])
 def test_missing_data_file(work: Path, capsys: pytest.CaptureFixture[str], source: str) -> None:
     line = _expect_error(
-        work, ["run", "inputs/tiny.yaml", f"data.source={source}", f"data.path=inputs/nope.{source}"],
-        ["data.path"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", f"data.source={source}", f"data.path=inputs/nope.{source}"],
+        ["data.path"],
+        capsys,
     )
     assert f"nope.{source}" in line
 
@@ -229,8 +264,10 @@ def test_data_path_missing_in_config(work: Path, capsys: pytest.CaptureFixture[s
 def test_data_path_is_directory(work: Path, capsys: pytest.CaptureFixture[str], source: str) -> None:
     (work / "inputs" / "folder").mkdir()
     _expect_error(
-        work, ["run", "inputs/tiny.yaml", f"data.source={source}", "data.path=inputs/folder"],
-        ["data.path"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", f"data.source={source}", "data.path=inputs/folder"],
+        ["data.path"],
+        capsys,
     )
 
 
@@ -239,7 +276,8 @@ def test_label_column_missing(work: Path, capsys: pytest.CaptureFixture[str]) ->
     _expect_error(
         work,
         ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "data.label_column=y"],
-        ["data.label_column"], capsys,
+        ["data.label_column"],
+        capsys,
     )
 
 
@@ -258,16 +296,20 @@ def test_label_column_missing(work: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_bad_npy(work: Path, capsys: pytest.CaptureFixture[str], array: np.ndarray, name: str) -> None:
     np.save(work / "inputs" / f"{name}.npy", array, allow_pickle=True)
     _expect_error(
-        work, ["run", "inputs/tiny.yaml", "data.source=npy", f"data.path=inputs/{name}.npy"],
-        [f"{name}.npy"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", "data.source=npy", f"data.path=inputs/{name}.npy"],
+        [f"{name}.npy"],
+        capsys,
     )
 
 
 def test_npy_not_an_npy(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (work / "inputs" / "fake.npy").write_bytes(b"this is not a numpy file\n" * 10)
     _expect_error(
-        work, ["run", "inputs/tiny.yaml", "data.source=npy", "data.path=inputs/fake.npy"],
-        ["fake.npy"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", "data.source=npy", "data.path=inputs/fake.npy"],
+        ["fake.npy"],
+        capsys,
     )
 
 
@@ -275,8 +317,10 @@ def test_k_larger_than_train_points(work: Path, capsys: pytest.CaptureFixture[st
     # 5 rows, test_fraction 0.2: 1 test point, 4 train points < k = 5
     path = _csv(work, "small.csv", "a,b\n1,2\n3,4\n5,7\n7,8\n9,1\n")
     line = _expect_error(
-        work, ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "model.k=5"],
-        ["model.k"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "model.k=5"],
+        ["model.k"],
+        capsys,
     )
     assert line.startswith("error: model.k"), line
 
@@ -284,8 +328,10 @@ def test_k_larger_than_train_points(work: Path, capsys: pytest.CaptureFixture[st
 def test_k_larger_than_distinct_points(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _csv(work, "same.csv", "a,b\n" + "1,2\n" * 10)
     _expect_error(
-        work, ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "model.k=2"],
-        ["model.k"], capsys,
+        work,
+        ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "model.k=2"],
+        ["model.k"],
+        capsys,
     )
 
 
@@ -293,9 +339,16 @@ def test_too_few_train_points_after_split(work: Path, capsys: pytest.CaptureFixt
     path = _csv(work, "two.csv", "a,b\n1,2\n3,4\n")
     _expect_error(
         work,
-        ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "model.k=1",
-         "data.test_fraction=0.5"],
-        ["data.test_fraction"], capsys,
+        [
+            "run",
+            "inputs/tiny.yaml",
+            "data.source=csv",
+            f"data.path={path}",
+            "model.k=1",
+            "data.test_fraction=0.5",
+        ],
+        ["data.test_fraction"],
+        capsys,
     )
 
 
@@ -308,10 +361,18 @@ def earlier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 3-D quickstart run with k = 3, in its own folder."""
     root = tmp_path_factory.mktemp("earlier")
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    rc = main([
-        "run", str(config), "data.dim=3", "data.n=200", "backends.em.max_iter=3",
-        "--runs-dir", str(root), "--quiet",
-    ])
+    rc = main(
+        [
+            "run",
+            str(config),
+            "data.dim=3",
+            "data.n=200",
+            "backends.em.max_iter=3",
+            "--runs-dir",
+            str(root),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     (path,) = list(root.iterdir())
     assert (path / "em" / "params.safetensors").is_file()
@@ -325,14 +386,26 @@ def earlier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ids=["other-dim", "other-k"],
 )
 def test_from_run_mismatch(
-    work: Path, capsys: pytest.CaptureFixture[str], earlier_run: Path, overrides: list[str],
-    what: str, target: str,
+    work: Path,
+    capsys: pytest.CaptureFixture[str],
+    earlier_run: Path,
+    overrides: list[str],
+    what: str,
+    target: str,
 ) -> None:
     run = earlier_run if target == "experiment" else earlier_run / "em"
     line = _expect_error(
         work,
-        ["run", "inputs/tiny.yaml", "init.method=from_run", f"init.run={run}", *overrides, "--quiet"],
-        ["init.run"], capsys,
+        [
+            "run",
+            "inputs/tiny.yaml",
+            "init.method=from_run",
+            f"init.run={run}",
+            *overrides,
+            "--quiet",
+        ],
+        ["init.run"],
+        capsys,
     )
     assert line.startswith("error: init.run"), line
     assert what in line, line
@@ -415,8 +488,17 @@ def test_valid_csv_run(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = "\n".join(f"{a},{b},{'left' if i < 30 else 'right'}" for i, (a, b) in enumerate(x))
     path = _csv(work, "ok.csv", "a,b,label\n" + rows + "\n")
     rc, out, err = _run(
-        ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", "data.label_column=label",
-         "model.k=2", "--runs-dir", "runs", "--quiet"],
+        [
+            "run",
+            "inputs/tiny.yaml",
+            "data.source=csv",
+            f"data.path={path}",
+            "data.label_column=label",
+            "model.k=2",
+            "--runs-dir",
+            "runs",
+            "--quiet",
+        ],
         capsys,
     )
     assert rc == 0, err
@@ -425,3 +507,29 @@ def test_valid_csv_run(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert summary["status"] == "completed"
     assert summary["ari"] is not None and summary["nmi"] is not None
     assert json.loads((exp / "data.json").read_text())["dim"] == 2
+
+
+def test_overrides_before_and_after_flags(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _run(
+        [
+            "run",
+            "inputs/tiny.yaml",
+            "data.n=150",
+            "--quiet",
+            "model.k=2",
+            "--runs-dir",
+            "runs",
+            "seed=7",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    written = yaml.safe_load((Path(out.splitlines()[-1]) / "config.yaml").read_text())
+    assert (written["data"]["n"], written["model"]["k"], written["seed"]) == (150, 2, 7)
+
+
+def test_unknown_flag_after_overrides(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _expect_error(
+        work, ["run", "inputs/tiny.yaml", "--quiet", "model.k=2", "--bogus"], ["--bogus"], capsys
+    )
+    assert "unrecognized" in line

@@ -48,9 +48,10 @@ def test_npy_file(tmp_path) -> None:
     assert not data.has_labels
 
 
-@pytest.mark.parametrize(("name", "shape", "labelled"),
-                         [("iris", (150, 4), True), ("wine", (178, 13), True),
-                          ("old_faithful", (272, 2), False)])
+@pytest.mark.parametrize(
+    ("name", "shape", "labelled"),
+    [("iris", (150, 4), True), ("wine", (178, 13), True), ("old_faithful", (272, 2), False)],
+)
 def test_builtin_sets(name: str, shape: tuple[int, int], labelled: bool) -> None:
     data = load_data(DataConfig(source=name, test_fraction=0), 0)
     assert tuple(data.train.shape) == shape and data.has_labels == labelled

@@ -29,8 +29,9 @@ def _fit(model, x, init, **options):
 def _native_precisions(covariances: np.ndarray, covariance: str) -> np.ndarray:
     precisions = np.linalg.inv(covariances)
     diagonal = np.diagonal(precisions, axis1=1, axis2=2)
-    return {"full": precisions, "tied": precisions[0], "diag": diagonal,
-            "spherical": diagonal.mean(1)}[covariance]
+    return {"full": precisions, "tied": precisions[0], "diag": diagonal, "spherical": diagonal.mean(1)}[
+        covariance
+    ]
 
 
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
@@ -41,8 +42,13 @@ def test_em_matches_scikit_learn_from_the_same_start(covariance: str) -> None:
     init = initialize(model, x, InitConfig(method="kmeans++"), seed=5)
     result, _ = _fit(model, x, init, max_iter=25, tol=0.0, reg_covar=1e-4)
     reference = SkGaussianMixture(
-        4, covariance_type=covariance, tol=0.0, max_iter=25, reg_covar=1e-4,
-        weights_init=init["weights"].numpy(), means_init=init["means"].numpy(),
+        4,
+        covariance_type=covariance,
+        tol=0.0,
+        max_iter=25,
+        reg_covar=1e-4,
+        weights_init=init["weights"].numpy(),
+        means_init=init["means"].numpy(),
         precisions_init=_native_precisions(init["covariances"].numpy(), covariance),
     )
     with pytest.warns(ConvergenceWarning):
@@ -94,8 +100,7 @@ def test_em_recovers_well_separated_truth(blobs) -> None:
     standard_error = np.sqrt(np.diagonal(truth["covariances"], axis1=1, axis2=2) / counts[:, None])
     assert (np.abs(result.params["means"][perm].numpy() - truth["means"]) < 4 * standard_error).all()
     np.testing.assert_allclose(result.params["weights"][perm].numpy(), truth["weights"], atol=0.04)
-    np.testing.assert_allclose(result.params["covariances"][perm].numpy(), truth["covariances"],
-                               atol=0.25)
+    np.testing.assert_allclose(result.params["covariances"][perm].numpy(), truth["covariances"], atol=0.25)
 
 
 def test_em_stops_when_the_change_is_below_tol(blobs) -> None:
@@ -105,7 +110,7 @@ def test_em_stops_when_the_change_is_below_tol(blobs) -> None:
     result, steps = _fit(model, x, init, tol=1e-4)
     assert result.converged and result.n_steps == steps[-1].step
     assert abs(steps[-1].objective - steps[-2].objective) < 1e-4
-    assert all(abs(b.objective - a.objective) >= 1e-4 for a, b in zip(steps[:-2], steps[1:-1]))
+    assert all(abs(b.objective - a.objective) >= 1e-4 for a, b in zip(steps[:-2], steps[1:-1], strict=True))
     short, _ = _fit(model, x, init, max_iter=1, tol=0.0)
     assert not short.converged and short.n_steps == 1
 
@@ -115,13 +120,16 @@ def test_map_em_is_pulled_towards_the_prior(blobs) -> None:
     x = blobs[0][:200]
     ml = GaussianMixture.from_config(ModelConfig(k=4), x)
     strong = GaussianMixture.from_config(
-        ModelConfig(k=4, prior="conjugate", hyperparameters={"mean_precision": 1e4}), x)
+        ModelConfig(k=4, prior="conjugate", hyperparameters={"mean_precision": 1e4}), x
+    )
     init = initialize(ml, x, InitConfig(), seed=2)
     ml_fit, _ = _fit(ml, x, init, max_iter=50)
     map_fit, steps = _fit(strong, x, init, max_iter=50)
     assert map_fit.point_estimate == "map" and ml_fit.point_estimate == "mle"
     m0 = strong.prior.mean_prior
-    assert (map_fit.params["means"] - m0).norm(dim=1).max() < 0.5 * (ml_fit.params["means"] - m0).norm(dim=1).min()
+    assert (map_fit.params["means"] - m0).norm(dim=1).max() < 0.5 * (ml_fit.params["means"] - m0).norm(
+        dim=1
+    ).min()
     assert steps[-1].objective != steps[-1].log_likelihood
 
 

@@ -27,11 +27,14 @@ def test_scores_match_scikit_learn(covariance: str, blobs) -> None:
         "spherical": lambda c: c[:, None, None] * np.eye(3),
     }
     covariances = expand[covariance](reference.covariances_)
-    params = {"weights": torch.from_numpy(reference.weights_),
-              "means": torch.from_numpy(reference.means_),
-              "covariances": torch.from_numpy(np.ascontiguousarray(covariances))}
-    data = Dataset("test", torch.from_numpy(train), torch.from_numpy(test), labels[:1000],
-                   labels[1000:], ("a", "b", "c"))
+    params = {
+        "weights": torch.from_numpy(reference.weights_),
+        "means": torch.from_numpy(reference.means_),
+        "covariances": torch.from_numpy(np.ascontiguousarray(covariances)),
+    }
+    data = Dataset(
+        "test", torch.from_numpy(train), torch.from_numpy(test), labels[:1000], labels[1000:], ("a", "b", "c")
+    )
     result = score(model, params, data)
     np.testing.assert_allclose(result["train_log_likelihood"], reference.score(train), rtol=1e-12)
     np.testing.assert_allclose(result["test_log_likelihood"], reference.score(test), rtol=1e-12)
@@ -45,8 +48,11 @@ def test_scores_match_scikit_learn(covariance: str, blobs) -> None:
 def test_scores_without_labels_or_test_split(blobs) -> None:
     x = blobs[0]
     model = GaussianMixture.from_config(ModelConfig(k=1), x)
-    params = {"weights": torch.ones(1, dtype=torch.float64), "means": x.mean(0, keepdim=True),
-              "covariances": torch.cov(x.T, correction=0)[None]}
+    params = {
+        "weights": torch.ones(1, dtype=torch.float64),
+        "means": x.mean(0, keepdim=True),
+        "covariances": torch.cov(x.T, correction=0)[None],
+    }
     result = score(model, params, Dataset("x", x, None, None, None, ("a", "b", "c")))
     assert result["test_log_likelihood"] is None and result["ari"] is None and result["nmi"] is None
     expected = torch.distributions.MultivariateNormal(params["means"][0], params["covariances"][0])

@@ -84,8 +84,9 @@ def test_m_step_is_stationary_for_the_pyro_model(covariance: str, prior: str, bl
     for name, grad in zip(free, grads, strict=True):
         assert grad.abs().max() < 1e-8, name
     for trial in range(3):
-        nudged = {s: v.detach() + 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-                  for s, v in free.items()}
+        nudged = {
+            s: v.detach() + 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for s, v in free.items()
+        }
         assert objective(nudged) < best, trial
 
 
@@ -95,8 +96,12 @@ def test_n_params_matches_scikit_learn(covariance: str, blobs) -> None:
     model = _model(x, covariance, "none", k=4)
     reference = SkGaussianMixture(4, covariance_type=covariance, max_iter=1, random_state=0)
     reference.means_ = np.zeros((4, x.shape[1]))
-    reference.covariances_ = {"full": np.zeros((4, 3, 3)), "tied": np.zeros((3, 3)),
-                              "diag": np.zeros((4, 3)), "spherical": np.zeros(4)}[covariance]
+    reference.covariances_ = {
+        "full": np.zeros((4, 3, 3)),
+        "tied": np.zeros((3, 3)),
+        "diag": np.zeros((4, 3)),
+        "spherical": np.zeros(4),
+    }[covariance]
     assert model.n_params() == reference._n_parameters()
 
 
@@ -115,9 +120,18 @@ def test_conjugate_defaults_follow_scikit_learn(blobs) -> None:
 
 def test_explicit_hyperparameters_are_used(blobs) -> None:
     x = blobs[0]
-    cfg = ModelConfig(k=2, covariance="spherical", prior="conjugate", hyperparameters=HyperConfig(
-        weight_concentration=2.0, mean_precision=0.5, mean_prior=[1.0, 2.0, 3.0],
-        degrees_of_freedom=7.0, covariance_prior=0.25))
+    cfg = ModelConfig(
+        k=2,
+        covariance="spherical",
+        prior="conjugate",
+        hyperparameters=HyperConfig(
+            weight_concentration=2.0,
+            mean_precision=0.5,
+            mean_prior=[1.0, 2.0, 3.0],
+            degrees_of_freedom=7.0,
+            covariance_prior=0.25,
+        ),
+    )
     prior = GaussianMixture.from_config(cfg, x).prior
     assert (prior.weight_concentration, prior.mean_precision, prior.degrees_of_freedom) == (2.0, 0.5, 7.0)
     assert prior.mean_prior.tolist() == [1.0, 2.0, 3.0]

@@ -64,6 +64,5 @@ def test_kmeans_init_equals_hard_assignment_statistics(blobs) -> None:
     for k in range(4):
         members = x[labels == k].numpy()
         np.testing.assert_allclose(params["means"][k].numpy(), members.mean(0), atol=1e-10)
-        np.testing.assert_allclose(params["covariances"][k].numpy(), np.cov(members.T, bias=True),
-                                   atol=1e-10)
+        np.testing.assert_allclose(params["covariances"][k].numpy(), np.cov(members.T, bias=True), atol=1e-10)
         assert abs(float(params["weights"][k]) - len(members) / len(x)) < 1e-12

@@ -19,7 +19,9 @@ __all__ = ["BACKENDS", "Backend", "FitError", "FitResult", "Options", "Report", 
 class Options(BaseModel):
     """A backend's options; unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    save_assignments: bool = False  # write assignments.csv: hard and soft assignments of train points
 
 
 class StepInfo(NamedTuple):
@@ -56,15 +58,14 @@ class Backend(ABC):
 
     def check(self, model: LatentModel, options: Options) -> None:
         """Raise ``UserError`` if this backend cannot fit ``model`` with ``options``."""
+        return None
 
     def total_steps(self, options: Options) -> int | None:
         """The most steps ``fit`` takes, for progress display."""
         return None
 
     @abstractmethod
-    def fit(
-        self, model: LatentModel, x: Tensor, init: Params, options: Options, report: Report
-    ) -> FitResult:
+    def fit(self, model: LatentModel, x: Tensor, init: Params, options: Options, report: Report) -> FitResult:
         """Fit from ``init`` on x (N, D); call ``report`` once per step."""
 
 

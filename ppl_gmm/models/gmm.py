@@ -34,9 +34,19 @@ from torch.distributions import constraints
 
 from ..config import HyperConfig, ModelConfig
 from ..errors import UserError
+from . import transforms  # noqa: F401  (registers biject_to(positive_definite) for guides)
 from .base import MODELS, LatentModel, Params
 
-__all__ = ["ConjugatePrior", "GaussianMixture", "precision_cholesky", "gaussian_log_prob"]
+__all__ = ["ConjugatePrior", "Flat", "GaussianMixture", "precision_cholesky", "gaussian_log_prob"]
+
+
+class Flat(dist.ImproperUniform):
+    """The improper flat prior of maximum likelihood; its zero log density takes the value's dtype
+    (Pyro's ImproperUniform returns the default dtype, which breaks float64 ELBOs)."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        batch_shape = value.shape[: value.dim() - self.event_dim]
+        return value.new_zeros(()).expand(torch.broadcast_shapes(batch_shape, self.batch_shape))
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,8 @@ def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
         raise UserError(f"{field}: expected a {d}×{d} matrix, but found shape {tuple(tensor.shape)}.")
     if not torch.allclose(tensor, tensor.T) or torch.linalg.eigvalsh(tensor).min() <= 0:
         raise UserError(f"{field}: must be symmetric positive definite.")
-    return COVARIANCE_TYPES[covariance].native(tensor[None])
+    native = COVARIANCE_TYPES[covariance].native(tensor[None])
+    return native if covariance == "tied" else native[0]
 
 
 @MODELS.register("gmm")
@@ -236,8 +247,10 @@ class GaussianMixture(LatentModel):
     def weights_prior(self, like: Tensor) -> dist.TorchDistribution:
         k = self.k
         if self.prior is None:
-            return dist.ImproperUniform(constraints.simplex, (), (k,))
-        concentration = torch.full((k,), self.prior.weight_concentration, dtype=like.dtype, device=like.device)
+            return Flat(constraints.simplex, (), (k,))
+        concentration = torch.full(
+            (k,), self.prior.weight_concentration, dtype=like.dtype, device=like.device
+        )
         return dist.Dirichlet(concentration)
 
     def precision_prior(self, like: Tensor) -> dist.TorchDistribution:
@@ -251,7 +264,7 @@ class GaussianMixture(LatentModel):
                 "diag": (constraints.positive, (d,)),
                 "spherical": (constraints.positive, ()),
             }[self.covariance]
-            return dist.ImproperUniform(support, batch, event)
+            return Flat(support, batch, event)
         c0 = self._prior_tensor(p.covariance_prior, like)
         nu0 = torch.tensor(p.degrees_of_freedom, dtype=like.dtype, device=like.device)
         if self.covariance in ("full", "tied"):
@@ -263,7 +276,7 @@ class GaussianMixture(LatentModel):
     def locs_prior(self, full_precision: Tensor) -> dist.TorchDistribution:
         """The prior of the ``locs`` site given (K, D, D) precisions, batch (K,)."""
         if self.prior is None:
-            return dist.ImproperUniform(constraints.real_vector, (self.k,), (self.dim,))
+            return Flat(constraints.real_vector, (self.k,), (self.dim,))
         m0 = self._prior_tensor(self.prior.mean_prior, full_precision)
         return dist.MultivariateNormal(m0, precision_matrix=self.prior.mean_precision * full_precision)
 
@@ -359,10 +372,11 @@ class GaussianMixture(LatentModel):
     def to_sites(self, params: Params) -> dict[str, Tensor]:
         precision = torch.linalg.inv(params["covariances"])
         precision = 0.5 * (precision + precision.mT)
+        # copies: guides initialized from these values may update them in place
         return {
-            "weights": params["weights"],
-            "locs": params["means"],
-            "precision": self._type.native(precision),
+            "weights": params["weights"].detach().clone(),
+            "locs": params["means"].detach().clone(),
+            "precision": self._type.native(precision).detach().clone(),
         }
 
     def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
@@ -378,7 +392,9 @@ class GaussianMixture(LatentModel):
         expected = {"weights": (k,), "means": (k, d), "covariances": (k, d, d)}
         for name, shape in expected.items():
             if name not in params:
-                raise UserError(f"{where}: has no tensor {name!r}; a Gaussian mixture needs {sorted(expected)}.")
+                raise UserError(
+                    f"{where}: has no tensor {name!r}; a Gaussian mixture needs {sorted(expected)}."
+                )
             found = tuple(params[name].shape)
             if found != shape:
                 what = "model.k" if found[:1] != shape[:1] else "the data's dimension"

@@ -1,0 +1,45 @@
+"""MAP (or, without a prior, maximum likelihood) by gradient: Pyro SVI with an ``AutoDelta`` guide
+over the model's global sites, the assignments enumerated out by ``TraceEnum_ELBO``."""
+
+from __future__ import annotations
+
+import pyro
+from pydantic import Field
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, init_to_value
+from torch import Tensor
+
+from ..models.base import LatentModel, Params
+from .base import BACKENDS, Backend, FitResult, Report
+from .pyro_svi import SVIOptions, run_svi
+
+__all__ = ["MAP", "MAPOptions"]
+
+
+class MAPOptions(SVIOptions):
+    tol: float = Field(1e-8, ge=0)  # the loss is deterministic here, so a relative tol is safe
+
+
+@BACKENDS.register("map")
+class MAP(Backend):
+    name = "map"
+    options = MAPOptions
+
+    def total_steps(self, options: MAPOptions) -> int:
+        return options.steps
+
+    def fit(
+        self, model: LatentModel, x: Tensor, init: Params, options: MAPOptions, report: Report
+    ) -> FitResult:
+        pyro.clear_param_store()  # guides read their parameters from the global store
+        sites = model.to_sites(init)
+        guide = AutoDelta(
+            poutine.block(model.model, expose=list(sites)), init_loc_fn=init_to_value(values=sites)
+        )
+
+        def point_estimate() -> Params:
+            return model.from_sites(guide.median(x))
+
+        n_steps, converged, seconds = run_svi(model, guide, x, options, point_estimate, report, self.name)
+        params = {name: value.detach() for name, value in point_estimate().items()}
+        return FitResult(params, n_steps, converged, seconds, "map" if model.has_prior else "mle")

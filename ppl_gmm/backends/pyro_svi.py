@@ -1,0 +1,112 @@
+"""The stochastic-variational loop shared by the Pyro backends (MAP and SVI).
+
+One ``pyro.infer.SVI`` over the model's own declaration; the loop adds only what every backend
+reports: the objective per point each step and, every ``eval_every`` steps, the exact train
+log-likelihood of the current point estimate (its cost is kept out of the timings).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import pyro
+import pyro.optim
+from pydantic import Field
+from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
+from pyro.infer.elbo import ELBO
+from torch import Tensor
+
+from ..models.base import LatentModel, Params
+from .base import FitError, Options, Report, StepInfo
+
+__all__ = ["SVIOptions", "make_elbo", "make_optimizer", "run_svi"]
+
+
+class SVIOptions(Options):
+    steps: int = Field(2000, ge=0)  # optimizer steps at most
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["adam", "clipped_adam"] = "adam"
+    tol: float = Field(0.0, ge=0)  # stop when |Δloss| / |loss| stays below tol ...
+    patience: int = Field(10, ge=1)  # ... for this many consecutive steps (tol 0: never)
+    num_particles: int = Field(1, ge=1)
+    jit: bool = False  # JitTraceEnum_ELBO: faster steps after a compile
+    eval_every: int = Field(50, ge=1)  # exact train log-likelihood every so many steps
+
+
+def make_elbo(model: LatentModel, options: SVIOptions, num_particles: int | None = None) -> ELBO:
+    cls = JitTraceEnum_ELBO if options.jit else TraceEnum_ELBO
+    return cls(
+        max_plate_nesting=model.max_plate_nesting,
+        num_particles=num_particles or options.num_particles,
+        ignore_jit_warnings=True,
+    )
+
+
+def make_optimizer(options: SVIOptions) -> pyro.optim.PyroOptim:
+    cls = {"adam": pyro.optim.Adam, "clipped_adam": pyro.optim.ClippedAdam}[options.optimizer]
+    return cls({"lr": options.lr})
+
+
+class _Clock:
+    """Wall time since start, less the time spent on evaluations that are not the algorithm's."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def aside(self, fn: Callable[[], float]) -> float:
+        began = time.perf_counter()
+        value = fn()
+        self.excluded += time.perf_counter() - began
+        return value
+
+
+def run_svi(
+    model: LatentModel,
+    guide: Callable[..., object],
+    x: Tensor,
+    options: SVIOptions,
+    point_estimate: Callable[[], Params],
+    report: Report,
+    name: str,
+) -> tuple[int, bool, float]:
+    """Run SVI from the guide's initial state; returns (steps taken, converged, fit seconds)."""
+    n = x.shape[0]
+    svi = SVI(model.model, guide, make_optimizer(options), make_elbo(model, options))
+
+    def exact_log_likelihood() -> float:
+        params = {key: value.detach() for key, value in point_estimate().items()}
+        return float(model.log_likelihood(x, params).mean())
+
+    with warnings.catch_warnings():
+        # torch deprecates jit.trace, which JitTraceEnum_ELBO is built on; the option still works
+        warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
+        clock = _Clock()
+        previous = clock.aside(lambda: svi.evaluate_loss(x))
+        report(StepInfo(0, 0.0, -previous / n, clock.aside(exact_log_likelihood)))
+        calm, step, converged = 0, 0, False
+        for step in range(1, options.steps + 1):
+            loss = svi.step(x)
+            if not math.isfinite(loss):
+                raise FitError(
+                    f"step {step}: the loss became {loss}. Lower backends.{name}.lr, try "
+                    "optimizer: clipped_adam, or set data.standardize: true."
+                )
+            if options.tol > 0:
+                calm = calm + 1 if abs(loss - previous) <= options.tol * abs(previous) else 0
+                converged = calm >= options.patience
+            seconds = clock.seconds()
+            evaluate = converged or step == options.steps or step % options.eval_every == 0
+            log_likelihood = clock.aside(exact_log_likelihood) if evaluate else None
+            report(StepInfo(step, seconds, -loss / n, log_likelihood))
+            if converged:
+                break
+            previous = loss
+        return step, converged, clock.seconds()

@@ -1,0 +1,251 @@
+"""Experiment directories → one DataFrame → an aligned table, comparison.csv and figures.
+
+Reads run directories only; never imports a backend. Broken, partial or foreign directories are
+reported and skipped, and the rest are compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from .config import load_config  # noqa: E402
+from .data import load_data  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .runs import read_summary, write_bytes, write_csv  # noqa: E402
+
+__all__ = ["Comparison", "compare", "find_experiments", "format_table", "load_table"]
+
+TABLE_COLUMNS = [
+    "experiment",
+    "backend",
+    "status",
+    "n_steps",
+    "converged",
+    "fit_seconds",
+    "train_log_likelihood",
+    "test_log_likelihood",
+    "elbo",
+    "bic",
+    "ari",
+    "seconds_to_within_1e-3",
+    "seconds_to_within_1e-4",
+]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    table: pd.DataFrame
+    figures: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _is_experiment(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / "data.json").is_file()
+
+
+def find_experiments(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Experiment directories named directly or held one level down; and what was skipped."""
+    found: list[Path] = []
+    skipped: list[str] = []
+    for path in paths:
+        if not path.is_dir():
+            skipped.append(f"{path}: not a directory")
+        elif _is_experiment(path):
+            found.append(path)
+        else:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            inside = [p for p in children if _is_experiment(p)]
+            skipped.extend(f"{p}: not an experiment directory" for p in children if p not in inside)
+            if not inside and not children:
+                skipped.append(f"{path}: holds no experiment directories")
+            found.extend(inside)
+    return found, skipped
+
+
+def load_table(experiments: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per backend run: every summary.json field, flattened."""
+    rows: list[dict[str, object]] = []
+    skipped: list[str] = []
+    for experiment in experiments:
+        backends = sorted(p for p in experiment.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = 0
+        for backend_dir in backends:
+            summary = read_summary(backend_dir)
+            if summary is None or "backend" not in summary or "status" not in summary:
+                skipped.append(f"{backend_dir}: no readable summary.json (partial or broken run)")
+                continue
+            found += 1
+            rows.append(
+                {
+                    "experiment": experiment.name,
+                    "experiment_dir": str(experiment),
+                    "path": str(backend_dir),
+                    **summary,
+                }
+            )
+        if not found:
+            skipped.append(f"{experiment}: no backend results")
+    table = pd.json_normalize(rows) if rows else pd.DataFrame(columns=TABLE_COLUMNS)
+    return table, skipped
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """An aligned text table of the columns that matter most."""
+    columns = [c for c in TABLE_COLUMNS if c in table.columns]
+    cells = [columns] + [[_cell(row[c]) for c in columns] for _, row in table.iterrows()]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _cell(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _metrics(backend_dir: Path) -> pd.DataFrame | None:
+    try:
+        frame = pd.read_csv(backend_dir / "metrics.csv")
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    needed = {"step", "wall_seconds", "objective", "log_likelihood"}
+    return frame if needed <= set(frame.columns) and len(frame) else None
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def plot_traces(experiment: str, runs: pd.DataFrame, out: Path) -> Path | None:
+    """Objective and exact log-likelihood against step and wall time, one line per backend."""
+    traces = []
+    for _, row in runs.iterrows():
+        frame = _metrics(Path(row["path"]))
+        if frame is not None:
+            if "restart" in frame.columns:
+                frame = frame[frame["restart"] == row.get("restart", 0)]
+            traces.append((row["backend"], frame))
+    if not traces:
+        return None
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    for name, frame in traces:
+        evaluated = frame.dropna(subset=["log_likelihood"])
+        for col, x in enumerate(["step", "wall_seconds"]):
+            axes[0, col].plot(frame[x], frame["objective"], label=name, lw=1.2)
+            axes[1, col].plot(evaluated[x], evaluated["log_likelihood"], marker=".", label=name, lw=1.2)
+    for col, label in enumerate(["step", "wall time (s)"]):
+        axes[1, col].set_xlabel(label)
+        if col == 1:
+            for row in range(2):
+                axes[row, col].set_xscale("symlog", linthresh=1e-2)
+    axes[0, 0].set_ylabel("objective per point\n(log-lik. / log-post. / ELBO)")
+    axes[1, 0].set_ylabel("exact train log-likelihood per point")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        _zoom(ax)
+    axes[0, 0].legend()
+    figure.suptitle(f"{experiment}: objectives and exact log-likelihood")
+    return _save(figure, out / f"{experiment}-traces.png")
+
+
+def _zoom(ax: plt.Axes) -> None:
+    """Show the approach to the optimum, not the first steps' large values."""
+    values = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [np.array([])])
+    values = values[np.isfinite(values)]
+    if values.size:
+        top, low = values.max(), np.quantile(values, 0.1)
+        pad = 0.05 * max(top - low, 1e-9)
+        ax.set_ylim(low - pad, top + pad)
+
+
+def _ellipse(ax: plt.Axes, mean: np.ndarray, cov: np.ndarray, color: str) -> None:
+    values, vectors = np.linalg.eigh(cov)
+    angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1]))
+    for scale in (1.0, 2.0):
+        width, height = 2 * scale * np.sqrt(np.maximum(values[::-1], 0))
+        ax.add_patch(Ellipse(mean, width, height, angle=angle, fill=False, color=color, lw=1.5))
+
+
+def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path | None:
+    """The train points with each backend's component ellipses (1 and 2 standard deviations), side
+    by side; data of more than two features are shown on their first two principal components."""
+    panels = []
+    for _, row in runs.iterrows():
+        try:
+            params = load_file(str(Path(row["path"]) / "params.safetensors"))
+        except Exception:  # a missing or broken file: that backend has no panel
+            continue
+        panels.append((row["backend"], params))
+    if not panels:
+        return None
+    config = load_config(experiment_dir / "config.yaml")
+    x = load_data(config.data, config.seed).train.numpy()
+    center = x.mean(0)
+    if x.shape[1] > 2:
+        _, _, vt = np.linalg.svd(x - center, full_matrices=False)
+        basis, axis_names = vt[:2].T, ("PC 1", "PC 2")
+    elif x.shape[1] == 2:
+        basis, axis_names = np.eye(2), ("feature 1", "feature 2")
+    else:
+        return None
+    points = (x - center) @ basis
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (name, params) in zip(axes[0], panels, strict=True):
+        ax.scatter(points[:, 0], points[:, 1], s=4, c="0.6", alpha=0.5, linewidths=0)
+        means = (params["means"].to(torch.float64).numpy() - center) @ basis
+        covs = basis.T @ params["covariances"].to(torch.float64).numpy() @ basis
+        for k, (mean, cov) in enumerate(zip(means, covs, strict=True)):
+            _ellipse(ax, mean, cov, colors[k % len(colors)])
+            ax.plot(*mean, "x", color=colors[k % len(colors)])
+        ax.set_title(name)
+        ax.set_xlabel(axis_names[0])
+        ax.set_ylabel(axis_names[1])
+    figure.suptitle(f"{experiment_dir.name}: fitted components")
+    return _save(figure, out / f"{experiment_dir.name}-components.png")
+
+
+def compare(paths: Sequence[Path], out: Path) -> Comparison:
+    """Compare every backend run under ``paths``; write comparison.csv and figures into ``out``."""
+    experiments, skipped = find_experiments(paths)
+    table, more = load_table(experiments)
+    skipped += more
+    if table.empty:
+        where = ", ".join(str(p) for p in paths)
+        raise UserError(f"{where}: no experiment directories with backend results to compare.")
+    write_csv(out / "comparison.csv", table)
+    figures: list[Path] = []
+    for experiment in experiments:
+        runs = table[(table["experiment_dir"] == str(experiment)) & (table["status"] == "completed")]
+        if runs.empty:
+            continue
+        trace = plot_traces(experiment.name, runs, out)
+        figures += [trace] if trace else []
+        try:
+            components = plot_components(experiment, runs, out)
+        except UserError as exc:
+            skipped.append(f"{experiment}: no component figure ({exc})")
+            continue
+        figures += [components] if components else []
+    return Comparison(table, figures, skipped)
