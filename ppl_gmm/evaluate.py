@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -13,7 +14,7 @@ from torch import Tensor
 from .data import Dataset
 from .models.base import LatentModel, Params
 
-__all__ = ["match_components", "mean_log_likelihood", "score"]
+__all__ = ["assignments", "match_components", "mean_log_likelihood", "parameter_errors", "score"]
 
 
 def _cpu64(params: Params) -> dict[str, Tensor]:
@@ -59,3 +60,29 @@ def match_components(reference: Tensor, other: Tensor) -> np.ndarray:
     perm = np.empty_like(cols)
     perm[rows] = cols
     return perm
+
+
+def parameter_errors(reference: Params, other: Params) -> dict[str, float]:
+    """Root-mean-square difference of each per-component tensor after matching ``other``'s
+    components to ``reference``'s by their means, so label switching costs nothing."""
+    reference, other = _cpu64(reference), _cpu64(other)
+    perm = torch.as_tensor(match_components(reference["means"], other["means"]))
+    k = reference["means"].shape[0]
+    return {
+        name: float((other[name][perm] - value).pow(2).mean().sqrt())
+        for name, value in reference.items()
+        if name in other and value.shape[:1] == (k,) and other[name].shape == value.shape
+    }
+
+
+def assignments(model: LatentModel, params: Params, data: Dataset) -> pd.DataFrame:
+    """Hard (most probable) and soft assignments p(z_n = k | x_n, θ) of the train points, with the
+    true label when the data have one."""
+    log_joint = model.log_joint(data.train, _cpu64(params))
+    resp = torch.softmax(log_joint, dim=1).numpy()
+    frame = pd.DataFrame({"hard": resp.argmax(1)})
+    for k in range(resp.shape[1]):
+        frame[f"p{k}"] = resp[:, k]
+    if data.train_labels is not None:
+        frame["label"] = data.train_labels
+    return frame

@@ -25,7 +25,7 @@ from .backends import BACKENDS, Backend, FitResult, Options, StepInfo
 from .config import Config, dump_config, format_validation_error
 from .data import Dataset, load_data
 from .errors import UserError
-from .evaluate import score
+from .evaluate import assignments, parameter_errors, score
 from .init import initialize
 from .models import MODELS, LatentModel, Params
 from .runs import create_experiment_dir, save_tensors, write_csv, write_json, write_text
@@ -85,6 +85,8 @@ class Interrupted(Exception):
     def __init__(self, path: Path) -> None:
         super().__init__(f"interrupted; results so far are in {path}")
         self.path = path
+        self.backend: str = ""
+        self.run: Any = None
 
 
 def _device(name: str) -> torch.device:
@@ -163,6 +165,13 @@ def _init_tensors(inits: tuple[Params, ...]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass
+class _BackendRun:
+    summary: dict[str, Any]
+    metrics: pd.DataFrame
+    params: Params | None
+
+
 def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Outcome:
     """Fit every backend and write the experiment directory; returns its path and summaries."""
     progress = progress or _Silent()
@@ -180,14 +189,51 @@ def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Out
         "dtype": cfg.dtype,
         "versions": _versions(),
     }
-    summaries: dict[str, dict[str, Any]] = {}
+    runs: dict[str, _BackendRun] = {}
     try:
         for name, backend, options in plan.backends:
-            summaries[name] = _run_backend(plan, path, name, backend, options, common, progress)
+            runs[name] = _run_backend(plan, path, name, backend, options, common, progress)
+    except Interrupted as stop:
+        runs[stop.backend] = stop.run
+        raise Interrupted(path) from None
     finally:
-        rows = [summaries[name] for name, _, _ in plan.backends if name in summaries]
-        write_csv(path / "comparison.csv", pd.json_normalize(rows))
-    return Outcome(path, summaries)
+        _compare_backends(plan, path, runs)
+    return Outcome(path, {name: run.summary for name, run in runs.items()})
+
+
+def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -> None:
+    """Add what needs every backend's results to each summary, and write comparison.csv: the
+    time each took to come within 1e-3 and 1e-4 per point of the best log-likelihood any reached,
+    and parameter errors against the truth and the first completed backend, after matching."""
+    done = {name: run for name, run in runs.items() if run.params is not None}
+    reached = [run.summary["train_log_likelihood"] for run in done.values()]
+    reached += [float(v) for run in done.values() for v in run.metrics["log_likelihood"].dropna()]
+    best = max((v for v in reached if v is not None and np.isfinite(v)), default=None)
+    reference = next(iter(done), None)
+    for name, run in runs.items():
+        if run.params is None:
+            continue
+        extra: dict[str, Any] = {"best_log_likelihood": best}
+        for gap, key in ((1e-3, "seconds_to_within_1e-3"), (1e-4, "seconds_to_within_1e-4")):
+            extra[key] = _seconds_to_reach(run, best - gap) if best is not None else None
+        if plan.data.truth is not None:
+            errors = parameter_errors(plan.data.truth, run.params)
+            extra.update({f"{key}_error_vs_truth": value for key, value in errors.items()})
+        extra["reference_backend"] = reference
+        if reference is not None:
+            errors = parameter_errors(done[reference].params, run.params)
+            extra.update({f"{key}_error_vs_reference": value for key, value in errors.items()})
+        run.summary.update(extra)
+        write_json(path / name / "summary.json", run.summary)
+    write_csv(path / "comparison.csv", pd.json_normalize([run.summary for run in runs.values()]))
+
+
+def _seconds_to_reach(run: _BackendRun, target: float) -> float | None:
+    metrics = run.metrics
+    if "restart" in metrics.columns:
+        metrics = metrics[metrics["restart"] == run.summary.get("restart", 0)]
+    hits = metrics[metrics["log_likelihood"] >= target]
+    return float(hits["wall_seconds"].iloc[0]) if len(hits) else None
 
 
 def _run_backend(
@@ -198,7 +244,7 @@ def _run_backend(
     options: Options,
     common: Mapping[str, Any],
     progress: Progress,
-) -> dict[str, Any]:
+) -> _BackendRun:
     out = path / name
     out.mkdir()
     rows: list[dict[str, Any]] = []
@@ -231,19 +277,21 @@ def _run_backend(
                 best = (train, restart, result)
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
-        _write_backend(out, summary, common, rows, None, plan, fit_seconds)
-        raise Interrupted(path) from None
+        stop = Interrupted(path)
+        stop.backend = name
+        stop.run = _write_backend(out, summary, common, rows, None, plan, fit_seconds, options)
+        raise stop from None
     except Exception as exc:  # a failing backend must not take the others down
         message = " ".join(str(exc).split()) or type(exc).__name__
         summary.update(status="failed", error=message)
         progress.message(f"warning: {name} failed: {message}")
-        return _write_backend(out, summary, common, rows, None, plan, fit_seconds)
+        return _write_backend(out, summary, common, rows, None, plan, fit_seconds, options)
     assert best is not None
     _, restart, result = best
     if not result.converged:
         progress.message(
             f"warning: {name} did not converge in {result.n_steps} steps; raise "
-            f"backends.{name}.max_iter or its tolerance."
+            f"backends.{name}.max_iter (or steps) or its tolerance."
         )
     summary.update(
         n_steps=result.n_steps,
@@ -253,7 +301,7 @@ def _run_backend(
         restart=restart,
         **dict(result.extras),
     )
-    return _write_backend(out, summary, common, rows, result.params, plan, fit_seconds)
+    return _write_backend(out, summary, common, rows, result.params, plan, fit_seconds, options)
 
 
 def _write_backend(
@@ -264,7 +312,8 @@ def _write_backend(
     params: Params | None,
     plan: Plan,
     fit_seconds: float,
-) -> dict[str, Any]:
+    options: Options,
+) -> _BackendRun:
     metrics = pd.DataFrame(rows, columns=["restart", "step", "wall_seconds", "objective", "log_likelihood"])
     if len(plan.inits) == 1:
         metrics = metrics.drop(columns="restart")
@@ -273,8 +322,11 @@ def _write_backend(
         ["train_log_likelihood", "test_log_likelihood", "bic", "aic", "n_params", "ari", "nmi"]
     )
     if params is not None:
+        params = {key: value.detach().to("cpu", torch.float64) for key, value in params.items()}
         save_tensors(out / "params.safetensors", params)
         scores = score(plan.model, params, plan.data)
+        if options.save_assignments:
+            write_csv(out / "assignments.csv", assignments(plan.model, params, plan.data))
     full = {
         "backend": summary["backend"],
         "model": common["model"],
@@ -290,7 +342,7 @@ def _write_backend(
         **{key: value for key, value in common.items() if key != "model"},
     }
     write_json(out / "summary.json", full)
-    return full
+    return _BackendRun(full, metrics, params)
 
 
 def run(cfg: Config, runs_dir: Path, progress: Progress | None = None) -> Outcome:
