@@ -64,8 +64,11 @@ def match_components(reference: Tensor, other: Tensor) -> np.ndarray:
 
 def parameter_errors(reference: Params, other: Params) -> dict[str, float]:
     """Root-mean-square difference of each per-component tensor after matching ``other``'s
-    components to ``reference``'s by their means, so label switching costs nothing."""
+    components to ``reference``'s by their means, so label switching costs nothing. Empty when
+    the two have different numbers of components."""
     reference, other = _cpu64(reference), _cpu64(other)
+    if reference["means"].shape != other["means"].shape:
+        return {}
     perm = torch.as_tensor(match_components(reference["means"], other["means"]))
     k = reference["means"].shape[0]
     return {
