@@ -105,6 +105,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, format_table
+
+    paths = [Path(p) for p in args.paths]
+    out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 and paths[0].is_dir() else Path("."))
+    result = compare(paths, out)
+    for line in result.skipped:
+        sys.stderr.write(f"warning: skipped {line}\n")
+    print(format_table(result.table))
+    names = ", ".join(p.name for p in result.figures) or "no figures"
+    sys.stderr.write(f"wrote comparison.csv and {names} to {out}\n")
+    print(out)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ppl-gmm", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"ppl-gmm {__version__}")
@@ -125,6 +140,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", default="runs", help="where experiment directories go (default: runs)")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(handler=_cmd_run)
+    comp = commands.add_parser(
+        "compare",
+        help="tabulate and plot experiment directories",
+        description="Read experiment directories (or folders holding several, such as runs/), print "
+        "one row per backend run, and write comparison.csv and PNG figures.",
+    )
+    comp.add_argument("paths", nargs="+", metavar="PATH", help="experiment directories or folders of them")
+    comp.add_argument("--out", help="where comparison.csv and the figures go (default: the single PATH, "
+                      "else the current folder)")
+    comp.set_defaults(handler=_cmd_compare)
     return parser
 
 

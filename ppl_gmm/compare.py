@@ -152,13 +152,13 @@ def plot_traces(experiment: str, runs: pd.DataFrame, out: Path) -> Path | None:
     for name, frame in traces:
         evaluated = frame.dropna(subset=["log_likelihood"])
         for col, x in enumerate(["step", "wall_seconds"]):
-            axes[0, col].plot(frame[x], frame["objective"], label=name, lw=1.2)
-            axes[1, col].plot(evaluated[x], evaluated["log_likelihood"], marker=".", label=name, lw=1.2)
-    for col, label in enumerate(["step", "wall time (s)"]):
+            shown, points = (frame, evaluated) if col == 0 else (frame[frame[x] > 0], evaluated[evaluated[x] > 0])
+            axes[0, col].plot(shown[x], shown["objective"], label=name, lw=1.2)
+            axes[1, col].plot(points[x], points["log_likelihood"], marker=".", label=name, lw=1.2)
+    for col, label in enumerate(["step", "wall time (s), log scale"]):
         axes[1, col].set_xlabel(label)
-        if col == 1:
-            for row in range(2):
-                axes[row, col].set_xscale("symlog", linthresh=1e-2)
+    for row in range(2):
+        axes[row, 1].set_xscale("log")
     axes[0, 0].set_ylabel("objective per point\n(log-lik. / log-post. / ELBO)")
     axes[1, 0].set_ylabel("exact train log-likelihood per point")
     for ax in axes.flat:
@@ -191,6 +191,9 @@ def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path
     """The train points with each backend's component ellipses (1 and 2 standard deviations), side
     by side; data of more than two features are shown on their first two principal components."""
     panels = []
+    if (experiment_dir / "truth.safetensors").is_file():
+        truth = load_file(str(experiment_dir / "truth.safetensors"))
+        panels.append(("truth (simulated)", truth))
     for _, row in runs.iterrows():
         try:
             params = load_file(str(Path(row["path"]) / "params.safetensors"))

@@ -1,0 +1,104 @@
+"""`ppl-gmm run` then `ppl-gmm compare`: the table, comparison.csv, the figures, and skipped runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ppl_gmm.cli import main
+
+SHORT = ["backends.em.max_iter=20", "backends.map.steps=30", "backends.svi.steps=30",
+         "backends.svi.elbo_particles=5", "backends.svi.mean_samples=20", "data.n=400"]
+
+
+def _run(capsys, config: str, runs: Path, *overrides: str) -> Path:
+    short = SHORT if "quickstart" not in config else ["backends.em.max_iter=20"]
+    assert main(["run", config, "--runs-dir", str(runs), "--quiet", *short, *overrides]) == 0
+    return Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _assert_png(path: Path) -> None:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert min(pixels.shape) > 200
+    assert pixels.std() > 5  # not a blank canvas
+
+
+
+
+def test_compare_tables_and_draws_every_backend(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    first = _run(capsys, str(_configs() / "compare.yaml"), runs)
+    second = _run(capsys, str(_configs() / "compare.yaml"), runs, "seed=1")
+    assert main(["compare", str(runs)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert lines[-1] == str(runs)
+    header, rows = lines[0].split(), lines[1:-1]
+    for column in ("experiment", "backend", "status", "fit_seconds", "train_log_likelihood", "elbo", "bic"):
+        assert column in header
+    assert len(rows) == 6
+    assert sorted(row.split()[1] for row in rows) == ["em", "em", "map", "map", "svi", "svi"]
+    table = pd.read_csv(runs / "comparison.csv")
+    assert len(table) == 6 and set(table["experiment"]) == {first.name, second.name}
+    for column in ("train_log_likelihood", "test_log_likelihood", "seconds_to_within_1e-3",
+                   "means_error_vs_truth", "means_error_vs_reference", "versions.torch"):
+        assert column in table.columns, column
+    assert table["train_log_likelihood"].notna().all()
+    assert (table.loc[table["backend"] == "em", "means_error_vs_reference"] == 0).all()
+    for experiment in (first, second):
+        for suffix in ("traces", "components"):
+            _assert_png(runs / f"{experiment.name}-{suffix}.png")
+    assert "warning" not in captured.err
+
+
+def test_compare_one_experiment_writes_into_it(capsys, tmp_path) -> None:
+    experiment = _run(capsys, str(_configs() / "iris.yaml"), tmp_path, "init.n_init=1")
+    assert main(["compare", str(experiment), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    _assert_png(tmp_path / "out" / f"{experiment.name}-components.png")  # 4-D: principal components
+    assert len(pd.read_csv(tmp_path / "out" / "comparison.csv")) == 3
+
+
+def test_compare_skips_broken_partial_and_foreign_directories(capsys, tmp_path) -> None:
+    runs = tmp_path / "runs"
+    good = _run(capsys, str(_configs() / "quickstart.yaml"), runs)
+    broken = _run(capsys, str(_configs() / "quickstart.yaml"), runs)
+    (broken / "em" / "summary.json").write_text("{not json")
+    partial = runs / "partial-run"
+    (partial / "em").mkdir(parents=True)
+    (partial / "config.yaml").write_text("experiment: partial\n")
+    foreign = runs / "holiday-photos"
+    foreign.mkdir()
+    (foreign / "beach.txt").write_text("sand")
+    assert main(["compare", str(runs), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: skipped")]
+    assert any(str(broken / "em") in line for line in warnings)
+    assert any(str(partial) in line for line in warnings)
+    assert any(str(foreign) in line for line in warnings)
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert list(table["experiment"]) == [good.name]
+    summary = json.loads((good / "em" / "summary.json").read_text())
+    assert summary["seconds_to_within_1e-3"] is not None
+
+
+def test_compare_with_nothing_to_compare_is_an_error(capsys, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("error:") and "empty" in err[-1]
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def _configs() -> Path:
+    return Path(__file__).resolve().parents[1] / "configs"
