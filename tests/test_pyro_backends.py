@@ -165,3 +165,24 @@ def test_hard_assignments_match_pyro_infer_discrete() -> None:
 
 def test_backends_are_registered() -> None:
     assert {"em", "map", "svi"} <= set(BACKENDS.names())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.prior=none", "backends.svi.guide=normal"], "backends.svi: SVI approximates a posterior"),
+        (["backends.svi.guide=flow"], "backends.svi.guide: Input should be 'normal', 'lowrank' or 'mvn'"),
+        (["backends.map.optimizer=sgd"], "backends.map.optimizer: Input should be 'adam' or 'clipped_adam'"),
+        (["backends.svi.rank=2"], "backends.svi.rank: only the lowrank guide has a rank"),
+    ],
+)
+def test_bad_pyro_backend_options_are_config_errors(overrides, needle, capsys, tmp_path) -> None:
+    from pathlib import Path
+
+    from ppl_gmm.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "compare.yaml"
+    assert main(["run", str(config), "--runs-dir", str(tmp_path / "runs"), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {needle}")
+    assert not (tmp_path / "runs").exists()
