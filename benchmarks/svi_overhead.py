@@ -9,7 +9,9 @@ In one process, on the same synthetic data, model object and initial parameters,
 
 each for a short and a long run; the per-step time is (long - short) / (S_long - S_short), so
 fixed costs (setup, first step, our initial loss and final exact log-likelihood) cancel. Rounds
-are interleaved (ours, bare, ours, bare, ...) and the medians compared. Before timing, both are
+are interleaved (ours, bare, ours, bare, ...; ``--alternate`` puts bare first every other round)
+and the medians compared. Each timed run first waits for the machine to be quiet and records how
+busy other processes kept it (``other_cores_max``). Before timing, both are
 run for a few steps and their loss trajectories compared (the same computation: they should agree
 to rounding).
 
@@ -25,11 +27,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import math
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -74,7 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--check-steps", type=int, default=5, help="steps compared for the loss trajectory")
+    parser.add_argument(
+        "--alternate",
+        action="store_true",
+        help="swap which goes first every other round (bare, ours, ...), to expose order effects",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data and k-means++ seed (default 0)")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.25,
+        help="before each timed run, wait until other processes keep fewer than this many cores "
+        "busy (default 0.25; a large value disables the wait)",
+    )
+    parser.add_argument("--max-wait", type=float, default=300.0, help="... but at most this many seconds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to append to")
     args = parser.parse_args(argv)
     if args.quick:
@@ -113,11 +131,61 @@ def run_bare(model: GaussianMixture, x: Tensor, init: Params, steps: int) -> tup
     return losses, model.from_sites({k: v.detach() for k, v in guide.median(x).items()})
 
 
-def timed(fn: Callable[[], object]) -> float:
+# ---- timing on a shared machine ----------------------------------------------------------
+#
+# Other processes on a small machine distort the timings badly (torch's worker threads spin while
+# they wait for each other, so a busy core can slow a step tenfold). So each timed run waits until
+# the machine is quiet, and records how many cores other processes kept busy while it ran.
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (None where /proc/stat is missing)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _TICKS  # guest time is already counted in user
+
+
+def wait_until_quiet(threshold: float, max_wait: float, sample: float = 0.5) -> float:
+    """Sleep until other processes keep fewer than ``threshold`` cores busy (or ``max_wait``
+    seconds pass); returns the seconds waited."""
+    began = time.perf_counter()
+    while True:
+        before = _busy_seconds()
+        if before is None:
+            return 0.0
+        time.sleep(sample)
+        busy = (_busy_seconds() - before) / sample  # we are asleep: this is everyone else
+        waited = time.perf_counter() - began
+        if busy < threshold or waited >= max_wait:
+            return waited
+
+
+class Timing(NamedTuple):
+    seconds: float
+    other_cores: float  # cores kept busy by other processes while it ran (NaN where unknown)
+
+
+def timed(fn: Callable[[], object], quiet: float, max_wait: float) -> Timing:
     gc.collect()
+    wait_until_quiet(quiet, max_wait)
+    busy0, cpu0 = _busy_seconds(), time.process_time()
     began = time.perf_counter()
     fn()
-    return time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    busy1, cpu1 = _busy_seconds(), time.process_time()
+    if busy0 is None or busy1 is None:
+        return Timing(seconds, math.nan)
+    return Timing(seconds, max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / seconds)
+
+
+def _nanmax(values: Iterable[float]) -> float:
+    return max((v for v in values if not math.isnan(v)), default=math.nan)
 
 
 # ---- the check ----------------------------------------------------------------------------
@@ -182,13 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in range(1, args.repeats + 1):
         pyro.set_rng_seed(args.seed)
-        o_short, o_long = timed(ours(short)), timed(ours(long))
-        b_short, b_long = timed(bare(short)), timed(bare(long))
+        bare_first = args.alternate and r % 2 == 0
+        pairs = [("ours", ours), ("bare", bare)]
+        times = {}
+        for name, make in reversed(pairs) if bare_first else pairs:
+            times[name] = [timed(make(steps), args.quiet, args.max_wait) for steps in (short, long)]
+        runs = times["ours"] + times["bare"]
+        (o_short, o_long, b_short, b_long) = (run.seconds for run in runs)
+        other = _nanmax(run.other_cores for run in runs)
         o_ms = 1000 * (o_long - o_short) / (long - short)
         b_ms = 1000 * (b_long - b_short) / (long - short)
         rows.append(
             {
                 "round": str(r),
+                "first": "bare" if bare_first else "ours",
                 "ours_short_s": o_short,
                 "ours_long_s": o_long,
                 "ours_ms_per_step": o_ms,
@@ -196,15 +271,20 @@ def main(argv: list[str] | None = None) -> int:
                 "bare_long_s": b_long,
                 "bare_ms_per_step": b_ms,
                 "ratio": o_ms / b_ms,
+                "other_cores_max": other,
             }
         )
-        print(f"  round {r}: ours {o_ms:8.2f} ms/step   bare {b_ms:8.2f} ms/step   ratio {o_ms / b_ms:.3f}")
+        print(
+            f"  round {r} ({rows[-1]['first']} first): ours {o_ms:8.2f} ms/step   bare {b_ms:8.2f} "
+            f"ms/step   ratio {o_ms / b_ms:.3f}   (other processes: up to {other:.2f} cores busy)"
+        )
 
     med_ours = statistics.median(row["ours_ms_per_step"] for row in rows)
     med_bare = statistics.median(row["bare_ms_per_step"] for row in rows)
     rows.append(
         {
             "round": "median",
+            "first": "alternating" if args.alternate and args.repeats > 1 else "ours",
             "ours_short_s": statistics.median(row["ours_short_s"] for row in rows),
             "ours_long_s": statistics.median(row["ours_long_s"] for row in rows),
             "ours_ms_per_step": med_ours,
@@ -212,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "bare_long_s": statistics.median(row["bare_long_s"] for row in rows),
             "bare_ms_per_step": med_bare,
             "ratio": med_ours / med_bare,
+            "other_cores_max": _nanmax(row["other_cores_max"] for row in rows),
         }
     )
 
@@ -220,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ours (map backend)':<22}{med_ours:>26.2f}")
     print(f"{'bare Pyro SVI loop':<22}{med_bare:>26.2f}")
     print(f"{'ratio ours / bare':<22}{med_ours / med_bare:>26.3f}")
+    noisy = rows[-1]["other_cores_max"]
+    if noisy > args.quiet:
+        print(
+            f"warning: other processes kept up to {noisy:.2f} cores busy during some timed runs; "
+            "those timings are unreliable (see other_cores_max in the CSV)"
+        )
 
     stamp = dt.datetime.now().isoformat(timespec="seconds")
     meta = {
@@ -231,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_short": short,
         "steps_long": long,
         "repeats": args.repeats,
+        "quiet": args.quiet,
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         **check,
