@@ -152,7 +152,9 @@ def plot_traces(experiment: str, runs: pd.DataFrame, out: Path) -> Path | None:
     for name, frame in traces:
         evaluated = frame.dropna(subset=["log_likelihood"])
         for col, x in enumerate(["step", "wall_seconds"]):
-            shown, points = (frame, evaluated) if col == 0 else (frame[frame[x] > 0], evaluated[evaluated[x] > 0])
+            shown, points = (
+                (frame, evaluated) if col == 0 else (frame[frame[x] > 0], evaluated[evaluated[x] > 0])
+            )
             axes[0, col].plot(shown[x], shown["objective"], label=name, lw=1.2)
             axes[1, col].plot(points[x], points["log_likelihood"], marker=".", label=name, lw=1.2)
     for col, label in enumerate(["step", "wall time (s), log scale"]):

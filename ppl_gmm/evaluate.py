@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,14 @@ from torch import Tensor
 from .data import Dataset
 from .models.base import LatentModel, Params
 
-__all__ = ["assignments", "match_components", "mean_log_likelihood", "parameter_errors", "score"]
+__all__ = [
+    "assignments",
+    "match_components",
+    "mean_log_likelihood",
+    "parameter_errors",
+    "posterior_moments",
+    "score",
+]
 
 
 def _cpu64(params: Params) -> dict[str, Tensor]:
@@ -89,3 +97,23 @@ def assignments(model: LatentModel, params: Params, data: Dataset) -> pd.DataFra
     if data.train_labels is not None:
         frame["label"] = data.train_labels
     return frame
+
+
+def posterior_moments(draws: Sequence[Params], pivot: Tensor) -> dict[str, Tensor]:
+    """Posterior mean and standard deviation of every per-component tensor over ``draws``, each
+    draw's components first relabelled to match ``pivot`` (K, D) means, so label switching does
+    not blur the summaries. Returns ``{"<name>.mean": ..., "<name>.std": ...}``."""
+    stacked: dict[str, list[Tensor]] = {}
+    for draw in draws:
+        draw = _cpu64(draw)
+        perm = torch.as_tensor(match_components(pivot, draw["means"]))
+        for name, value in draw.items():
+            stacked.setdefault(name, []).append(value[perm])
+    moments = {}
+    for name, values in stacked.items():
+        tensor = torch.stack(values)
+        moments[f"{name}.mean"] = tensor.mean(0)
+        moments[f"{name}.std"] = (
+            tensor.std(0, correction=1) if len(values) > 1 else torch.zeros_like(tensor[0])
+        )
+    return moments

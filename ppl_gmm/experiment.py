@@ -293,6 +293,8 @@ def _run_backend(
             f"warning: {name} did not converge in {result.n_steps} steps; raise "
             f"backends.{name}.max_iter (or steps) or its tolerance."
         )
+    for stem, tensors in result.tensors.items():
+        save_tensors(out / f"{stem}.safetensors", tensors)
     summary.update(
         n_steps=result.n_steps,
         converged=result.converged,

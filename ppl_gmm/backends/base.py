@@ -45,7 +45,9 @@ class FitResult:
     fit_seconds: float
     point_estimate: str  # mle | map | posterior_mean | posterior_median
     elbo: float | None = None
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    extras: Mapping[str, Any] = field(default_factory=dict)  # JSON-friendly summary fields
+    # further tensors to keep, by file stem: {"draws": {...}} is saved as draws.safetensors
+    tensors: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
 
 
 class FitError(RuntimeError):
