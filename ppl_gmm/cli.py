@@ -120,6 +120,31 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    from .select import CRITERIA, parse_k_range, select
+
+    ks = parse_k_range(args.k)
+    config = load_config(args.config, args.overrides)
+    result = select(config, ks, args.backend, Path(args.runs_dir), _Bars(args.quiet))
+    columns = ["k", *CRITERIA, "effective_k", "status"]
+    lines = [columns]
+    for _, row in result.table.iterrows():
+        cells = []
+        for name in columns:
+            mark = "*" if name in CRITERIA and result.chosen[name] == row["k"] else ""
+            value = row[name]
+            cells.append("-" if value is None or value != value else f"{_format(value)}{mark}")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    picks = ", ".join(f"{name.upper()} picks K={k}" for name, k in result.chosen.items() if k is not None)
+    print(f"(* marks the chosen K) {picks}")
+    print(result.path)
+    failed = (result.table["status"] != "completed").any()
+    return 1 if failed else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ppl-gmm", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"ppl-gmm {__version__}")
@@ -147,9 +172,24 @@ def _parser() -> argparse.ArgumentParser:
         "one row per backend run, and write comparison.csv and PNG figures.",
     )
     comp.add_argument("paths", nargs="+", metavar="PATH", help="experiment directories or folders of them")
-    comp.add_argument("--out", help="where comparison.csv and the figures go (default: the single PATH, "
-                      "else the current folder)")
+    comp.add_argument(
+        "--out",
+        help="where comparison.csv and the figures go (default: the single PATH, else the current folder)",
+    )
     comp.set_defaults(handler=_cmd_compare)
+    sel = commands.add_parser(
+        "select",
+        help="choose the number of components: one experiment per K",
+        description="Run one backend of CONFIG once per K on the same data; write selection.csv "
+        "(k, bic, aic, icl, elbo, effective_k) and selection.png into one directory, print its path last.",
+    )
+    sel.add_argument("config", help="a YAML config, e.g. configs/select.yaml")
+    sel.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config field")
+    sel.add_argument("--k", required=True, help="the range of K, e.g. 1..8")
+    sel.add_argument("--backend", default="em", help="the backend to fit for each K (default: em)")
+    sel.add_argument("--runs-dir", default="runs", help="where the selection directory goes (default: runs)")
+    sel.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    sel.set_defaults(handler=_cmd_select)
     return parser
 
 

@@ -26,7 +26,14 @@ from .data import load_data  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .runs import read_summary, write_bytes, write_csv  # noqa: E402
 
-__all__ = ["Comparison", "compare", "find_experiments", "format_table", "load_table"]
+__all__ = [
+    "Comparison",
+    "compare",
+    "find_experiments",
+    "format_table",
+    "load_table",
+    "plot_selection",
+]
 
 TABLE_COLUMNS = [
     "experiment",
@@ -254,3 +261,55 @@ def compare(paths: Sequence[Path], out: Path) -> Comparison:
             continue
         figures += [components] if components else []
     return Comparison(table, figures, skipped)
+
+
+def plot_selection(table: pd.DataFrame, chosen: dict[str, int | None], path: Path, title: str) -> Path:
+    """Information criteria (lower is better) and the ELBO (higher is better) against K, with the
+    K each criterion picks marked."""
+    has_elbo = pd.to_numeric(table["elbo"], errors="coerce").notna().any()
+    figure, axes = plt.subplots(1, 2 if has_elbo else 1, figsize=(11 if has_elbo else 6, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for name in ("bic", "aic", "icl"):
+        values = pd.to_numeric(table[name], errors="coerce")
+        if values.notna().any():
+            (line,) = ax.plot(
+                table["k"], values, marker="o", label=f"{name.upper()} (picks K={chosen[name]})"
+            )
+            if chosen[name] is not None:
+                ax.plot(
+                    chosen[name],
+                    values[table["k"] == chosen[name]].iloc[0],
+                    "*",
+                    ms=16,
+                    color=line.get_color(),
+                )
+    ax.set_xlabel("K")
+    ax.set_ylabel("criterion (lower is better)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_elbo:
+        ax = axes[0, 1]
+        values = pd.to_numeric(table["elbo"], errors="coerce")
+        ax.plot(
+            table["k"], values, marker="o", color="C3", label=f"ELBO per point (picks K={chosen['elbo']})"
+        )
+        if chosen["elbo"] is not None:
+            ax.plot(chosen["elbo"], values[table["k"] == chosen["elbo"]].iloc[0], "*", ms=16, color="C3")
+        effective = pd.to_numeric(table.get("effective_k"), errors="coerce")
+        if effective is not None and effective.notna().any():
+            for k, value, eff in zip(table["k"], values, effective, strict=True):
+                if eff == eff:
+                    ax.annotate(
+                        f"eff. {int(eff)}",
+                        (k, value),
+                        textcoords="offset points",
+                        xytext=(0, 8),
+                        ha="center",
+                        fontsize=8,
+                    )
+        ax.set_xlabel("K")
+        ax.set_ylabel("ELBO per point (higher is better)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)

@@ -35,14 +35,17 @@ def mean_log_likelihood(model: LatentModel, x: Tensor, params: Params) -> float:
 
 
 def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float | int | None]:
-    """Exact train/test log-likelihood per point, BIC, AIC (lower is better), ARI and NMI of the
-    most probable assignments against the true labels when the data have them."""
+    """Exact train/test log-likelihood per point, BIC, AIC and ICL (lower is better; ICL is BIC plus
+    twice the entropy of the responsibilities, Biernacki et al. 2000), ARI and NMI of the most
+    probable assignments against the true labels when the data have them."""
     params = _cpu64(params)
     n = data.train.shape[0]
     log_joint = model.log_joint(data.train, params)
     train = float(torch.logsumexp(log_joint, dim=1).mean())
     test = None if data.test is None else mean_log_likelihood(model, data.test, params)
     n_params = model.n_params()
+    log_resp = log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)
+    entropy = float(-(log_resp.exp() * log_resp).nan_to_num().sum())
     ari = nmi = None
     if data.train_labels is not None and math.isfinite(train):
         predicted = torch.argmax(log_joint, dim=1).numpy()
@@ -53,6 +56,7 @@ def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float 
         "test_log_likelihood": test,
         "bic": -2.0 * n * train + n_params * math.log(n),
         "aic": -2.0 * n * train + 2.0 * n_params,
+        "icl": -2.0 * n * train + n_params * math.log(n) + 2.0 * entropy,
         "n_params": n_params,
         "ari": ari,
         "nmi": nmi,

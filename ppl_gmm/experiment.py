@@ -321,7 +321,7 @@ def _write_backend(
         metrics = metrics.drop(columns="restart")
     write_csv(out / "metrics.csv", metrics)
     scores: dict[str, Any] = dict.fromkeys(
-        ["train_log_likelihood", "test_log_likelihood", "bic", "aic", "n_params", "ari", "nmi"]
+        ["train_log_likelihood", "test_log_likelihood", "bic", "aic", "icl", "n_params", "ari", "nmi"]
     )
     if params is not None:
         params = {key: value.detach().to("cpu", torch.float64) for key, value in params.items()}
