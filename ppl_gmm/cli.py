@@ -114,6 +114,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for line in result.skipped:
         sys.stderr.write(f"warning: skipped {line}\n")
     print(format_table(result.table))
+    posterior = [c for c in result.table.columns if c.startswith("posterior_") and c.endswith("_vs_mcmc")]
+    if posterior and result.table[posterior].notna().any().any():
+        print()
+        print("posterior against MCMC (root-mean-square error after matching components):")
+        rows = result.table[result.table[posterior].notna().any(axis=1)]
+        print(format_table(rows, ["experiment", "backend", *posterior]))
     names = ", ".join(p.name for p in result.figures) or "no figures"
     sys.stderr.write(f"wrote comparison.csv and {names} to {out}\n")
     print(out)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 from .config import load_config  # noqa: E402
 from .data import load_data  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .evaluate import match_components  # noqa: E402
 from .runs import read_summary, write_bytes, write_csv  # noqa: E402
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "format_table",
     "load_table",
     "plot_selection",
+    "posterior_errors",
 ]
 
 TABLE_COLUMNS = [
@@ -109,9 +111,41 @@ def load_table(experiments: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     return table, skipped
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """An aligned text table of the columns that matter most."""
-    columns = [c for c in TABLE_COLUMNS if c in table.columns]
+POSTERIOR_GROUPS = ("weights", "means", "covariances")
+
+
+def posterior_errors(experiment_rows: pd.DataFrame) -> pd.DataFrame:
+    """For each backend with a posterior (posterior.safetensors: ``<name>.mean`` / ``<name>.std``),
+    the root-mean-square error of its posterior means and standard deviations against the MCMC
+    reference of the same experiment, after matching components by posterior mean. One row per
+    (experiment, backend); empty without an mcmc run."""
+    rows = []
+    for experiment, runs in experiment_rows.groupby("experiment_dir", sort=False):
+        loaded = {}
+        for _, row in runs.iterrows():
+            try:
+                loaded[row["backend"]] = load_file(str(Path(row["path"]) / "posterior.safetensors"))
+            except Exception:  # no posterior kept by this backend
+                continue
+        reference = loaded.pop("mcmc", None)
+        if reference is None:
+            continue
+        for backend, moments in loaded.items():
+            perm = torch.as_tensor(match_components(reference["means.mean"], moments["means.mean"]))
+            row = {"experiment": Path(experiment).name, "backend": backend}
+            for group in POSTERIOR_GROUPS:
+                for stat in ("mean", "std"):
+                    key = f"{group}.{stat}"
+                    if key in reference and key in moments:
+                        diff = moments[key][perm].to(torch.float64) - reference[key].to(torch.float64)
+                        row[f"posterior_{group}_{stat}_error_vs_mcmc"] = float(diff.pow(2).mean().sqrt())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame, columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """An aligned text table of the given columns (default: those that matter most)."""
+    columns = [c for c in columns if c in table.columns]
     cells = [columns] + [[_cell(row[c]) for c in columns] for _, row in table.iterrows()]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells)
@@ -246,6 +280,9 @@ def compare(paths: Sequence[Path], out: Path) -> Comparison:
     if table.empty:
         where = ", ".join(str(p) for p in paths)
         raise UserError(f"{where}: no experiment directories with backend results to compare.")
+    posterior = posterior_errors(table)
+    if not posterior.empty:
+        table = table.merge(posterior, on=["experiment", "backend"], how="left")
     write_csv(out / "comparison.csv", table)
     figures: list[Path] = []
     for experiment in experiments:

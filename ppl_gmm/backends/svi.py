@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.distributions import constraints
 
 from ..errors import UserError
+from ..evaluate import posterior_moments
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitResult, Report
 from .pyro_svi import SVIOptions, make_elbo, run_svi
@@ -41,7 +42,7 @@ class SVIBackendOptions(SVIOptions):
     init_scale: float = Field(0.05, gt=0)  # initial posterior scale, unconstrained coordinates
     local: Literal["enumerate", "mean_field"] = "enumerate"
     point_estimate: Literal["posterior_mean", "posterior_median"] = "posterior_mean"
-    mean_samples: int = Field(1000, ge=1)  # guide draws averaged for the posterior mean
+    mean_samples: int = Field(1000, ge=1)  # guide draws for the posterior mean and sd
     elbo_particles: int = Field(100, ge=1)  # particles of the final ELBO estimate
 
 
@@ -90,12 +91,13 @@ class SVIBackend(Backend):
 
         n_steps, converged, seconds = run_svi(model, guide, x, options, median, report, self.name)
         with torch.no_grad():
+            draws = [global_guide(x) for _ in range(options.mean_samples)]
             if options.point_estimate == "posterior_median":
                 params = median()
             else:
-                draws = [global_guide(x) for _ in range(options.mean_samples)]
                 means = {name: torch.stack([d[name] for d in draws]).mean(0) for name in sites}
                 params = model.from_sites(means)
+            moments = posterior_moments([model.from_sites(d) for d in draws], init["means"])
             began = time.perf_counter()
             loss = make_elbo(model, options, options.elbo_particles).loss(model.model, guide, x)
             elbo_seconds = time.perf_counter() - began
@@ -107,4 +109,5 @@ class SVIBackend(Backend):
             point_estimate=options.point_estimate,
             elbo=-loss / x.shape[0],
             extras={"elbo_seconds": elbo_seconds},
+            tensors={"posterior": moments},
         )
