@@ -46,7 +46,11 @@ class HyperConfig(_Strict):
     """Conjugate prior hyperparameters; null means the data-based default (as scikit-learn's
     BayesianGaussianMixture). Used only with ``model.prior: conjugate``."""
 
-    # Dirichlet concentration per component; 1.0 (flat) keeps MAP weights inside the simplex.
+    # dirichlet: π ~ Dirichlet(γ); dirichlet_process: scikit-learn's truncated stick-breaking,
+    # K sticks v_k ~ Beta(1, γ) (posterior inference only: its mode lies on the boundary)
+    weight_prior: Literal["dirichlet", "dirichlet_process"] = "dirichlet"
+    # γ per component; default 1.0 for the Dirichlet (flat: keeps MAP weights inside the
+    # simplex), 1/K for the dirichlet_process (scikit-learn's default)
     weight_concentration: float | None = Field(None, gt=0)
     mean_precision: float = Field(1.0, gt=0)  # beta_0: prior strength on the means
     mean_prior: list[float] | None = None  # m_0 (D); default: the train mean

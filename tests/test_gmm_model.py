@@ -154,3 +154,65 @@ def test_registry_lists_known_models() -> None:
     assert MODELS.get("gmm") is GaussianMixture
     with pytest.raises(UserError, match="model.name: unknown model 'hmm'. Known models: gmm"):
         MODELS.get("hmm", field="model.name")
+
+
+def _stick_breaking_model(x: torch.Tensor, covariance: str, k: int = 3) -> GaussianMixture:
+    hyper = HyperConfig(weight_prior="dirichlet_process")
+    return GaussianMixture.from_config(
+        ModelConfig(k=k, covariance=covariance, prior="conjugate", hyperparameters=hyper), x
+    )
+
+
+def _ml_params(model: GaussianMixture, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Random parameters; the stick-breaking prior has no M-step (its mode is on the boundary)."""
+    gen = torch.Generator().manual_seed(seed)
+    resp = torch.softmax(2 * torch.randn(x.shape[0], model.k, generator=gen, dtype=x.dtype), dim=1)
+    return dict(model.m_step(x, resp, reg_covar=0.0, use_prior=False))
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_stick_breaking_log_joint_equals_pyro_enumerated_trace(covariance: str, blobs) -> None:
+    """Uniform z plus the stick_mass factor is log π_k + log N(x_n | θ_k), with the K sticks'
+    weights summing to less than one as scikit-learn's truncation leaves them."""
+    x = blobs[0][:200]
+    model = _stick_breaking_model(x, covariance)
+    params = _ml_params(model, x, 5)
+    sites = model.to_sites(params)
+    sites["sticks"] = torch.tensor([0.3, 0.6, 0.5], dtype=x.dtype)  # leaves 0.14 of the mass off
+    weights = torch.tensor([0.3, 0.7 * 0.6, 0.7 * 0.4 * 0.5], dtype=x.dtype)
+    trace = _enumerated_trace(model, x, sites)
+    pyro_log_joint = sum(trace.nodes[s]["log_prob"] for s in ("z", "stick_mass", "x")).T
+    assert pyro_log_joint.shape == (200, model.k)
+    ours = model.log_joint(x, {**params, "weights": weights})
+    torch.testing.assert_close(ours, pyro_log_joint, rtol=1e-12, atol=1e-10)
+
+
+def test_stick_breaking_log_prior_equals_pyro_global_sites(blobs) -> None:
+    x = blobs[0][:200]
+    model = _stick_breaking_model(x, "full")
+    params = _ml_params(model, x, 6)
+    trace = _enumerated_trace(model, x, model.to_sites(params))
+    assert "weights" not in trace.nodes
+    pyro_prior = sum(trace.nodes[s]["log_prob"].sum() for s in ("sticks", "precision", "locs"))
+    torch.testing.assert_close(model.log_prior(params), pyro_prior, rtol=1e-12, atol=1e-10)
+
+
+def test_sticks_round_trip_and_break_the_weights(blobs) -> None:
+    x = blobs[0][:300]
+    model = _stick_breaking_model(x, "diag", k=4)
+    params = _ml_params(model, x, 7)
+    sticks = model.to_sites(params)["sticks"]
+    weights = params["weights"].numpy()
+    expected = [weights[k] / (1 - weights[:k].sum()) for k in range(4)]
+    np.testing.assert_allclose(sticks[:3].numpy(), expected[:3], rtol=1e-12)
+    assert 0 < float(sticks[3]) < 1  # the last stick takes all that is left: clamped inside (0, 1)
+    back = model.from_sites(model.to_sites(params))
+    for name in params:
+        torch.testing.assert_close(back[name], params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_weight_concentration_defaults_per_weight_prior(blobs) -> None:
+    x = blobs[0]
+    assert _model(x, "full", "conjugate", k=5).prior.weight_concentration == 1.0
+    prior = _stick_breaking_model(x, "full", k=5).prior
+    assert prior.weight_concentration == pytest.approx(1 / 5) and prior.stick_breaking

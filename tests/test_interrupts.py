@@ -56,7 +56,12 @@ def test_interrupt_keeps_finished_backends_and_marks_the_running_one(sig, tmp_pa
     svi = json.loads((experiment / "svi" / "summary.json").read_text())
     assert svi["status"] == "interrupted" and svi["train_log_likelihood"] is None
     metrics = pd.read_csv(experiment / "svi" / "metrics.csv")
-    assert len(metrics) > 1 and list(metrics.columns) == ["step", "wall_seconds", "objective", "log_likelihood"]
+    assert len(metrics) > 1 and list(metrics.columns) == [
+        "step",
+        "wall_seconds",
+        "objective",
+        "log_likelihood",
+    ]
     table = pd.read_csv(experiment / "comparison.csv")
     assert list(table["status"]) == ["completed", "completed", "interrupted"]
 

@@ -11,8 +11,14 @@ from safetensors.torch import load_file
 from ppl_gmm.cli import main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare.yaml"
-SHORT = ["data.n=300", "backends.map.steps=30", "backends.svi.steps=30", "backends.svi.mean_samples=50",
-         "backends.svi.elbo_particles=5", "--quiet"]
+SHORT = [
+    "data.n=300",
+    "backends.map.steps=30",
+    "backends.svi.steps=30",
+    "backends.svi.mean_samples=50",
+    "backends.svi.elbo_particles=5",
+    "--quiet",
+]
 TIMING = {"fit_seconds", "elbo_seconds", "seconds_to_within_1e-3", "seconds_to_within_1e-4"}
 
 
@@ -33,5 +39,7 @@ def test_same_seed_same_parameters(capsys, tmp_path) -> None:
         assert not torch.equal(a["means"], c["means"])
         sa = json.loads((first / backend / "summary.json").read_text())
         sb = json.loads((second / backend / "summary.json").read_text())
-        assert {k: v for k, v in sa.items() if k not in TIMING} == {k: v for k, v in sb.items() if k not in TIMING}
+        assert {k: v for k, v in sa.items() if k not in TIMING} == {
+            k: v for k, v in sb.items() if k not in TIMING
+        }
     assert (first / "init.safetensors").read_bytes() == (second / "init.safetensors").read_bytes()

@@ -15,7 +15,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_select_picks_the_true_number_of_components_by_bic(capsys, tmp_path) -> None:
-    code = main(["select", str(CONFIGS / "select.yaml"), "--k", "1..5", "--runs-dir", str(tmp_path), "--quiet"])
+    code = main(
+        ["select", str(CONFIGS / "select.yaml"), "--k", "1..5", "--runs-dir", str(tmp_path), "--quiet"]
+    )
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     path = Path(out[-1])

@@ -1,6 +1,6 @@
 """Inference backends, found by name in ``BACKENDS``; importing this package registers them all."""
 
-from . import em, map, svi
+from . import em, map, mcmc, svi, vb
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 
 __all__ = [
@@ -13,5 +13,7 @@ __all__ = [
     "StepInfo",
     "em",
     "map",
+    "mcmc",
     "svi",
+    "vb",
 ]

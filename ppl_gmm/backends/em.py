@@ -16,13 +16,22 @@ from ..errors import UserError
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 
-__all__ = ["EM", "EMOptions", "e_step"]
+__all__ = ["EM", "EMOptions", "e_step", "stick_breaking_has_no_mode"]
 
 
 class EMOptions(Options):
     max_iter: int = Field(500, ge=0)  # M-steps at most
     tol: float = Field(1e-6, ge=0)  # on the change of the mean per-point objective
     reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
+
+
+def stick_breaking_has_no_mode(method: str) -> UserError:
+    """The error of a posterior-mode backend asked to fit the stick-breaking weight prior."""
+    return UserError(
+        f"model.hyperparameters.weight_prior: {method} needs the posterior mode, but found "
+        "'dirichlet_process', whose mode lies on the boundary of the sticks' space (or does not "
+        "exist). Use the vb or svi backend, or set model.hyperparameters.weight_prior: dirichlet."
+    )
 
 
 def e_step(model: LatentModel, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
@@ -39,6 +48,8 @@ class EM(Backend):
 
     def check(self, model: LatentModel, options: EMOptions) -> None:
         prior = getattr(model, "prior", None)
+        if prior is not None and prior.stick_breaking:
+            raise stick_breaking_has_no_mode("MAP-EM")
         if prior is not None and prior.weight_concentration < 1:
             raise UserError(
                 "model.hyperparameters.weight_concentration: MAP-EM needs a Dirichlet "

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitResult, Report
+from .em import stick_breaking_has_no_mode
 from .pyro_svi import SVIOptions, run_svi
 
 __all__ = ["MAP", "MAPOptions"]
@@ -24,6 +25,11 @@ class MAPOptions(SVIOptions):
 class MAP(Backend):
     name = "map"
     options = MAPOptions
+
+    def check(self, model: LatentModel, options: MAPOptions) -> None:
+        prior = getattr(model, "prior", None)
+        if prior is not None and prior.stick_breaking:
+            raise stick_breaking_has_no_mode("MAP")
 
     def total_steps(self, options: MAPOptions) -> int:
         return options.steps

@@ -3,6 +3,8 @@
 Global sites of ``GaussianMixture.model``:
 
     weights    (K,)                 Dirichlet(α0) | flat on the simplex
+    sticks     (K,)                 instead of weights, with ``weight_prior: dirichlet_process``:
+                                    Beta(1, γ) per component, π_k = v_k Π_{j<k} (1 - v_j)
     precision  full (K, D, D)       Wishart(ν0, W0) | flat on positive-definite matrices
                tied (D, D)          one Wishart(ν0, W0) shared by all components
                diag (K, D)          Gamma(ν0 / 2, rate = c0 / 2) per coordinate
@@ -10,7 +12,12 @@ Global sites of ``GaussianMixture.model``:
     locs       (K, D)               N(m0, (β0 Λ_k)^-1) | flat on R^D
 
 Local sites: ``z`` (Categorical(weights), enumerated) and ``x`` (MultivariateNormal(locs[z],
-precision[z])). ``prior: none`` replaces each prior by a flat improper one, so the posterior mode
+precision[z])). Under the stick-breaking prior ``z`` is uniform and a factor ``stick_mass`` adds
+log π_z + log K: scikit-learn's truncation keeps all K sticks, so the π_k sum to less than one
+and are no Categorical's probabilities, yet log p(x_n, z_n = k | θ) = log π_k + log N(x_n | θ_k).
+Point estimates of the weights are normalized to sum to one.
+
+``prior: none`` replaces each prior by a flat improper one, so the posterior mode
 is the maximum-likelihood estimate. W0^-1 (``covariance_prior``, c0 for diag and spherical)
 follows scikit-learn's BayesianGaussianMixture, as do the data-based defaults.
 
@@ -37,7 +44,15 @@ from ..errors import UserError
 from . import transforms  # noqa: F401  (registers biject_to(positive_definite) for guides)
 from .base import MODELS, LatentModel, Params
 
-__all__ = ["ConjugatePrior", "Flat", "GaussianMixture", "precision_cholesky", "gaussian_log_prob"]
+__all__ = [
+    "ConjugatePrior",
+    "Flat",
+    "GaussianMixture",
+    "gaussian_log_prob",
+    "precision_cholesky",
+    "stick_breaking_log_weights",
+    "sticks_from_weights",
+]
 
 
 class Flat(dist.ImproperUniform):
@@ -54,7 +69,8 @@ class ConjugatePrior:
     """Dirichlet–Normal–Wishart hyperparameters (float64).
 
     covariance_prior is W0^-1 in the covariance type's own shape: full and tied (D, D),
-    diag (D,), spherical ().
+    diag (D,), spherical (). weight_prior ``dirichlet_process`` replaces Dirichlet(γ) on the
+    weights by K sticks Beta(1, γ), γ = weight_concentration.
     """
 
     weight_concentration: float
@@ -62,6 +78,11 @@ class ConjugatePrior:
     mean_prior: Tensor
     degrees_of_freedom: float
     covariance_prior: Tensor
+    weight_prior: str = "dirichlet"
+
+    @property
+    def stick_breaking(self) -> bool:
+        return self.weight_prior == "dirichlet_process"
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,24 @@ def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
     return -0.5 * (d * math.log(2 * math.pi) + (y * y).sum(-1)) + log_det
 
 
+def stick_breaking_log_weights(sticks: Tensor) -> Tensor:
+    """log π_k = log v_k + Σ_{j<k} log(1 - v_j) for sticks (..., K); returns (..., K)."""
+    log_rest = torch.log1p(-sticks)
+    before = torch.nn.functional.pad(torch.cumsum(log_rest, dim=-1)[..., :-1], (1, 0))
+    return torch.log(sticks) + before
+
+
+def sticks_from_weights(weights: Tensor) -> Tensor:
+    """v_k = π_k / (1 - Σ_{j<k} π_j) for weights (K,) on the simplex, clamped inside (0, 1).
+
+    The remaining mass is summed from the tail, which stays accurate for small late weights;
+    the last stick would be exactly one, which Beta(1, γ) gives zero or infinite density.
+    """
+    remaining = torch.flip(torch.cumsum(torch.flip(weights, (-1,)), dim=-1), (-1,))
+    eps = torch.finfo(weights.dtype).eps
+    return torch.clamp(weights / remaining, eps, 1.0 - eps)
+
+
 def _default_prior(cfg: HyperConfig, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
     """scikit-learn's BayesianGaussianMixture defaults, from the train data x (N, D)."""
     x = x.to(torch.float64)
@@ -194,8 +233,11 @@ def _default_prior(cfg: HyperConfig, covariance: str, k: int, x: Tensor) -> Conj
             f"model.hyperparameters.degrees_of_freedom: a Wishart prior needs more than D - 1 = "
             f"{d - 1}, but found {nu0}. Try {d}."
         )
-    alpha0 = 1.0 if cfg.weight_concentration is None else cfg.weight_concentration
-    return ConjugatePrior(alpha0, cfg.mean_precision, mean_prior, nu0, cov_prior)
+    if cfg.weight_concentration is not None:
+        alpha0 = cfg.weight_concentration
+    else:
+        alpha0 = 1.0 / k if cfg.weight_prior == "dirichlet_process" else 1.0
+    return ConjugatePrior(alpha0, cfg.mean_precision, mean_prior, nu0, cov_prior, cfg.weight_prior)
 
 
 def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
@@ -239,18 +281,30 @@ class GaussianMixture(LatentModel):
     def has_prior(self) -> bool:
         return self.prior is not None
 
+    @property
+    def stick_breaking(self) -> bool:
+        """Whether the weights are declared by truncated stick-breaking (site ``sticks``)."""
+        return self.prior is not None and self.prior.stick_breaking
+
+    @property
+    def weight_site(self) -> str:
+        return "sticks" if self.stick_breaking else "weights"
+
     # ---- the declaration -------------------------------------------------------------------
 
     def _prior_tensor(self, value: Tensor, like: Tensor) -> Tensor:
         return value.to(dtype=like.dtype, device=like.device)
 
     def weights_prior(self, like: Tensor) -> dist.TorchDistribution:
+        """The prior of the ``weights`` site, or of the ``sticks`` site (batch (K,))."""
         k = self.k
         if self.prior is None:
             return Flat(constraints.simplex, (), (k,))
         concentration = torch.full(
             (k,), self.prior.weight_concentration, dtype=like.dtype, device=like.device
         )
+        if self.stick_breaking:
+            return dist.Beta(torch.ones_like(concentration), concentration)
         return dist.Dirichlet(concentration)
 
     def precision_prior(self, like: Tensor) -> dist.TorchDistribution:
@@ -290,10 +344,13 @@ class GaussianMixture(LatentModel):
         n = x.shape[0] if x is not None else n
 
         # global variables
-        weights = pyro.sample("weights", self.weights_prior(like))
+        if not self.stick_breaking:
+            weights = pyro.sample("weights", self.weights_prior(like))
         if self.covariance == "tied":
             precision = pyro.sample("precision", self.precision_prior(like))
         with pyro.plate("components", self.k):
+            if self.stick_breaking:
+                sticks = pyro.sample("sticks", self.weights_prior(like))
             if self.covariance != "tied":
                 precision = pyro.sample("precision", self.precision_prior(like))
             full_precision = self.full_precision(precision)
@@ -301,7 +358,13 @@ class GaussianMixture(LatentModel):
 
         # local variables
         with pyro.plate("data", n):
-            z = pyro.sample("z", dist.Categorical(weights))
+            if self.stick_breaking:
+                z = pyro.sample("z", dist.Categorical(logits=like.new_zeros(self.k)))
+                # the components' plate dim becomes an event dim, so batch dims (particles) align
+                log_weights = stick_breaking_log_weights(sticks).unsqueeze(-2)
+                pyro.factor("stick_mass", Vindex(log_weights)[..., z] + math.log(self.k))
+            else:
+                z = pyro.sample("z", dist.Categorical(weights))
             return pyro.sample(
                 "x",
                 dist.MultivariateNormal(
@@ -323,7 +386,7 @@ class GaussianMixture(LatentModel):
         sites = self.to_sites(params)
         full_precision = self.full_precision(sites["precision"])
         return (
-            self.weights_prior(weights).log_prob(sites["weights"]).sum()
+            self.weights_prior(weights).log_prob(sites[self.weight_site]).sum()
             + self.precision_prior(weights).log_prob(sites["precision"]).sum()
             + self.locs_prior(full_precision).log_prob(sites["locs"]).sum()
         )
@@ -336,6 +399,11 @@ class GaussianMixture(LatentModel):
         xtx = x.T @ x if self.covariance == "tied" else x.new_zeros(())
         kind = self._type
         prior = self.prior if use_prior else None
+        if prior is not None and prior.stick_breaking:
+            raise ValueError(
+                "Expected a Dirichlet weight prior, but found dirichlet_process, whose posterior "
+                "mode lies on the boundary. Try use_prior=False, or the vb backend."
+            )
         if prior is None:
             weights = nk / nk.sum()
             means = sums / nk[:, None]
@@ -372,17 +440,25 @@ class GaussianMixture(LatentModel):
     def to_sites(self, params: Params) -> dict[str, Tensor]:
         precision = torch.linalg.inv(params["covariances"])
         precision = 0.5 * (precision + precision.mT)
+        weights = params["weights"].detach()
+        if self.stick_breaking:
+            weights = sticks_from_weights(weights / weights.sum())
         # copies: guides initialized from these values may update them in place
         return {
-            "weights": params["weights"].detach().clone(),
+            self.weight_site: weights.clone(),
             "locs": params["means"].detach().clone(),
             "precision": self._type.native(precision).detach().clone(),
         }
 
     def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
         covariances = torch.linalg.inv(self.full_precision(sites["precision"]))
+        if self.stick_breaking:
+            # the truncation leaves mass off the K components; a point estimate is a mixture
+            weights = torch.softmax(stick_breaking_log_weights(sites["sticks"]), dim=-1)
+        else:
+            weights = sites["weights"]
         return {
-            "weights": sites["weights"],
+            "weights": weights,
             "means": sites["locs"],
             "covariances": 0.5 * (covariances + covariances.mT),
         }
