@@ -203,11 +203,15 @@ def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Out
 
 def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -> None:
     """Add what needs every backend's results to each summary, and write comparison.csv: the
-    time each took to come within 1e-3 and 1e-4 per point of the best log-likelihood any reached,
+    time each took to come within 1e-3 and 1e-4 per point of the best log-likelihood any reached
+    (by a final estimate or along the way; a sampler's individual draws do not count),
     and parameter errors against the truth and the first completed backend, after matching."""
     done = {name: run for name, run in runs.items() if run.params is not None}
+    samplers = {name for name, backend, _ in plan.backends if backend.samples}
     reached = [run.summary["train_log_likelihood"] for run in done.values()]
-    reached += [float(v) for run in done.values() for v in run.metrics["log_likelihood"].dropna()]
+    for name, run in done.items():
+        if name not in samplers:  # step 0 is the shared start, not something a backend reached
+            reached += [float(v) for v in run.metrics.loc[run.metrics["step"] > 0, "log_likelihood"].dropna()]
     best = max((v for v in reached if v is not None and np.isfinite(v)), default=None)
     reference = next(iter(done), None)
     for name, run in runs.items():

@@ -57,6 +57,8 @@ class FitError(RuntimeError):
 class Backend(ABC):
     name: ClassVar[str]
     options: ClassVar[type[Options]]
+    # a sampler's per-step log-likelihoods are of random draws, not of estimates it reached
+    samples: ClassVar[bool] = False
 
     def check(self, model: LatentModel, options: Options) -> None:
         """Raise ``UserError`` if this backend cannot fit ``model`` with ``options``."""

@@ -163,6 +163,7 @@ def convergence(stacked: Mapping[str, Tensor]) -> tuple[float | None, float | No
 class MCMCBackend(Backend):
     name = "mcmc"
     options = MCMCOptions
+    samples = True
 
     def check(self, model: LatentModel, options: MCMCOptions) -> None:
         if not model.has_prior:
