@@ -139,6 +139,16 @@ def prepare(cfg: Config) -> Plan:
         }
         for r in range(cfg.init.n_init)
     )
+    try:
+        # the first use of torch's linear algebra and distributions initializes them lazily:
+        # done here, it is not charged to the first backend's timings
+        model.log_likelihood(x[:2].to(torch.float64), inits[0])
+        model.log_prior(inits[0])
+    except (torch.linalg.LinAlgError, ValueError) as exc:
+        raise UserError(
+            f"init: the initial parameters cannot be scored ({' '.join(str(exc).split())}). "
+            "Raise init.reg_covar or set data.standardize: true."
+        ) from None
     resolved = cfg.model_copy(
         update={"backends": {name: options.model_dump(mode="json") for name, _, options in backends}}
     )
