@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -55,6 +55,41 @@ class LatentModel(ABC):
     @abstractmethod
     def m_step(self, x: Tensor, resp: Tensor, reg_covar: float, use_prior: bool = True) -> Params:
         """θ maximizing Σ_n Σ_k resp[n, k] log p(x_n, z_n = k | θ) (+ log p(θ))."""
+
+    # Blocked EM: one pass over row blocks computes the E-step and the M-step's statistics, so
+    # memory stays O(block × K × D) whatever N is.
+
+    # Rows are measured from a fixed ``shift`` (D,), so that second moments keep their digits.
+
+    @abstractmethod
+    def prepare(self, params: Params, shift: Tensor | None = None) -> Any:
+        """Per-iteration constants that make ``block_log_joint`` cheap."""
+
+    # Blocks are transposed, points along columns, so that GEMMs have wide outputs.
+
+    @abstractmethod
+    def feature_count(self) -> int:
+        """How many features each point has for the E-step and the statistics."""
+
+    @abstractmethod
+    def features(self, xt: Tensor, out: Tensor | None = None) -> Tensor:
+        """Features (F, B) of centered points xt (D, B); written into ``out`` when given."""
+
+    @abstractmethod
+    def block_log_joint(self, xt: Tensor, features: Tensor, prepared: Any) -> Tensor:
+        """``log_joint`` of centered points xt (D, B), transposed: (K, B)."""
+
+    @abstractmethod
+    def new_stats(self, shift: Tensor) -> Any:
+        """Zero sufficient statistics of points measured from ``shift`` (D,)."""
+
+    @abstractmethod
+    def accumulate(self, stats: Any, xt: Tensor, features: Tensor, resp: Tensor) -> None:
+        """Add centered points xt (D, B) with responsibilities resp (K, B) to ``stats`` in place."""
+
+    @abstractmethod
+    def m_step_stats(self, stats: Any, reg_covar: float, use_prior: bool = True) -> Params:
+        """``m_step`` from accumulated statistics."""
 
     @abstractmethod
     def n_params(self) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyro
 import pyro.distributions as dist
@@ -89,6 +90,8 @@ class ConjugatePrior:
 class _CovarianceType:
     """How one covariance type stores, estimates and expands its covariances.
 
+    Statistics and kernels for blocked EM are described at ``SufficientStats`` and ``Prepared``.
+
     scatter(x, resp, nk, means, xtx) -> Σ_n resp[n,k] (x_n - means_k)(...)^T in native shape
     ml_count(nk, n, d) -> the maximum-likelihood divisor of the scatter
     map_count(nk, n, d, k, nu0) -> the posterior-mode divisor (derived in the module docs)
@@ -102,6 +105,84 @@ class _CovarianceType:
     to_full: Callable[[Tensor, int, int], Tensor]
     n_cov_params: Callable[[int, int], int]
     mean_deviation: Callable[[Tensor], Tensor]
+    # blocked EM: the second-moment statistic, its accumulation over row blocks, and the scatter
+    # about any means from the statistics alone; "quadratic" or "diag" picks the E-step features
+    second_shape: Callable[[int, int], tuple[int, ...]]
+    accumulate: Callable[[Tensor, Tensor, Tensor], None]
+    scatter_stats: Callable[[SufficientStats, Tensor], Tensor]
+    kernel: str
+
+
+class SufficientStats(NamedTuple):
+    """What the M-step needs from the data and the responsibilities, summed over row blocks.
+
+    Everything is of x - shift (a fixed vector, e.g. the data mean, so that second moments do not
+    lose digits to large offsets): nk (K,) Σ r_nk; sums (K, D) Σ r_nk (x_n - shift); second: full
+    (K, D, D) Σ r_nk (x - shift)(x - shift)^T, tied (D, D) Σ (x - shift)(x - shift)^T, diag and
+    spherical (K, D) Σ r_nk (x - shift)²; full keeps upper triangles only, (K, D(D+1)/2), and tied
+    (D(D+1)/2,).
+    """
+
+    shift: Tensor
+    nk: Tensor
+    sums: Tensor
+    second: Tensor
+
+
+def _pairs(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    rows, cols = torch.triu_indices(d, d, device=device)
+    return rows, cols
+
+
+def quadratic_features(xt: Tensor, out: Tensor | None = None) -> Tensor:
+    """vech(x x^T) of each column of xt (D, B): the products x_i x_j, i <= j, as (D(D+1)/2, B).
+    One slice product per row i (fast: no gathers); ``out`` is reused when given."""
+    d, b = xt.shape
+    out = xt.new_empty(d * (d + 1) // 2, b) if out is None else out[:, :b]
+    start = 0
+    for i in range(d):
+        torch.mul(xt[i : i + 1], xt[i:], out=out[start : start + d - i])
+        start += d - i
+    return out
+
+
+def _unvech(v: Tensor, d: int) -> Tensor:
+    """Symmetric (..., D, D) matrices from their upper triangles (..., D(D+1)/2)."""
+    rows, cols = _pairs(d, v.device)
+    out = v.new_zeros(*v.shape[:-1], d, d)
+    out[..., rows, cols] = v
+    out[..., cols, rows] = v
+    return out
+
+
+def _quadratic_weights(precisions: Tensor) -> Tensor:
+    """Λ (K, D, D) → (K, D(D+1)/2) such that it @ quadratic_features(x) = x^T Λ_k x."""
+    d = precisions.shape[-1]
+    rows, cols = _pairs(d, precisions.device)
+    return (precisions[:, rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(precisions)).contiguous()
+
+
+def _accumulate_weighted(second: Tensor, features: Tensor, resp: Tensor) -> None:
+    second.addmm_(resp, features.T)
+
+
+def _accumulate_tied(second: Tensor, features: Tensor, resp: Tensor) -> None:
+    second.add_(features.sum(1))
+
+
+def _scatter_stats_full(stats: SufficientStats, means: Tensor) -> Tensor:
+    second = _unvech(stats.second, means.shape[1])
+    cross = means[:, :, None] * stats.sums[:, None, :]
+    return second - cross - cross.mT + stats.nk[:, None, None] * means[:, :, None] * means[:, None, :]
+
+
+def _scatter_stats_tied(stats: SufficientStats, means: Tensor) -> Tensor:
+    cross = means.T @ stats.sums
+    return _unvech(stats.second, means.shape[1]) - cross - cross.T + (stats.nk[:, None] * means).T @ means
+
+
+def _scatter_stats_diag(stats: SufficientStats, means: Tensor) -> Tensor:
+    return stats.second - 2.0 * means * stats.sums + stats.nk[:, None] * means**2
 
 
 def _scatter_full(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
@@ -139,6 +220,10 @@ COVARIANCE_TYPES: dict[str, _CovarianceType] = {
         to_full=lambda c, k, d: c,
         n_cov_params=lambda k, d: k * d * (d + 1) // 2,
         mean_deviation=lambda dev: dev[:, :, None] * dev[:, None, :],
+        second_shape=lambda k, d: (k, d * (d + 1) // 2),
+        accumulate=_accumulate_weighted,
+        scatter_stats=_scatter_stats_full,
+        kernel="quadratic",
     ),
     "tied": _CovarianceType(
         scatter=_scatter_tied,
@@ -148,6 +233,10 @@ COVARIANCE_TYPES: dict[str, _CovarianceType] = {
         to_full=lambda c, k, d: c.expand(k, d, d).clone(),
         n_cov_params=lambda k, d: d * (d + 1) // 2,
         mean_deviation=lambda dev: dev.T @ dev,
+        second_shape=lambda k, d: (d * (d + 1) // 2,),
+        accumulate=_accumulate_tied,
+        scatter_stats=_scatter_stats_tied,
+        kernel="quadratic",
     ),
     "diag": _CovarianceType(
         scatter=_scatter_diag,
@@ -157,6 +246,10 @@ COVARIANCE_TYPES: dict[str, _CovarianceType] = {
         to_full=lambda c, k, d: torch.diag_embed(c),
         n_cov_params=lambda k, d: k * d,
         mean_deviation=lambda dev: dev**2,
+        second_shape=lambda k, d: (k, d),
+        accumulate=_accumulate_weighted,
+        scatter_stats=_scatter_stats_diag,
+        kernel="diag",
     ),
     "spherical": _CovarianceType(
         scatter=_scatter_spherical,
@@ -166,6 +259,10 @@ COVARIANCE_TYPES: dict[str, _CovarianceType] = {
         to_full=lambda c, k, d: c[:, None, None] * _eye_like(d, c),
         n_cov_params=lambda k, d: k,
         mean_deviation=lambda dev: (dev**2).sum(-1),
+        second_shape=lambda k, d: (k, d),
+        accumulate=_accumulate_weighted,
+        scatter_stats=lambda stats, means: _scatter_stats_diag(stats, means).sum(-1),
+        kernel="diag",
     ),
 }
 
@@ -183,6 +280,60 @@ def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
     y = torch.einsum("nd,kde->nke", x, prec_chol) - torch.einsum("kd,kde->ke", means, prec_chol)
     log_det = torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
     return -0.5 * (d * math.log(2 * math.pi) + (y * y).sum(-1)) + log_det
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Per-iteration constants of the E-step, so that a row block costs two small GEMMs:
+    (x - μ)^T Λ (x - μ) = φ(x) · q(Λ) - 2 x · Λμ + μ^T Λ μ, with φ the row's features.
+
+    Blocks are laid out transposed, points along columns, so that the GEMMs have wide outputs:
+    kernel "quadratic" (full, tied): φ(x) = vech(x x^T), matrix (K, D(D+1)/2); kernel "diag" (diag,
+    spherical): φ(x) = x², matrix (K, D) the precisions. linear (K, D) the Λ_k μ_k; const (K) the
+    μ_k^T Λ_k μ_k; log_norm (K) log π_k + ½ log|Λ_k| - D/2 log 2π. Points and means are measured
+    from ``shift`` (D,), so that the expansion keeps its digits.
+    """
+
+    kernel: str
+    shift: Tensor
+    matrix: Tensor
+    linear: Tensor
+    const: Tensor
+    log_norm: Tensor
+
+
+def prepare_gaussians(
+    weights: Tensor, means: Tensor, covariances: Tensor, kernel: str, shift: Tensor
+) -> Prepared:
+    """The E-step constants for weights (K,), means (K, D), covariances (K, D, D)."""
+    d = means.shape[1]
+    centered = means - shift
+    chol = torch.linalg.cholesky(covariances)
+    log_det = -2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    if kernel == "diag":
+        precisions = 1.0 / torch.diagonal(covariances, dim1=-2, dim2=-1)
+        linear = centered * precisions
+        matrix = precisions.contiguous()
+    else:
+        full = torch.cholesky_inverse(chol)
+        linear = (full @ centered[:, :, None]).squeeze(-1)
+        matrix = _quadratic_weights(full)
+    const = (linear * centered).sum(-1)
+    log_norm = torch.log(weights) + 0.5 * log_det - 0.5 * d * math.log(2 * math.pi)
+    return Prepared(kernel, shift, matrix, linear.contiguous(), const[:, None], log_norm[:, None])
+
+
+def block_features(xt: Tensor, kernel: str, out: Tensor | None = None) -> Tensor:
+    """φ of centered points xt (D, B), as (features, B)."""
+    if kernel == "diag":
+        return torch.mul(xt, xt, out=None if out is None else out[:, : xt.shape[1]])
+    return quadratic_features(xt, out)
+
+
+def block_log_joint(xt: Tensor, features: Tensor, prepared: Prepared) -> Tensor:
+    """log π_k + log N(x_n | μ_k, Σ_k) for centered points xt (D, B) and their features; (K, B)."""
+    maha = torch.addmm(prepared.const, prepared.matrix, features).addmm_(prepared.linear, xt, alpha=-2.0)
+    return maha.mul_(-0.5).add_(prepared.log_norm)
 
 
 def stick_breaking_log_weights(sticks: Tensor) -> Tensor:
@@ -375,9 +526,49 @@ class GaussianMixture(LatentModel):
 
     # ---- what exact inference needs, equal to the declaration ------------------------------
 
+    block_rows: int = 4096  # rows per block: large enough for fast GEMMs, small enough for cache
+
+    def prepare(self, params: Params, shift: Tensor | None = None) -> Prepared:
+        """The E-step's per-iteration constants for θ (see ``Prepared``)."""
+        means = params["means"]
+        shift = means.new_zeros(means.shape[1]) if shift is None else shift
+        return prepare_gaussians(params["weights"], means, params["covariances"], self._type.kernel, shift)
+
+    def feature_count(self) -> int:
+        """How many features φ(x) has per point."""
+        d = self.dim
+        return d if self._type.kernel == "diag" else d * (d + 1) // 2
+
+    def features(self, xt: Tensor, out: Tensor | None = None) -> Tensor:
+        """φ of centered points xt (D, B) as (features, B), shared by the E-step and the
+        statistics; written into ``out`` (features, ≥ B) when given."""
+        return block_features(xt, self._type.kernel, out)
+
+    def block_log_joint(self, xt: Tensor, features: Tensor, prepared: Prepared) -> Tensor:
+        """log p(x_n, z_n = k | θ) for centered points xt (D, B); returns (K, B)."""
+        return block_log_joint(xt, features, prepared)
+
     def log_joint(self, x: Tensor, params: Params) -> Tensor:
-        prec_chol = precision_cholesky(params["covariances"])
-        return torch.log(params["weights"]) + gaussian_log_prob(x, params["means"], prec_chol)
+        shift = x.mean(0)
+        prepared = self.prepare(params, shift)
+        blocks = []
+        for rows in x.split(self.block_rows):
+            xt = (rows - shift).T
+            blocks.append(block_log_joint(xt, self.features(xt), prepared).T)
+        return torch.cat(blocks) if len(blocks) != 1 else blocks[0]
+
+    def new_stats(self, shift: Tensor) -> SufficientStats:
+        """Zero statistics about ``shift`` (D,), in its dtype and device."""
+        k, d = self.k, self.dim
+        zeros = shift.new_zeros
+        return SufficientStats(shift, zeros(k), zeros(k, d), zeros(self._type.second_shape(k, d)))
+
+    def accumulate(self, stats: SufficientStats, xt: Tensor, features: Tensor, resp: Tensor) -> None:
+        """Add centered points xt (D, B) (measured from stats.shift), their features and their
+        responsibilities resp (K, B) to ``stats``, in place."""
+        stats.nk.add_(resp.sum(1))
+        stats.sums.addmm_(resp, xt.T)
+        self._type.accumulate(stats.second, features, resp)
 
     def log_prior(self, params: Params) -> Tensor:
         weights = params["weights"]
@@ -392,11 +583,18 @@ class GaussianMixture(LatentModel):
         )
 
     def m_step(self, x: Tensor, resp: Tensor, reg_covar: float, use_prior: bool = True) -> Params:
-        n, d = x.shape
-        eps = 10 * torch.finfo(x.dtype).eps
-        nk = resp.sum(0) + eps
-        sums = resp.T @ x
-        xtx = x.T @ x if self.covariance == "tied" else x.new_zeros(())
+        stats = self.new_stats(x.mean(0))
+        for rows, block_resp in zip(x.split(self.block_rows), resp.split(self.block_rows), strict=True):
+            xt = (rows - stats.shift).T
+            self.accumulate(stats, xt, self.features(xt), block_resp.T)
+        return self.m_step_stats(stats, reg_covar, use_prior)
+
+    def m_step_stats(self, stats: SufficientStats, reg_covar: float, use_prior: bool = True) -> Params:
+        """The M-step from sufficient statistics alone (see ``m_step``)."""
+        d = self.dim
+        like = stats.sums
+        nk = stats.nk + 10 * torch.finfo(like.dtype).eps
+        n = nk.sum()
         kind = self._type
         prior = self.prior if use_prior else None
         if prior is not None and prior.stick_breaking:
@@ -405,22 +603,21 @@ class GaussianMixture(LatentModel):
                 "mode lies on the boundary. Try use_prior=False, or the vb backend."
             )
         if prior is None:
-            weights = nk / nk.sum()
-            means = sums / nk[:, None]
-            cov = kind.scatter(x, resp, nk, means, xtx) / kind.ml_count(nk, n, d)
+            weights = nk / n
+            centered_means = stats.sums / nk[:, None]
+            cov = kind.scatter_stats(stats, centered_means) / kind.ml_count(nk, n, d)
         else:
             raw = nk + prior.weight_concentration - 1.0
             weights = raw / raw.sum()
             beta0 = prior.mean_precision
-            m0 = prior.mean_prior.to(x)
-            means = (beta0 * m0 + sums) / (beta0 + nk)[:, None]
-            scale = kind.native(self._prior_scale(x)[None])
-            numerator = scale + kind.scatter(x, resp, nk, means, xtx)
-            numerator = numerator + beta0 * kind.mean_deviation(means - m0)
+            m0 = prior.mean_prior.to(like) - stats.shift
+            centered_means = (beta0 * m0 + stats.sums) / (beta0 + nk)[:, None]
+            scale = kind.native(self._prior_scale(like)[None])
+            numerator = scale + kind.scatter_stats(stats, centered_means)
+            numerator = numerator + beta0 * kind.mean_deviation(centered_means - m0)
             cov = numerator / kind.map_count(nk, n, d, self.k, prior.degrees_of_freedom)
-        covariances = kind.to_full(cov, self.k, d)
-        covariances = covariances + reg_covar * _eye_like(d, x)
-        return {"weights": weights, "means": means, "covariances": covariances}
+        covariances = kind.to_full(cov, self.k, d) + reg_covar * _eye_like(d, like)
+        return {"weights": weights, "means": centered_means + stats.shift, "covariances": covariances}
 
     def _prior_scale(self, like: Tensor) -> Tensor:
         """W0^-1 as a full (D, D) matrix."""
