@@ -73,6 +73,13 @@ def _format(value: object, digits: int = 6) -> str:
     return str(value)
 
 
+def _print_rows(rows: list[list[str]]) -> None:
+    """Print rows of cells as aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .experiment import Interrupted, execute, prepare
 
@@ -98,9 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 _format(s["fit_seconds"], 3),
             ]
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    for row in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_rows(lines)
     print(outcome.path)
     return 1 if outcome.failed else 0
 
@@ -141,9 +146,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
             value = row[name]
             cells.append("-" if value is None or value != value else f"{_format(value)}{mark}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-    for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    _print_rows(lines)
     picks = ", ".join(f"{name.upper()} picks K={k}" for name, k in result.chosen.items() if k is not None)
     print(f"(* marks the chosen K) {picks}")
     print(result.path)
