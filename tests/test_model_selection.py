@@ -25,7 +25,9 @@ def test_svi_with_an_mvn_guide_reaches_the_cavi_elbo() -> None:
     init = initialize(model, x, InitConfig(), seed=0)
     vb = VB().fit(model, x, init, VBOptions(reg_covar=0.0, tol=1e-10), lambda s: None)
     svi = SVIBackend().fit(
-        model, x, init,
+        model,
+        x,
+        init,
         SVIBackendOptions(steps=800, lr=0.02, guide="mvn", elbo_particles=200, mean_samples=10),
         lambda s: None,
     )
@@ -44,16 +46,26 @@ def test_select_with_vb_picks_three_components_by_bic_and_elbo(capsys, tmp_path)
 
 
 def test_compare_reports_each_posterior_against_mcmc(capsys, tmp_path) -> None:
-    overrides = ["backends.mcmc.num_samples=150", "backends.mcmc.warmup_steps=150", "backends.svi.steps=400",
-                 "backends.svi.elbo_particles=5", "--quiet"]
-    assert main(["run", str(CONFIGS / "vb_vs_svi_vs_mcmc.yaml"), "--runs-dir", str(tmp_path), *overrides]) == 0
+    overrides = [
+        "backends.mcmc.num_samples=150",
+        "backends.mcmc.warmup_steps=150",
+        "backends.svi.steps=400",
+        "backends.svi.elbo_particles=5",
+        "--quiet",
+    ]
+    assert (
+        main(["run", str(CONFIGS / "vb_vs_svi_vs_mcmc.yaml"), "--runs-dir", str(tmp_path), *overrides]) == 0
+    )
     experiment = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["compare", str(experiment)]) == 0
     out = capsys.readouterr().out
     assert "posterior against MCMC" in out
     table = pd.read_csv(experiment / "comparison.csv").set_index("backend")
-    columns = [f"posterior_{group}_{stat}_error_vs_mcmc" for group in ("weights", "means", "covariances")
-               for stat in ("mean", "std")]
+    columns = [
+        f"posterior_{group}_{stat}_error_vs_mcmc"
+        for group in ("weights", "means", "covariances")
+        for stat in ("mean", "std")
+    ]
     for backend in ("svi", "vb"):
         errors = table.loc[backend, columns].astype(float)
         assert errors.notna().all(), backend

@@ -1,6 +1,6 @@
 """Inference backends, found by name in ``BACKENDS``; importing this package registers them all."""
 
-from . import em, map, mcmc, svi, vb
+from . import em, incremental_em, map, mcmc, online_em, svi, vb
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 
 __all__ = [
@@ -12,8 +12,10 @@ __all__ = [
     "Report",
     "StepInfo",
     "em",
+    "incremental_em",
     "map",
     "mcmc",
+    "online_em",
     "svi",
     "vb",
 ]

@@ -1,0 +1,105 @@
+"""Online EM (Cappé & Moulines 2009): stochastic approximation of the sufficient statistics.
+
+Each mini-batch of B of the N points gets an exact E-step at the current θ; running statistics
+move towards the batch's, scaled to the whole data set, by a decreasing step size:
+
+    s ← (1 - γ_t) s + γ_t (N / B) stats(batch_t),   γ_t = (t + t0)^-κ,   κ ∈ (0.5, 1],
+
+and θ = m_step(s) after every batch (MAP with a conjugate prior: the N / B scaling keeps the
+prior's weight that of the full data). γ_1 = 1: the first statistics are the initial parameters'
+on the first batch. There is no stopping rule: the fit runs its ``epochs`` and reports converged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..models.base import LatentModel, Params
+from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
+from .em import EM, EMOptions
+from .partial_em import CHUNK_ROWS, Clock, check_gaussian, combine, e_step_rows, prepare
+
+__all__ = ["OnlineEM", "OnlineEMOptions", "step_size"]
+
+
+class OnlineEMOptions(Options):
+    batch_size: int = Field(4096, ge=1)  # points per mini-batch; one M-step after each
+    epochs: int = Field(1, ge=1)  # passes over the data; one already gets most of the way
+    step_power: float = Field(0.6, gt=0.5, le=1.0)  # κ: Σ γ_t = ∞ and Σ γ_t² < ∞ need (0.5, 1]
+    step_offset: float = Field(2.0, ge=0)  # t0: damps the first steps after the warm start
+    reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
+    shuffle: bool = True  # a fresh random order each epoch (False: rows in file order)
+    eval_every: int = Field(50, ge=1)  # exact train log-likelihood every so many mini-batches
+
+
+def step_size(t: int, power: float, offset: float) -> float:
+    """γ_t for mini-batch t = 1, 2, ...: 1 for the first (a warm start), then (t + t0)^-κ."""
+    return 1.0 if t == 1 else (t + offset) ** -power
+
+
+@BACKENDS.register("online_em")
+class OnlineEM(Backend):
+    name = "online_em"
+    options = OnlineEMOptions
+
+    def check(self, model: LatentModel, options: OnlineEMOptions) -> None:
+        check_gaussian(model, self.name)
+        EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
+
+    def fit(
+        self, model: LatentModel, x: Tensor, init: Params, options: OnlineEMOptions, report: Report
+    ) -> FitResult:
+        n = x.shape[0]
+        size = min(options.batch_size, n)
+        last = options.epochs * math.ceil(n / size)
+        params = {name: value.to(x) for name, value in init.items()}
+        shift = x[:size].mean(0)  # second moments about a typical point keep their digits
+        # drawn from torch's global generator, so that pyro.set_rng_seed fixes the order
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        buffer = x.new_empty(model.feature_count(), min(CHUNK_ROWS, n))
+        stats = None
+        clock = Clock()
+        step = 0
+        for _ in range(options.epochs):
+            order = torch.randperm(n, generator=generator).to(x.device) if options.shuffle else None
+            for start in range(0, n, size):
+                step += 1
+                rows = (
+                    x[start : start + size]
+                    if order is None
+                    else x.index_select(0, order[start : start + size])
+                )
+                prepared = prepare(model, params, shift, step, self.name)
+                batch = model.new_stats(shift)
+                seen = e_step_rows(model, rows, prepared, batch, buffer)
+                scale = n / rows.shape[0]
+                gamma = step_size(step, options.step_power, options.step_offset)
+                stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * scale)
+                objective = seen.log_likelihood / rows.shape[0]
+                if model.has_prior:
+                    with clock.aside():
+                        objective += float(model.log_prior(params)) / n
+                if not math.isfinite(objective):
+                    raise FitError(
+                        f"step {step}: the objective is {objective}. Increase "
+                        f"backends.{self.name}.reg_covar or set data.standardize: true."
+                    )
+                params = model.m_step_stats(stats, options.reg_covar)
+                seconds = clock.seconds()
+                log_likelihood = None
+                if step % options.eval_every == 0 or step == last:
+                    with clock.aside():
+                        done = prepare(model, params, shift, step, self.name)
+                        log_likelihood = e_step_rows(model, x, done, None, buffer).log_likelihood / n
+                report(StepInfo(step, seconds, objective, log_likelihood))
+        return FitResult(
+            params=params,
+            n_steps=step,
+            converged=True,
+            fit_seconds=clock.seconds(),
+            point_estimate="map" if model.has_prior else "mle",
+        )
