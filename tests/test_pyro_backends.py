@@ -186,3 +186,44 @@ def test_bad_pyro_backend_options_are_config_errors(overrides, needle, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {needle}")
     assert not (tmp_path / "runs").exists()
+
+
+def test_mini_batch_losses_are_unbiased_for_the_full_loss() -> None:
+    """A subsampled data plate scales its points up to all of them: averaged over many
+    mini-batches, the loss at fixed parameters is the full-data loss."""
+    x, _, _ = _data(400, 2, 3, 3.0, 10)
+    model, init = _setup(x, "full", "conjugate")
+    sites = model.to_sites(init)
+    guide = AutoDelta(poutine.block(model.model, expose=list(sites)), init_loc_fn=init_to_value(values=sites))
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    full = elbo.loss(model.model, guide, x)
+    losses = np.array([elbo.loss(model.model, guide, x, batch_size=50) for _ in range(400)])
+    assert losses.std() > 0  # really subsampled
+    assert abs(losses.mean() - full) < 4 * losses.std() / np.sqrt(len(losses))
+
+
+@pytest.mark.parametrize("local", ["enumerate", "mean_field"])
+def test_mini_batch_svi_and_map_approach_the_full_batch_answer(local: str) -> None:
+    """With a constant learning rate mini-batch steps end in a noise ball around the optimum: they
+    close much of the gap from the (k-means) start to EM's answer, not all of it."""
+    x, _, _ = _data(2000, 2, 3, 5.0, 11)
+    model, init = _setup(x, "full", "conjugate")
+    em = EM().fit(model, x, init, EMOptions(tol=1e-10, reg_covar=0.0), lambda s: None)
+    em_ll = float(model.log_likelihood(x, em.params).mean())
+    start_gap = em_ll - float(model.log_likelihood(x, init).mean())
+    fit = MAP().fit(model, x, init, MAPOptions(steps=600, lr=0.02, tol=0.0, batch_size=200), lambda s: None)
+    svi = SVIBackend().fit(
+        model, x, init,
+        SVIBackendOptions(steps=300, lr=0.02, batch_size=200, local=local, elbo_particles=5, mean_samples=20),
+        lambda s: None,
+    )
+    for params in (fit.params, svi.params):
+        gap = abs(em_ll - float(model.log_likelihood(x, params).mean()))
+        assert gap < 1e-2 and gap < 0.5 * start_gap, (gap, start_gap)
+
+
+def test_jit_with_mini_batches_is_an_options_error() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="jit"):
+        MAPOptions(jit=True, batch_size=10)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import pyro
 import pyro.optim
-from pydantic import Field
+from pydantic import Field, model_validator
 from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
 from pyro.infer.elbo import ELBO
 from torch import Tensor
@@ -35,6 +35,16 @@ class SVIOptions(Options):
     num_particles: int = Field(1, ge=1)
     jit: bool = False  # JitTraceEnum_ELBO: faster steps after a compile
     eval_every: int = Field(50, ge=1)  # exact train log-likelihood every so many steps
+    batch_size: int | None = Field(None, ge=1)  # mini-batch SVI: points per step (null: all)
+
+    @model_validator(mode="after")
+    def _jit_needs_full_batches(self) -> SVIOptions:
+        if self.jit and self.batch_size is not None:
+            raise ValueError(
+                "jit compiles one fixed computation, but mini-batches subsample new points every "
+                "step; set jit: false or batch_size: null"
+            )
+        return self
 
 
 def make_elbo(model: LatentModel, options: SVIOptions, num_particles: int | None = None) -> ELBO:
@@ -89,11 +99,11 @@ def run_svi(
         # torch deprecates jit.trace, which JitTraceEnum_ELBO is built on; the option still works
         warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
         clock = _Clock()
-        previous = clock.aside(lambda: svi.evaluate_loss(x))
+        previous = clock.aside(lambda: svi.evaluate_loss(x, batch_size=options.batch_size))
         report(StepInfo(0, 0.0, -previous / n, clock.aside(exact_log_likelihood)))
         calm, step, converged = 0, 0, False
         for step in range(1, options.steps + 1):
-            loss = svi.step(x)
+            loss = svi.step(x, batch_size=options.batch_size)
             if not math.isfinite(loss):
                 raise FitError(
                     f"step {step}: the loss became {loss}. Lower backends.{name}.lr, try "

@@ -80,11 +80,12 @@ class SVIBackend(Backend):
         if options.local == "mean_field":
             start = torch.softmax(model.log_joint(x, init), dim=1).detach()
 
-            def guide(x: Tensor) -> None:
+            def guide(x: Tensor, batch_size: int | None = None) -> None:
                 global_guide(x)
                 probs = pyro.param("assignment_probs", start, constraint=constraints.simplex)
-                with pyro.plate("data", x.shape[0]):
-                    pyro.sample("z", dist.Categorical(probs), infer={"enumerate": "parallel"})
+                subsample = None if batch_size is None or batch_size >= x.shape[0] else batch_size
+                with pyro.plate("data", x.shape[0], subsample_size=subsample) as index:
+                    pyro.sample("z", dist.Categorical(probs[index]), infer={"enumerate": "parallel"})
 
         def median() -> Params:
             return model.from_sites(global_guide.median(x))

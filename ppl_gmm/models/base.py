@@ -41,8 +41,9 @@ class LatentModel(ABC):
         """Whether θ has a proper prior (MAP and Bayesian backends) or none (maximum likelihood)."""
 
     @abstractmethod
-    def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
-        """The Pyro model, with the assignments marked for enumeration."""
+    def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Tensor:
+        """The Pyro model, with the assignments marked for enumeration; with ``batch_size`` the data
+        plate subsamples that many points and scales their likelihood up to all of them."""
 
     @abstractmethod
     def log_joint(self, x: Tensor, params: Params) -> Tensor:

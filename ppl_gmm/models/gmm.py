@@ -490,9 +490,11 @@ class GaussianMixture(LatentModel):
         return self._type.to_full(precision, self.k, self.dim)
 
     @config_enumerate
-    def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
+    def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Tensor:
         like = x if x is not None else torch.zeros((), dtype=torch.get_default_dtype())
         n = x.shape[0] if x is not None else n
+        # mini-batches: the plate subsamples and scales the likelihood by n / batch_size
+        subsample = None if batch_size is None or n is None or batch_size >= n else batch_size
 
         # global variables
         if not self.stick_breaking:
@@ -508,7 +510,9 @@ class GaussianMixture(LatentModel):
             locs = pyro.sample("locs", self.locs_prior(full_precision))
 
         # local variables
-        with pyro.plate("data", n):
+        with pyro.plate("data", n, subsample_size=subsample) as index:
+            if x is not None and subsample is not None:
+                x = x[index]
             if self.stick_breaking:
                 z = pyro.sample("z", dist.Categorical(logits=like.new_zeros(self.k)))
                 # the components' plate dim becomes an event dim, so batch dims (particles) align
