@@ -30,16 +30,17 @@ reported.
 
 Thread settings: every implementation, ours included, is tried at each of its settings and keeps the
 fastest (column ``thr``; ``tried`` gives each setting's probe ms/iter). The choice is made before
-the timed repeats, on probes of the first ``--probe-rows`` rows (runs of 1 and 2 iterations; a
-second round for the settings within 1.5x of the best), by the slowest of each setting's probes: on
-this shared 2-core machine a 2-thread run stalls badly whenever another process takes a core, so
-one lucky probe must not pick it. And when another process kept more than ``--quiet`` cores busy
-during a timed multi-threaded run, the single-threaded setting is timed right after it and the
-faster of the two counts for that repeat (``thr`` then lists both, e.g. ``2/1``; CSV column
-``used``). Before each timed run the script waits (at most ``--max-wait`` s) for other processes to
-go quiet, and records how many cores they kept busy (``other_cores_max``, column ``busy``) and the
-minor page faults per iteration (``minflt_per_iter``, from ``getrusage``; for array-API mode, its own
-process's). Where N >= ``--large``, ``--iters-large`` and ``--repeats-large`` apply.
+the timed repeats, on probes of the first ``--probe-rows`` rows (runs of 1 and 2 iterations, each
+the faster of at least two; a second round for the settings within 1.5x of the best), by the slowest
+of each setting's probes: on this shared 2-core machine a 2-thread run stalls badly whenever another
+process takes a core, so one lucky probe must not pick it. And when another process kept more than
+``--quiet`` cores busy during a timed multi-threaded run, the single-threaded setting is timed right
+after it and the faster of the two counts for that repeat (``thr`` then lists both, e.g. ``2/1``;
+CSV column ``used``). Before each timed run the script waits (at most ``--max-wait`` s) for other
+processes to go quiet, and records how many cores they kept busy (``other_cores_max``, column
+``busy``) and the minor page faults per iteration (``minflt_per_iter``, from ``getrusage``; for
+array-API mode, its own process's). Where N >= ``--large``, ``--iters-large`` and
+``--repeats-large`` apply.
 
 The GEMM floor is 4·N·K·D² flops (E-step quadratic forms and M-step outer products) at the rate of a
 plain 1024×1024×1024 ``torch.mm`` in that dtype, measured on the spot: at start-up and again before
@@ -48,9 +49,11 @@ is used. (The rates of the EM-shaped GEMMs, (4096, D) @ (D, K·D) and (K·D, 409
 written to the CSV for reference; at small D they are far below the peak.) Full covariances only.
 
 Peak memory of ours is measured in a fresh process per configuration (``--worker memory``): it
-imports what a fit needs, records ``ru_maxrss`` ("after imports"), loads the data from a .npy file
-in the configuration's dtype, runs ``EM`` for A iterations at the chosen thread setting and records
-``ru_maxrss`` again ("peak"); ``peak_ratio`` = peak / (after imports + data size).
+imports what a fit needs, records its peak resident memory ("after imports"), loads the data from a
+.npy file in the configuration's dtype, runs ``EM`` for A iterations at the chosen thread setting
+and records the peak again ("peak"); ``peak_ratio`` = peak / (after imports + data size). The peak
+is VmHWM from /proc/self/status, not ``getrusage().ru_maxrss``, which Linux carries over fork and
+exec (the worker would report this process's peak, ~2.7 GB after generating the 1M data set).
 
     .venv/bin/python -m benchmarks.em_vs_peers            # 10k,2,3  100k,8,8  1M,16,16
     .venv/bin/python -m benchmarks.em_vs_peers --quick    # 10k,2,3  100k,8,8
@@ -168,12 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--iters-large",
         type=int,
         nargs=2,
-        default=(2, 5),
+        default=(1, 3),
         metavar=("A", "B"),
-        help="run lengths where N >= --large (default 2 5)",
+        help="run lengths where N >= --large (default 1 3)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
-    parser.add_argument("--repeats-large", type=int, default=1, help="repeats where N >= --large (default 1)")
+    parser.add_argument("--repeats-large", type=int, default=2, help="repeats where N >= --large (default 2)")
     parser.add_argument("--large", type=int, default=1_000_000, help="what N counts as large (default 1e6)")
     parser.add_argument(
         "--probe-rows",
@@ -293,7 +296,17 @@ def measure(fn: Callable[[], Any]) -> tuple[Measured, Any]:
     return Measured(seconds, ru1.ru_minflt - ru0.ru_minflt, other), result
 
 
-def maxrss_mb() -> float:
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image: VmHWM from /proc/self/status. Not
+    ``getrusage().ru_maxrss``: Linux carries that over fork and exec, so a worker started by this
+    (large) process would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -467,7 +480,7 @@ def _memory_worker(job_path: str) -> int:
     """Peak memory of one EM fit in a fresh process (see the module docs)."""
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
-    after_imports = maxrss_mb()
+    after_imports = peak_rss_mb()
     x = torch.from_numpy(np.load(job["data"]))
     data_mb = x.numel() * x.element_size() / 2**20
     init = {
@@ -476,7 +489,7 @@ def _memory_worker(job_path: str) -> int:
     model = GaussianMixture(job["k"], x.shape[1], job["covariance"], None)
     options = EMOptions(max_iter=job["iters"], tol=0.0, reg_covar=REG_COVAR)
     EM().fit(model, x, init, options, report=lambda info: None)
-    peak = maxrss_mb()
+    peak = peak_rss_mb()
     result = {"rss_after_imports_mb": after_imports, "data_mb": data_mb, "peak_rss_mb": peak}
     print(json.dumps({**result, "peak_ratio": peak / (after_imports + data_mb)}))
     return 0
@@ -589,10 +602,10 @@ def choose_threads(c: Contender, args, rows: int) -> list[dict]:
     is the setting whose slower probe is the fastest: on a shared machine a multi-threaded run can
     stall badly when another process takes a core, and one lucky probe must not pick a setting that
     usually stalls."""
-    first = [time_pair(c, *PROBE_ITERS, t, False, args, rows=rows) for t in c.threads]
+    first = [time_pair(c, *PROBE_ITERS, t, False, args, rows=rows, min_runs=2) for t in c.threads]
     best = min(p["seconds_a"] + p["seconds_b"] for p in first)
     second = [
-        time_pair(c, *PROBE_ITERS, p["threads"], False, args, rows=rows)
+        time_pair(c, *PROBE_ITERS, p["threads"], False, args, rows=rows, min_runs=2)
         for p in first
         if p["seconds_a"] + p["seconds_b"] <= 1.5 * best
     ]
@@ -607,7 +620,9 @@ def choose_threads(c: Contender, args, rows: int) -> list[dict]:
     return probes
 
 
-def time_pair(c: Contender, a: int, b: int, threads: int, flip: bool, args, rows: int | None = None) -> dict:
+def time_pair(
+    c: Contender, a: int, b: int, threads: int, flip: bool, args, rows: int | None = None, min_runs: int = 1
+) -> dict:
     """Runs of A and B iterations (B first when ``flip``). A run shorter than ``--min-run-time`` is
     repeated until that much time is spent (at most 10 runs) and its fastest time kept: preemption
     only ever adds time, so the minimum of a few short runs is robust where one run is not. The
@@ -618,7 +633,7 @@ def time_pair(c: Contender, a: int, b: int, threads: int, flip: bool, args, rows
         spent, best, count[n_it] = 0.0, None, 0
         gc.collect()  # fast: the objects of the imports are frozen (see main)
         wait_until_quiet(args.quiet, args.max_wait)
-        while count[n_it] < 10 and (best is None or spent < args.min_run_time):
+        while count[n_it] < 10 and (count[n_it] < min_runs or spent < args.min_run_time):
             want = rows is None and c.ll is None and n_it == b
             measured, ll = c.run(n_it, threads, want, rows)
             if want:
