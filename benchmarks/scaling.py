@@ -86,7 +86,7 @@ import numpy as np
 import torch
 
 from ppl_gmm.backends.base import StepInfo
-from ppl_gmm.backends.em import EM, EMOptions
+from ppl_gmm.backends.em import EM, EMOptions, block_rows_for
 from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions
 from ppl_gmm.config import InitConfig, ModelConfig
 from ppl_gmm.data import make_synthetic
@@ -99,7 +99,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 GEN_CHUNK = 65_536  # rows drawn at a time
 INIT_ROWS = 20_000  # k-means++ runs on this many rows
 SMALLEST_N = 10_000
-BLOCK_ROWS = EMOptions().block_rows
 
 
 # ---- arguments ------------------------------------------------------------------------------
@@ -566,7 +565,9 @@ def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dic
     item = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     features = d * (d + 1) // 2
     # per block: the centered rows and their transpose, the features, the log-joint/responsibilities
-    block_mb = BLOCK_ROWS * (2 * d + features + 2 * k) * item / 2**20
+    model = GaussianMixture(k, d, "full", None)
+    block_rows = block_rows_for(model, torch.empty(0, d, dtype=DTYPES[args.dtype]))
+    block_mb = block_rows * (2 * d + features + 2 * k) * item / 2**20
     print(
         f"\nPart 1: ms per batch-EM iteration ({case.label}, {args.dtype}), "
         f"{args.repeats} A/B repeats per size, "
@@ -643,7 +644,7 @@ def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dic
         "size; CPU ms/it: the same in process CPU time, which other processes' load distorts less; "
         "before EM: RSS with the data drawn (imports + data); EM peak: ru_maxrss over the EM runs, its mark "
         "reset once the data were drawn; extra = EM peak - before EM: what EM added, against "
-        f"~{block_mb:.1f} MB of temporaries per {BLOCK_ROWS}-row block; proc peak: ru_maxrss of the whole "
+        f"~{block_mb:.1f} MB of temporaries per {block_rows}-row block; proc peak: ru_maxrss of the whole "
         "process, drawing the data included; other: most cores other processes kept busy during a timed run)"
     )
 

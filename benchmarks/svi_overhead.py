@@ -121,9 +121,7 @@ def run_ours(
 def run_bare(model: GaussianMixture, x: Tensor, init: Params, steps: int) -> tuple[list[float], Params]:
     pyro.clear_param_store()
     sites = model.to_sites(init)
-    guide = AutoDelta(
-        poutine.block(model.model, expose=list(sites)), init_loc_fn=init_to_value(values=sites)
-    )
+    guide = AutoDelta(poutine.block(model.model, expose=list(sites)), init_loc_fn=init_to_value(values=sites))
     svi = SVI(model.model, guide, pyro.optim.Adam({"lr": LR}), TraceEnum_ELBO(max_plate_nesting=1))
     losses = []
     for _ in range(steps):

@@ -213,7 +213,9 @@ def test_mini_batch_svi_and_map_approach_the_full_batch_answer(local: str) -> No
     start_gap = em_ll - float(model.log_likelihood(x, init).mean())
     fit = MAP().fit(model, x, init, MAPOptions(steps=600, lr=0.02, tol=0.0, batch_size=200), lambda s: None)
     svi = SVIBackend().fit(
-        model, x, init,
+        model,
+        x,
+        init,
         SVIBackendOptions(steps=300, lr=0.02, batch_size=200, local=local, elbo_particles=5, mean_samples=20),
         lambda s: None,
     )

@@ -138,6 +138,5 @@ def _sum(model: LatentModel, stats: list[SufficientStats]) -> SufficientStats:
     """The blocks' statistics added up, in new tensors."""
     total = model.new_stats(stats[0].shift)
     for block in stats:
-        for mine, theirs in zip(total[1:], block[1:], strict=True):
-            mine.add_(theirs)
+        model.add_stats(total, block)
     return total

@@ -89,6 +89,10 @@ class LatentModel(ABC):
         """Add centered points xt (D, B) with responsibilities resp (K, B) to ``stats`` in place."""
 
     @abstractmethod
+    def add_stats(self, stats: Any, other: Any) -> None:
+        """Add the statistics ``other`` (about the same shift) to ``stats`` in place."""
+
+    @abstractmethod
     def m_step_stats(self, stats: Any, reg_covar: float, use_prior: bool = True) -> Params:
         """``m_step`` from accumulated statistics."""
 

@@ -574,6 +574,10 @@ class GaussianMixture(LatentModel):
         stats.sums.addmm_(resp, xt.T)
         self._type.accumulate(stats.second, features, resp)
 
+    def add_stats(self, stats: SufficientStats, other: SufficientStats) -> None:
+        for mine, theirs in zip(stats[1:], other[1:], strict=True):
+            mine.add_(theirs)
+
     def log_prior(self, params: Params) -> Tensor:
         weights = params["weights"]
         if self.prior is None:
