@@ -74,6 +74,9 @@ class InitConfig(_Strict):
     run: str | None = None  # from_run: an experiment or backend directory
     kmeans_iter: int = Field(100, ge=1)  # kmeans: at most this many Lloyd iterations
     reg_covar: float = Field(1e-6, ge=0)  # added to initial covariance diagonals
+    # seeding sees at most this many train rows (a seeded random subset), so that its O(N × K)
+    # temporaries stay bounded on huge or memory-mapped data; all rows when N is smaller
+    max_rows: int = Field(1_000_000, ge=2)
 
 
 class Config(_Strict):

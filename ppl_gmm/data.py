@@ -58,8 +58,15 @@ class Dataset:
         }
 
 
+HASH_ROWS = 1 << 16  # rows hashed (and checked) at a time: no full-size temporaries
+
+
 def sha256_of(x: Tensor) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x.numpy(), dtype=np.float64).tobytes()).hexdigest()
+    """SHA-256 of the data as C-ordered float64 bytes, computed a chunk of rows at a time."""
+    digest = hashlib.sha256()
+    for rows in x.split(HASH_ROWS):
+        digest.update(np.ascontiguousarray(rows.numpy(), dtype=np.float64).data)
+    return digest.hexdigest()
 
 
 def make_synthetic(
@@ -157,7 +164,9 @@ def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
     if cfg.label_column is not None:
         raise UserError("data.label_column: only CSV files have named columns; set it to null.")
     try:
-        array = np.load(path, allow_pickle=False, mmap_mode="r")
+        # copy-on-write map: a file larger than memory is paged in as it is read, and the
+        # array is writable for torch without ever writing to the file
+        array = np.load(path, allow_pickle=False, mmap_mode="c")
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read as a .npy array ({exc}).") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
@@ -200,7 +209,8 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
             "training; at least 2 are needed. Lower data.test_fraction or use more data."
         )
     train_idx, test_idx = np.sort(order[:n_train]), np.sort(order[n_train:])
-    train, test = x[train_idx], (x[test_idx] if n_test else None)
+    # without a test split the train rows are all rows in order: a memory-mapped file stays mapped
+    train, test = (x[train_idx], x[test_idx]) if n_test else (x, None)
     if cfg.standardize:
         center, scale = train.mean(axis=0), train.std(axis=0)
         constant = np.flatnonzero(scale == 0)
@@ -225,10 +235,16 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
 def _check_values(x: np.ndarray, where: object) -> None:
     if x.shape[0] < 2:
         raise UserError(f"{where}: has {x.shape[0]} point(s); at least 2 are needed.")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
+    count, first = 0, None
+    for start in range(0, x.shape[0], HASH_ROWS):
+        bad = ~np.isfinite(x[start : start + HASH_ROWS])
+        if bad.any():
+            count += int(bad.sum())
+            if first is None:
+                row, col = np.argwhere(bad)[0]
+                first = (start + row, col)
+    if first is not None:
         raise UserError(
-            f"{where}: {int(bad.sum())} value(s) are NaN or infinite (first at row {row}, "
-            f"column {col}). Remove or impute them."
+            f"{where}: {count} value(s) are NaN or infinite (first at row {first[0]}, "
+            f"column {first[1]}). Remove or impute them."
         )

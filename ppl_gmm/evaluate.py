@@ -25,6 +25,9 @@ __all__ = [
 ]
 
 
+SCORE_ROWS = 1 << 16  # rows scored at a time
+
+
 def _cpu64(params: Params) -> dict[str, Tensor]:
     return {name: value.detach().to("cpu", torch.float64) for name, value in params.items()}
 
@@ -40,17 +43,23 @@ def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float 
     probable assignments against the true labels when the data have them."""
     params = _cpu64(params)
     n = data.train.shape[0]
-    log_joint = model.log_joint(data.train, params)
-    train = float(torch.logsumexp(log_joint, dim=1).mean())
+    total = entropy = 0.0
+    predicted = []
+    for rows in data.train.split(SCORE_ROWS):  # O(rows × K) memory, whatever N is
+        log_joint = model.log_joint(rows.to(torch.float64), params)
+        log_norm = torch.logsumexp(log_joint, dim=1, keepdim=True)
+        total += float(log_norm.sum())
+        log_resp = log_joint - log_norm
+        entropy += float(-(log_resp.exp() * log_resp).nan_to_num().sum())
+        if data.train_labels is not None:
+            predicted.append(torch.argmax(log_joint, dim=1).numpy())
+    train = total / n
     test = None if data.test is None else mean_log_likelihood(model, data.test, params)
     n_params = model.n_params()
-    log_resp = log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)
-    entropy = float(-(log_resp.exp() * log_resp).nan_to_num().sum())
     ari = nmi = None
     if data.train_labels is not None and math.isfinite(train):
-        predicted = torch.argmax(log_joint, dim=1).numpy()
-        ari = float(adjusted_rand_score(data.train_labels, predicted))
-        nmi = float(normalized_mutual_info_score(data.train_labels, predicted))
+        ari = float(adjusted_rand_score(data.train_labels, np.concatenate(predicted)))
+        nmi = float(normalized_mutual_info_score(data.train_labels, np.concatenate(predicted)))
     return {
         "train_log_likelihood": train,
         "test_log_likelihood": test,

@@ -106,6 +106,10 @@ def initialize(model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restar
         return {name: value.to(x.device) for name, value in params.items()}
     state = np.random.SeedSequence([seed, 2, restart]).generate_state(1, np.uint64)[0]
     generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
+    if x.shape[0] > cfg.max_rows:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 3, restart]))
+        keep = np.sort(rng.choice(x.shape[0], cfg.max_rows, replace=False))
+        x = x[torch.from_numpy(keep).to(x.device)]
     x64 = x.to(torch.float64)
     if cfg.method == "random_from_data":
         index = torch.randperm(x64.shape[0], generator=generator)[: model.k].to(x.device)

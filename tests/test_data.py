@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -46,6 +49,35 @@ def test_npy_file(tmp_path) -> None:
     both = np.sort(np.concatenate([data.train.numpy(), data.test.numpy()]), axis=0)
     np.testing.assert_array_equal(both, array.astype(np.float64))
     assert not data.has_labels
+
+
+def _rss_anon_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_npy_without_a_split_stays_memory_mapped(tmp_path) -> None:
+    """A float64 .npy with no test split and no standardizing is read through a memory map, never
+    copied: loading, checking and hashing 160 MB of it adds almost no private memory."""
+    path = tmp_path / "big.npy"
+    rows = np.random.default_rng(0).normal(size=(1 << 16, 8))
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(20 * rows.shape[0], 8))
+    for i in range(20):
+        out[i * rows.shape[0] : (i + 1) * rows.shape[0]] = rows + i
+    out.flush()
+    del out
+    before = _rss_anon_mb()
+    data = load_data(DataConfig(source="npy", path=str(path), test_fraction=0), 0)
+    digest = data.describe()["sha256"]
+    grown = _rss_anon_mb() - before
+    assert data.train.shape == (20 * rows.shape[0], 8) and data.train.dtype == torch.float64
+    assert grown < 40, f"loading added {grown:.0f} MB of private memory for a 160 MB file"
+    expected = np.concatenate([rows + i for i in range(20)])
+    assert torch.equal(data.train[-5:], torch.from_numpy(expected[-5:]))
+    assert digest == hashlib.sha256(expected.tobytes()).hexdigest()
+    assert np.load(path, mmap_mode="r")[0, 0] == rows[0, 0]  # the file itself is untouched
 
 
 @pytest.mark.parametrize(

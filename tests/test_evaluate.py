@@ -8,14 +8,18 @@ import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
+from ppl_gmm import evaluate
 from ppl_gmm.config import ModelConfig
 from ppl_gmm.data import Dataset
 from ppl_gmm.evaluate import match_components, score
 from ppl_gmm.models.gmm import GaussianMixture
 
 
+@pytest.mark.parametrize("block", [None, 37], ids=["one-block", "blocks-of-37"])
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
-def test_scores_match_scikit_learn(covariance: str, blobs) -> None:
+def test_scores_match_scikit_learn(covariance: str, block: int | None, blobs, monkeypatch) -> None:
+    if block is not None:
+        monkeypatch.setattr(evaluate, "SCORE_ROWS", block)
     x, labels, _ = blobs
     train, test = x[:1000].numpy(), x[1000:].numpy()
     reference = SkGaussianMixture(4, covariance_type=covariance, random_state=0).fit(train)

@@ -66,3 +66,19 @@ def test_kmeans_init_equals_hard_assignment_statistics(blobs) -> None:
         np.testing.assert_allclose(params["means"][k].numpy(), members.mean(0), atol=1e-10)
         np.testing.assert_allclose(params["covariances"][k].numpy(), np.cov(members.T, bias=True), atol=1e-10)
         assert abs(float(params["weights"][k]) - len(members) / len(x)) < 1e-12
+
+
+def test_seeding_on_a_row_subset_uses_only_those_rows(blobs) -> None:
+    """With more rows than init.max_rows, k-means sees a seeded random subset: its statistics are
+    those of that subset's hard assignments, not of all rows."""
+    x = blobs[0]
+    model = GaussianMixture.from_config(ModelConfig(k=4), x)
+    cfg = InitConfig(method="kmeans", reg_covar=0.0, max_rows=300)
+    params = initialize(model, x, cfg, seed=3)
+    assert torch.equal(params["means"], initialize(model, x, cfg, seed=3)["means"])
+    labels = torch.argmin(torch.cdist(x, params["means"]), dim=1)
+    counts = torch.bincount(labels, minlength=4)
+    assert counts.sum() == len(x) > 300
+    weights = params["weights"] * 300  # counts within the subset: whole numbers summing to 300
+    torch.testing.assert_close(weights, weights.round(), rtol=0, atol=1e-9)
+    assert not torch.equal(weights.round(), counts.to(weights))
