@@ -182,10 +182,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--online",
         type=_online_setting,
         nargs="+",
-        default=[(4096, 0.6), (16384, 0.7), (16384, 0.9), (65536, 0.7), (65536, 0.9)],
+        default=[
+            (OnlineEMOptions().batch_size, OnlineEMOptions().step_power),
+            (4096, 0.6),
+            (16384, 0.7),
+            (16384, 0.9),
+            (65536, 0.7),
+        ],
         metavar="B:KAPPA",
-        help="online EM settings, batch_size:step_power (default 4096:0.6, the backend's "
-        "default, and 16384:0.7 16384:0.9 65536:0.7 65536:0.9)",
+        help="online EM settings, batch_size:step_power (default: the backend's default "
+        f"{OnlineEMOptions().batch_size}:{OnlineEMOptions().step_power:g}, and 4096:0.6 16384:0.7 "
+        "16384:0.9 65536:0.7)",
     )
     parser.add_argument(
         "--step-offset", type=float, default=2.0, help="online EM t0 (default 2, its default)"
