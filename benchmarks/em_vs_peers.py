@@ -86,7 +86,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,6 +96,8 @@ from ppl_gmm.config import InitConfig
 from ppl_gmm.data import make_synthetic
 from ppl_gmm.init import initialize
 from ppl_gmm.models.gmm import GaussianMixture
+
+from ._common import Measured, measure, wait_until_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "em_vs_peers.csv"
@@ -247,52 +249,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- measuring ------------------------------------------------------------------------------
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (None where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / _TICKS
-
-
-def wait_until_quiet(threshold: float, max_wait: float, sample: float = 0.1) -> None:
-    """Sleep until other processes keep fewer than ``threshold`` cores busy, at most ``max_wait`` s.
-    The pause also lets the worker threads of the previous run stop spinning."""
-    began = time.perf_counter()
-    while True:
-        before = _busy_seconds()
-        if before is None:
-            return
-        time.sleep(sample)
-        busy = (_busy_seconds() - before) / sample
-        if busy < threshold or time.perf_counter() - began >= max_wait:
-            return
-
-
-class Measured(NamedTuple):
-    seconds: float
-    minflt: int  # minor page faults of this process during the run
-    other_cores: float  # cores other processes kept busy during the run (NaN where unknown)
-
-
-def measure(fn: Callable[[], Any]) -> tuple[Measured, Any]:
-    ru0, busy0, cpu0 = resource.getrusage(resource.RUSAGE_SELF), _busy_seconds(), time.process_time()
-    began = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - began
-    ru1, busy1, cpu1 = resource.getrusage(resource.RUSAGE_SELF), _busy_seconds(), time.process_time()
-    other = math.nan
-    if busy0 is not None and busy1 is not None:
-        # clock ticks are 10 ms: meaningless for very short runs, so clamped to the machine's size
-        other = min(max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / seconds, float(os.cpu_count() or 1))
-    return Measured(seconds, ru1.ru_minflt - ru0.ru_minflt, other), result
 
 
 def peak_rss_mb() -> float:
@@ -875,7 +831,7 @@ def _contenders(
                     score=want,
                     rows=rows,
                 )
-                return Measured(reply["seconds"], reply["minflt"], reply["other_cores"]), reply["ll"]
+                return Measured(**{key: reply[key] for key in Measured._fields}), reply["ll"]
 
             out.append(
                 Contender(

@@ -93,6 +93,8 @@ from ppl_gmm.data import make_synthetic
 from ppl_gmm.init import initialize
 from ppl_gmm.models.gmm import GaussianMixture
 
+from ._common import measure, wait_until_quiet
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.csv"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -320,32 +322,6 @@ def make_init(case: Case) -> tuple[dict[str, torch.Tensor], int]:
 
 # ---- measuring on a shared machine ----------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (None where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / _TICKS
-
-
-def wait_until_quiet(threshold: float, max_wait: float, sample: float = 0.25) -> float:
-    began = time.perf_counter()
-    while True:
-        before = _busy_seconds()
-        if before is None:
-            return 0.0
-        time.sleep(sample)
-        busy = (_busy_seconds() - before) / sample
-        waited = time.perf_counter() - began
-        if busy < threshold or waited >= max_wait:
-            return waited
-
 
 def maxrss_mb() -> float:
     """The process's peak resident memory so far (MiB)."""
@@ -377,21 +353,13 @@ def timed(fn: Callable[[], Any], quiet: float, max_wait: float) -> tuple[dict[st
     busy meanwhile, and the minor page faults it took."""
     gc.collect()
     wait_until_quiet(quiet, max_wait)
-    ru0, busy0, cpu0 = resource.getrusage(resource.RUSAGE_SELF), _busy_seconds(), time.process_time()
-    began = time.perf_counter()
-    value = fn()
-    seconds = time.perf_counter() - began
-    ru1, busy1, cpu1 = resource.getrusage(resource.RUSAGE_SELF), _busy_seconds(), time.process_time()
-    other = math.nan
-    if busy0 is not None and busy1 is not None:
-        other = max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / seconds
-    measured = {
-        "seconds": seconds,
-        "cpu_seconds": cpu1 - cpu0,
-        "other_cores": other,
-        "minflt": float(ru1.ru_minflt - ru0.ru_minflt),
-    }
-    return measured, value
+    measured, value = measure(fn)
+    return {
+        "seconds": measured.seconds,
+        "cpu_seconds": measured.cpu_seconds,
+        "other_cores": measured.other_cores,
+        "minflt": float(measured.minflt),
+    }, value
 
 
 # ---- workers (fresh processes) --------------------------------------------------------------

@@ -28,10 +28,8 @@ import argparse
 import datetime as dt
 import gc
 import math
-import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -54,6 +52,8 @@ from ppl_gmm.init import initialize
 from ppl_gmm.models.base import LatentModel, Params
 from ppl_gmm.models.gmm import GaussianMixture
 from ppl_gmm.runs import write_csv
+
+from ._common import measure, wait_until_quiet
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "svi_overhead.csv"
 LR = 0.05  # MAPOptions' default; the bare loop uses the same
@@ -129,39 +129,7 @@ def run_bare(model: GaussianMixture, x: Tensor, init: Params, steps: int) -> tup
     return losses, model.from_sites({k: v.detach() for k, v in guide.median(x).items()})
 
 
-# ---- timing on a shared machine ----------------------------------------------------------
-#
-# Other processes on a small machine distort the timings badly (torch's worker threads spin while
-# they wait for each other, so a busy core can slow a step tenfold). So each timed run waits until
-# the machine is quiet, and records how many cores other processes kept busy while it ran.
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (None where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / _TICKS  # guest time is already counted in user
-
-
-def wait_until_quiet(threshold: float, max_wait: float, sample: float = 0.5) -> float:
-    """Sleep until other processes keep fewer than ``threshold`` cores busy (or ``max_wait``
-    seconds pass); returns the seconds waited."""
-    began = time.perf_counter()
-    while True:
-        before = _busy_seconds()
-        if before is None:
-            return 0.0
-        time.sleep(sample)
-        busy = (_busy_seconds() - before) / sample  # we are asleep: this is everyone else
-        waited = time.perf_counter() - began
-        if busy < threshold or waited >= max_wait:
-            return waited
+# ---- timing on a shared machine (see benchmarks/_common.py) ------------------------------------
 
 
 class Timing(NamedTuple):
@@ -171,15 +139,9 @@ class Timing(NamedTuple):
 
 def timed(fn: Callable[[], object], quiet: float, max_wait: float) -> Timing:
     gc.collect()
-    wait_until_quiet(quiet, max_wait)
-    busy0, cpu0 = _busy_seconds(), time.process_time()
-    began = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - began
-    busy1, cpu1 = _busy_seconds(), time.process_time()
-    if busy0 is None or busy1 is None:
-        return Timing(seconds, math.nan)
-    return Timing(seconds, max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / seconds)
+    wait_until_quiet(quiet, max_wait, sample=0.5)
+    measured, _ = measure(fn)
+    return Timing(measured.seconds, measured.other_cores)
 
 
 def _nanmax(values: Iterable[float]) -> float:
