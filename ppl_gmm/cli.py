@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -214,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as exc:
+        if os.environ.get("PPL_GMM_DEBUG") == "1":
+            traceback.print_exc()
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -32,9 +32,11 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     source: str = "synthetic"  # synthetic | csv | npy | a built-in data set name
-    n: int = Field(2000, ge=2)  # synthetic: number of points (train + test)
-    dim: int = Field(2, ge=1)
-    k: int = Field(3, ge=1)  # synthetic: true number of components
+    # synthetic sizes: within these bounds numpy's arrays (N × D × D at most) stay representable,
+    # so an oversized draw runs out of memory (a clear error) instead of overflowing an index
+    n: int = Field(2000, ge=2, le=10**10)  # synthetic: number of points (train + test)
+    dim: int = Field(2, ge=1, le=10**4)
+    k: int = Field(3, ge=1, le=10**4)  # synthetic: true number of components
     separation: float = Field(4.0, gt=0, le=1e6)  # synthetic: minimal distance between true means
     path: str | None = None  # csv / npy: the file
     label_column: str | None = None  # csv: true labels, kept out of the features
@@ -70,7 +72,7 @@ class ModelConfig(_Strict):
 
 class InitConfig(_Strict):
     method: Literal["kmeans", "kmeans++", "random_from_data", "from_run"] = "kmeans++"
-    n_init: int = Field(1, ge=1)  # restarts; each backend keeps its best by train log-likelihood
+    n_init: int = Field(1, ge=1, le=1000)  # restarts; each backend keeps its best by train log-likelihood
     run: str | None = None  # from_run: an experiment or backend directory
     kmeans_iter: int = Field(100, ge=1)  # kmeans: at most this many Lloyd iterations
     reg_covar: float = Field(1e-6, ge=0)  # added to initial covariance diagonals

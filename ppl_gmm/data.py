@@ -110,7 +110,7 @@ def _read_builtin_sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarra
 def _read_old_faithful() -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     with resources.files("ppl_gmm.datasets").joinpath("old_faithful.csv").open("r") as handle:
         frame = pd.read_csv(handle)
-    return frame.to_numpy(dtype=np.float64), None, list(frame.columns)
+    return frame.to_numpy(dtype=np.float64, copy=True), None, list(frame.columns)
 
 
 BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]] = {
@@ -156,7 +156,8 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
             raise UserError(
                 f"{path}: column {name!r} is not numeric. Drop it, or name it in data.label_column."
             )
-    return frame.to_numpy(dtype=np.float64), labels, [str(c) for c in frame.columns]
+    # a writable copy: pandas hands out read-only views, which torch warns about
+    return frame.to_numpy(dtype=np.float64, copy=True), labels, [str(c) for c in frame.columns]
 
 
 def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -175,6 +176,8 @@ def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
         array = array[:, None]
     if array.ndim != 2:
         raise UserError(f"{path}: expected a 2-D array (points × features), but found shape {array.shape}.")
+    if array.shape[1] == 0:
+        raise UserError(f"{path}: no feature columns (shape {array.shape}).")
     return np.asarray(array, dtype=np.float64), None, [f"x{j}" for j in range(array.shape[1])]
 
 
@@ -212,7 +215,10 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
     # without a test split the train rows are all rows in order: a memory-mapped file stays mapped
     train, test = (x[train_idx], x[test_idx]) if n_test else (x, None)
     if cfg.standardize:
-        center, scale = train.mean(axis=0), train.std(axis=0)
+        # moments of x / max|x|, scaled back: values near the float64 limit do not overflow
+        top = np.abs(train).max(axis=0)
+        top[top == 0] = 1.0
+        center, scale = top * (train / top).mean(axis=0), top * (train / top).std(axis=0)
         constant = np.flatnonzero(scale == 0)
         if constant.size:
             raise UserError(

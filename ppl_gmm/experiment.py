@@ -7,6 +7,7 @@ an interruption records the running backend as ``interrupted`` and keeps everyth
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .backends import BACKENDS, Backend, FitResult, Options, StepInfo
+from .backends.base import one_line
 from .config import Config, dump_config, format_validation_error
 from .data import Dataset, load_data
 from .errors import UserError
@@ -143,16 +145,39 @@ def prepare(cfg: Config) -> Plan:
         # the first use of torch's linear algebra and distributions initializes them lazily:
         # done here, it is not charged to the first backend's timings
         model.log_likelihood(x[:2].to(torch.float64), inits[0])
-        model.log_prior(inits[0])
+        log_prior = float(model.log_prior(inits[0]))
     except (torch.linalg.LinAlgError, ValueError) as exc:
         raise UserError(
-            f"init: the initial parameters cannot be scored ({' '.join(str(exc).split())}). "
+            f"init: the initial parameters cannot be scored ({one_line(exc)}). "
             "Raise init.reg_covar or set data.standardize: true."
         ) from None
+    if not math.isfinite(log_prior):
+        raise UserError(
+            f"model.hyperparameters: the prior's log density at the initial parameters is {log_prior}, "
+            "so no backend can start: the hyperparameters are too extreme for float64. Bring them "
+            "nearer the data's scale, or leave them null for the data-based defaults."
+        )
+    if dtype != torch.float64:
+        try:  # what float64 holds may round to a singular covariance or prior scale
+            narrow = {name: value.to(device, dtype) for name, value in inits[0].items()}
+            model.log_likelihood(x[:2].to(dtype), narrow)
+            model.log_prior(narrow)
+        except (torch.linalg.LinAlgError, ValueError) as exc:
+            raise UserError(
+                f"dtype: in {cfg.dtype} the initial parameters or the prior cannot be scored "
+                f"({one_line(exc)}); the data are too ill-conditioned for it. Use dtype: "
+                "float64, or set data.standardize: true."
+            ) from None
     resolved = cfg.model_copy(
         update={"backends": {name: options.model_dump(mode="json") for name, _, options in backends}}
     )
     return Plan(resolved, data, model, backends, inits, device, dtype)
+
+
+def _pyro_seed(seed: int, restart: int) -> int:
+    """The seed of Pyro's (and torch's, numpy's) global generators for one restart: derived from
+    the config's seed as the data's and the inits' are, and within the 32 bits numpy accepts."""
+    return int(np.random.SeedSequence([seed, 4, restart]).generate_state(1)[0])
 
 
 def _versions() -> dict[str, str]:
@@ -269,7 +294,7 @@ def _run_backend(
     try:
         for restart, init in enumerate(plan.inits):
             pyro.clear_param_store()
-            pyro.set_rng_seed(plan.config.seed + restart)
+            pyro.set_rng_seed(_pyro_seed(plan.config.seed, restart))
             started = time.perf_counter()
 
             def report(info: StepInfo, restart: int = restart) -> None:

@@ -533,3 +533,14 @@ def test_unknown_flag_after_overrides(work: Path, capsys: pytest.CaptureFixture[
         work, ["run", "inputs/tiny.yaml", "--quiet", "model.k=2", "--bogus"], ["--bogus"], capsys
     )
     assert "unrecognized" in line
+
+
+def test_debug_shows_the_traceback(
+    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PPL_GMM_DEBUG", "1")
+    rc, out, err = _run(["run", "inputs/tiny.yaml", "model.k=0", "--runs-dir", "runs"], capsys)
+    assert rc == 2 and out == ""
+    assert "Traceback" in err and "UserError" in err
+    assert err.splitlines()[-1].startswith("error: model.k"), err
+    assert not (work / "runs").exists()

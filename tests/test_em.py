@@ -82,8 +82,18 @@ def test_em_objective_never_decreases(seed, n, dim, k, covariance, prior) -> Non
     model = GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance, prior=prior), x)
     init = initialize(model, x, InitConfig(method="kmeans++", reg_covar=1e-3), seed=seed)
     steps: list = []
+    # a re-seeded component may lower the objective: the steps whose parameters had one
+    reseeded: list[int] = []
+    reseed = model.reseed
+
+    def watched_reseed(params, components, x):
+        reseeded.extend([len(steps)] * len(components))
+        return reseed(params, components, x)
+
+    model.reseed = watched_reseed
     try:
-        EM().fit(model, x, init, EMOptions(max_iter=40, tol=0.0, reg_covar=0.0), steps.append)
+        result = EM().fit(model, x, init, EMOptions(max_iter=40, tol=0.0, reg_covar=0.0), steps.append)
+        assert result.extras == {"reseeds": len(reseeded), "reseed_steps": reseeded}
     except FitError:
         # without a prior or reg_covar a component can collapse onto a few points and its
         # covariance turn singular: EM stops with a FitError; the steps before must still climb
@@ -91,7 +101,8 @@ def test_em_objective_never_decreases(seed, n, dim, k, covariance, prior) -> Non
     objective = np.array([s.objective for s in steps])
     assert np.isfinite(objective).all()
     drops = np.diff(objective)
-    assert (drops >= -1e-10 * np.abs(objective).max()).all(), drops.min()
+    climbs = np.array([step not in reseeded for step in range(1, len(steps))], dtype=bool)
+    assert (drops[climbs] >= -1e-10 * np.abs(objective).max()).all(), drops.min()
     if prior == "none":
         np.testing.assert_array_equal(objective, [s.log_likelihood for s in steps])
 
@@ -144,3 +155,86 @@ def test_map_em_is_pulled_towards_the_prior(blobs) -> None:
 
 def test_em_is_registered() -> None:
     assert BACKENDS.get("em") is EM
+
+
+# ---- empty components ------------------------------------------------------------------------
+
+
+def _three_blobs() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [8.0, 8.0], [0.0, 8.0]])
+    return torch.from_numpy(np.concatenate([rng.normal(c, 1.0, (100, 2)) for c in centers]))
+
+
+def _start_with_a_stray(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Two components between the blobs and one so far away that it gets no points at all."""
+    means = torch.tensor([[4.0, 0.0], [4.0, 8.0], [500.0, 500.0]], dtype=dtype)
+    return {
+        "weights": torch.full((3,), 1 / 3, dtype=dtype),
+        "means": means,
+        "covariances": torch.eye(2, dtype=dtype).expand(3, 2, 2).clone(),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_em_reseeds_a_component_that_lost_all_its_points(covariance: str, dtype: torch.dtype) -> None:
+    x = _three_blobs()
+    model = GaussianMixture.from_config(ModelConfig(k=3, covariance=covariance), x)
+    result, steps = _fit(model, x.to(dtype), _start_with_a_stray(dtype), max_iter=200)
+    assert result.extras == {"reseeds": 1, "reseed_steps": [1]}
+    assert result.converged and all(torch.isfinite(value).all() for value in result.params.values())
+    if covariance != "tied":  # (its shared covariance leaves it in a local optimum from this start)
+        # the re-seeded fit finds the three blobs, as EM from a good start does
+        good = initialize(model, x, InitConfig(method="kmeans++"), seed=0)
+        reference, _ = _fit(model, x, good, max_iter=200)
+        ours = float(model.log_likelihood(x, {k: v.double() for k, v in result.params.items()}).mean())
+        assert ours == pytest.approx(float(model.log_likelihood(x, reference.params).mean()), abs=1e-4)
+    objective = np.array([s.objective for s in steps])
+    assert (np.diff(objective)[1:] >= -1e-6 * np.abs(objective).max()).all()  # climbs after the re-seed
+
+
+def test_map_em_lets_a_surplus_component_empty() -> None:
+    """With a prior the M-step's mode exists without points (the prior's own): no re-seed, and the
+    log posterior keeps climbing, as it must for model selection over K."""
+    x = _three_blobs()
+    model = GaussianMixture.from_config(ModelConfig(k=3, prior="conjugate"), x)
+    result, steps = _fit(model, x, _start_with_a_stray(torch.float64), max_iter=100)
+    assert result.extras == {"reseeds": 0, "reseed_steps": []}
+    assert float(result.params["weights"].min()) < 1e-6  # the stray one never got any points
+    assert all(torch.isfinite(value).all() for value in result.params.values())
+    objective = np.array([s.objective for s in steps])
+    assert (np.diff(objective) >= -1e-10 * np.abs(objective).max()).all()
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_reseed_rule(covariance: str) -> None:
+    """At the point the live components explain worst, with their pooled covariance and half the
+    largest weight; the covariance type is kept."""
+    x = _three_blobs()
+    model = GaussianMixture.from_config(ModelConfig(k=3, covariance=covariance), x)
+    params = dict(model.m_step(x[:200], torch.eye(3, dtype=x.dtype)[torch.arange(200) // 100], 1e-6))
+    params["weights"] = torch.tensor([0.7, 0.3, 0.0], dtype=x.dtype)
+    new = model.reseed(params, [2], x)
+    live = {name: value[:2] for name, value in params.items()}
+    worst = int(torch.argmin(model.log_likelihood(x, live)))
+    assert torch.equal(new["means"][2], x[worst]) and torch.equal(new["means"][:2], params["means"][:2])
+    assert 200 <= worst  # a point of the blob no live component covers
+    pooled = 0.7 * params["covariances"][0] + 0.3 * params["covariances"][1]
+    torch.testing.assert_close(new["covariances"][2], pooled)
+    torch.testing.assert_close(new["weights"], torch.tensor([0.35, 0.3, 0.35], dtype=x.dtype))
+    projected = model.check_params(new, "reseeded")
+    torch.testing.assert_close(projected["covariances"], new["covariances"], rtol=0, atol=1e-12)
+
+
+def test_em_fails_when_a_component_keeps_losing_its_points() -> None:
+    x = _three_blobs()
+    model = GaussianMixture.from_config(ModelConfig(k=3), x)
+
+    def astray(params, components, x):
+        """A re-seed that cannot help: the component lands far from every point again."""
+        return {**params, "means": torch.where(torch.arange(3)[:, None] == 2, 500.0, params["means"])}
+
+    model.reseed = astray
+    with pytest.raises(FitError, match=r"component 2 lost all its points again after 3 re-seeds.*model\.k"):
+        _fit(model, x, _start_with_a_stray(torch.float64), max_iter=50)

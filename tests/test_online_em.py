@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ppl_gmm.backends import BACKENDS
+from ppl_gmm.backends import BACKENDS, FitError
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.backends.incremental_em import IncrementalEM, IncrementalEMOptions
 from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions, step_size
@@ -229,6 +229,28 @@ def test_both_fit_every_covariance_prior_and_dtype(blobs, covariance: str, prior
             reached[backend.name, dtype] = _mean_log_likelihood(model, x, result.params)
     for name in ("online_em", "incremental_em"):
         assert reached[name, torch.float32] == pytest.approx(reached[name, torch.float64], abs=1e-4)
+
+
+# ---- a component that loses all its points ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "step", "fix"),
+    [
+        (OnlineEM(), OnlineEMOptions(batch_size=100), 1, "batch_size"),
+        (IncrementalEM(), IncrementalEMOptions(blocks=3), 0, "model.k"),  # after the first full pass
+    ],
+    ids=["online_em", "incremental_em"],
+)
+def test_an_empty_component_fails_the_fit_with_a_fix(blobs, backend, options, step: int, fix: str) -> None:
+    """Their statistics remember past E-steps, which a re-seeded θ would contradict: they stop
+    with a FitError that names the fix, rather than fit the component from rounding noise."""
+    x = blobs[0]
+    model, init = _setup(x, k=3)
+    init = {**init, "means": init["means"].clone()}
+    init["means"][2] = 1e3  # so far from every point that it gets none of them
+    with pytest.raises(FitError, match=rf"^step {step}: component 2 lost all its points.*{fix}.*re-seeds"):
+        _fit(backend, model, x, init, options)
 
 
 # ---- registry and options ----------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ppl_gmm.backends.vb import (
     elbo,
     expected_log_joint,
     next_log_resp,
+    posterior_draws,
     run_cavi,
     variational_guide,
     variational_m_step,
@@ -286,6 +287,21 @@ def test_vb_keeps_the_datas_dtype() -> None:
     assert all(value.dtype == torch.float32 for value in single.params.values())
     assert single.elbo == pytest.approx(double.elbo, rel=1e-4)
     np.testing.assert_allclose(single.params["means"].numpy(), double.params["means"].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied"])
+def test_float32_posterior_is_symmetric_far_from_the_origin(covariance: str) -> None:
+    """Data centred at 1e3 (Old Faithful's scale is 70): in float32 the uncentred second moments
+    would leave rounding noise as large as the covariance and unequal triangles, which Pyro's
+    Wishart refuses; the scatter is taken about the data's mean instead."""
+    x64 = _data(300, 3, 3, 4.0, 0)[0] + 1e3
+    model = _model(x64, 3, covariance)
+    resp = torch.softmax(model.log_joint(x64, initialize(model, x64, InitConfig(), seed=0)), dim=1)
+    q = variational_m_step(x64.float(), resp.float(), model.prior, covariance, 1e-6)
+    exact = variational_m_step(x64, resp, model.prior, covariance, 1e-6).covariances
+    assert torch.equal(q.covariances, q.covariances.mT)
+    torch.testing.assert_close(q.covariances.double(), exact, rtol=1e-4, atol=0)
+    assert len(posterior_draws(model, q, 3)) == 3  # Pyro's Wishart accepts its parameters
 
 
 def test_vb_needs_a_prior_and_names_the_fix() -> None:

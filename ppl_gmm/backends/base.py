@@ -13,7 +13,7 @@ from torch import Tensor
 from ..models.base import LatentModel, Params
 from ..registry import Registry
 
-__all__ = ["BACKENDS", "Backend", "FitError", "FitResult", "Options", "Report", "StepInfo"]
+__all__ = ["BACKENDS", "Backend", "FitError", "FitResult", "Options", "Report", "StepInfo", "one_line"]
 
 
 class Options(BaseModel):
@@ -52,6 +52,12 @@ class FitResult:
 
 class FitError(RuntimeError):
     """A backend failed while fitting; the message says at which step and what to change."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters, without the offending
+    values and the dump of trace shapes that Pyro's checks append."""
+    return " ".join(str(exc).split("Trace Shapes:")[0].split(", but found")[0].split())[:limit]
 
 
 class Backend(ABC):

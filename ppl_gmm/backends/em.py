@@ -2,6 +2,13 @@
 
 With a conjugate prior the M-step is the posterior mode (MAP-EM) and the objective is the
 log posterior per point. Stops as scikit-learn does: the objective changed by less than ``tol``.
+
+Without a prior, a component whose responsibilities sum to (nearly) nothing has no M-step
+estimate (0 / 0); EM re-seeds it (``GaussianMixture.reseed``: at the point the other components
+explain worst) and reports each re-seed's step in the result's ``reseed_steps``. The objective
+never decreases, except at those steps: a re-seed trades some of the objective for a component
+that can be fitted. A component that empties again after ``MAX_RESEEDS`` re-seeds fails the fit
+with a ``FitError``. With a prior, an empty component keeps the prior's estimate (MAP-EM's mode).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from ..errors import UserError
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 
-__all__ = ["EM", "EMOptions", "e_step", "stick_breaking_has_no_mode"]
+__all__ = ["EM", "EMOptions", "MAX_RESEEDS", "e_step", "empty_components", "stick_breaking_has_no_mode"]
 
 
 class EMOptions(Options):
@@ -30,12 +37,13 @@ class EMOptions(Options):
     tol: float = Field(1e-6, ge=0)  # on the change of the mean per-point objective
     reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
     # rows per block, memory O(block_rows × K × D); default: about BLOCK_BYTES of temporaries
-    block_rows: int | None = Field(None, ge=1)
+    block_rows: int | None = Field(None, ge=1, le=2**31)
     # worker threads over row blocks (CPU); default: torch's thread count
     threads: int | None = Field(None, ge=1)
 
 
 BLOCK_BYTES = 6 * 2**20
+MAX_RESEEDS = 3  # per component; one that keeps emptying means the data support fewer components
 
 
 def block_rows_for(model: LatentModel, x: Tensor) -> int:
@@ -64,6 +72,13 @@ def e_step(model: LatentModel, x: Tensor, params: Params) -> tuple[Tensor, Tenso
     log_joint = model.log_joint(x, params)
     log_norm = torch.logsumexp(log_joint, dim=1)
     return log_norm, log_joint - log_norm[:, None]
+
+
+def empty_components(mass: Tensor) -> list[int]:
+    """The components whose responsibility mass (K,), in points, is below 1000 times the M-step's
+    guard against division by zero (10 eps: 2e-12 points in float64, 1.2e-3 in float32); below it
+    their estimates are mostly the guard's doing, or rounding noise."""
+    return torch.nonzero(mass < 1e4 * torch.finfo(mass.dtype).eps).flatten().tolist()
 
 
 @BACKENDS.register("em")
@@ -96,25 +111,26 @@ class EM(Backend):
         start = time.perf_counter()
         previous: float | None = None
         converged = False
+        reseeds = [0] * model.k  # per component
+        reseed_steps: list[int] = []  # the step of each re-seed: its parameters are the first to have it
         step = 0
         for step in range(options.max_iter + 1):
             try:
                 total, stats = _e_pass(model, x, params, shift, block_rows, threads)
             except torch.linalg.LinAlgError:
-                raise FitError(
-                    f"step {step}: a covariance matrix is not positive definite. Increase "
-                    "backends.em.reg_covar, set data.standardize: true, or lower model.k."
-                ) from None
+                raise _not_positive_definite(step, x.dtype) from None
+            try:
+                log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
+            except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
+                raise _not_positive_definite(step, x.dtype) from None
             log_likelihood = total / n
-            objective = log_likelihood
-            if model.has_prior:
-                objective += float(model.log_prior(params)) / n
-            report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
+            objective = log_likelihood + log_prior / n
             if not math.isfinite(objective):
                 raise FitError(
                     f"step {step}: the objective is {objective}. Increase backends.em.reg_covar "
                     "or set data.standardize: true."
                 )
+            report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
             if previous is not None and abs(objective - previous) < options.tol:
                 converged = True
                 break
@@ -122,12 +138,32 @@ class EM(Backend):
                 break
             params = model.m_step_stats(stats, options.reg_covar)
             previous = objective
+            # with a prior the M-step is the posterior mode, which the prior alone defines for a
+            # component without points: a surplus component may empty out, as in VB
+            empty = [] if model.has_prior else empty_components(model.component_mass(stats))
+            if empty:
+                for component in empty:
+                    reseeds[component] += 1
+                    if reseeds[component] > MAX_RESEEDS:
+                        raise FitError(
+                            f"step {step}: component {component} lost all its points again after "
+                            f"{MAX_RESEEDS} re-seeds: the data do not support model.k={model.k} "
+                            "components. Lower model.k, increase backends.em.reg_covar, or set "
+                            "data.standardize: true."
+                        )
+                try:
+                    params = model.reseed(params, empty, x)
+                except torch.linalg.LinAlgError:
+                    raise _not_positive_definite(step, x.dtype) from None
+                reseed_steps += [step + 1] * len(empty)
+                previous = None  # a re-seed may lower the objective; that step cannot be the last
         return FitResult(
             params=params,
             n_steps=step,
             converged=converged,
             fit_seconds=time.perf_counter() - start,
             point_estimate="map" if model.has_prior else "mle",
+            extras={"reseeds": len(reseed_steps), "reseed_steps": reseed_steps},
         )
 
 
@@ -141,8 +177,11 @@ def _e_pass(
     added in lane order, so a pass is deterministic for a given thread count. On this problem's
     GEMM shapes (K outputs) lanes scale better than the kernels' own threads."""
     prepared = model.prepare(params, shift)
+    n = x.shape[0]
+    lanes = min(threads, math.ceil(n / block_rows)) if x.device.type == "cpu" else 1
+    if lanes > 1:  # equal blocks, a whole number per lane: no lane waits for another
+        block_rows = math.ceil(n / (lanes * math.ceil(n / (lanes * block_rows))))
     blocks = x.split(block_rows)
-    lanes = min(threads, len(blocks)) if x.device.type == "cpu" else 1
     if lanes <= 1:
         return _e_lane(model, blocks, prepared, shift, None)
     stop = threading.Event()
@@ -215,3 +254,11 @@ def _kernel_threads(count: int) -> Iterator[None]:
     finally:
         if before != count:
             torch.set_num_threads(before)
+
+
+def _not_positive_definite(step: int, dtype: torch.dtype) -> FitError:
+    wider = ", lower model.k, or use dtype: float64" if dtype != torch.float64 else ", or lower model.k"
+    return FitError(
+        f"step {step}: a covariance matrix is not positive definite. Increase "
+        f"backends.em.reg_covar, set data.standardize: true{wider}."
+    )

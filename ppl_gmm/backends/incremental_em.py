@@ -29,8 +29,10 @@ from .partial_em import (
     CHUNK_ROWS,
     Clock,
     check_gaussian,
+    check_not_empty,
     e_step_rows,
     expected_log_joint,
+    log_prior,
     prepare,
 )
 
@@ -69,7 +71,7 @@ class IncrementalEM(Backend):
         def objective(log_density: float) -> float:
             """Per point, with the log prior at the current θ as batch EM's objective."""
             with clock.aside():
-                prior = float(model.log_prior(params)) if model.has_prior else 0.0
+                prior = log_prior(model, params, step, self.name) if model.has_prior else 0.0
             value = (log_density + prior) / n
             if not math.isfinite(value):
                 raise FitError(
@@ -90,6 +92,8 @@ class IncrementalEM(Backend):
             bound = _free_energy(model, total, params) + math.fsum(entropies)
         report(StepInfo(step, seconds, objective(bound), log_likelihood / n))
         previous = objective(log_likelihood)
+        fix = "Lower model.k, set data.standardize: true, or use em, which re-seeds empty components."
+        check_not_empty(model, total, step, fix)
         params = model.m_step_stats(total, options.reg_covar)
         prepared = prepare(model, params, shift, step, self.name)
         converged = False
@@ -101,6 +105,7 @@ class IncrementalEM(Backend):
                 for mine, new, old in zip(total[1:], fresh[1:], stats[b][1:], strict=True):
                     mine.add_(new - old)
                 stats[b] = fresh
+                check_not_empty(model, total, step, fix)
                 params = model.m_step_stats(total, options.reg_covar)
                 prepared = prepare(model, params, shift, step, self.name)
                 seconds = clock.seconds()

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..evaluate import match_components, posterior_moments
 from ..models.base import LatentModel, Params
-from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo, one_line
 
 __all__ = [
     "MCMCBackend",
@@ -197,14 +197,22 @@ class MCMCBackend(Backend):
             aside += time.perf_counter() - began
 
         progress(0, init)
-        chains = run_nuts(
-            model.model,
-            x,
-            model.to_sites(init),
-            options,
-            model.max_plate_nesting,
-            lambda step, sites: progress(step, model.from_sites(sites)),
-        )
+        last = 0
+
+        def on_draw(step: int, sites: dict[str, Tensor]) -> None:
+            nonlocal last
+            last = step
+            progress(step, model.from_sites(sites))
+
+        try:
+            chains = run_nuts(model.model, x, model.to_sites(init), options, model.max_plate_nesting, on_draw)
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            # Pyro's checks of a draw or of the start (no finite potential energy), or a draw whose
+            # covariance rounds to singular
+            raise FitError(
+                f"step {last}: NUTS cannot go on ({one_line(exc)}). Set data.standardize: true, use dtype: "
+                "float64, or raise backends.mcmc.target_accept_prob."
+            ) from None
         seconds = time.perf_counter() - started - aside
 
         # one point estimate per draw; the model maps single draws, not batches, to parameters

@@ -21,7 +21,16 @@ from torch import Tensor
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 from .em import EM, EMOptions
-from .partial_em import CHUNK_ROWS, Clock, check_gaussian, combine, e_step_rows, prepare
+from .partial_em import (
+    CHUNK_ROWS,
+    Clock,
+    check_gaussian,
+    check_not_empty,
+    combine,
+    e_step_rows,
+    log_prior,
+    prepare,
+)
 
 __all__ = ["OnlineEM", "OnlineEMOptions", "step_size"]
 
@@ -81,10 +90,17 @@ class OnlineEM(Backend):
                 scale = n / rows.shape[0]
                 gamma = step_size(step, options.step_power, options.step_offset)
                 stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * scale)
+                check_not_empty(
+                    model,
+                    stats,
+                    step,
+                    f"Increase backends.{self.name}.batch_size, lower model.k, or use the em backend, "
+                    "which re-seeds empty components.",
+                )
                 objective = seen.log_likelihood / rows.shape[0]
                 if model.has_prior:
                     with clock.aside():
-                        objective += float(model.log_prior(params)) / n
+                        objective += log_prior(model, params, step, self.name) / n
                 if not math.isfinite(objective):
                     raise FitError(
                         f"step {step}: the objective is {objective}. Increase "

@@ -18,15 +18,18 @@ from ..errors import UserError
 from ..models.base import LatentModel, Params
 from ..models.gmm import GaussianMixture, Prepared, SufficientStats
 from .base import FitError
+from .em import empty_components
 
 __all__ = [
     "CHUNK_ROWS",
     "Clock",
     "PartialEStep",
     "check_gaussian",
+    "check_not_empty",
     "combine",
     "e_step_rows",
     "expected_log_joint",
+    "log_prior",
     "prepare",
 ]
 
@@ -54,10 +57,36 @@ def prepare(model: LatentModel, params: Params, shift: Tensor, step: int, backen
     try:
         return model.prepare(params, shift)
     except torch.linalg.LinAlgError:
-        raise FitError(
-            f"step {step}: a covariance matrix is not positive definite. Increase "
-            f"backends.{backend}.reg_covar, set data.standardize: true, or lower model.k."
-        ) from None
+        raise _not_positive_definite(step, backend, shift.dtype) from None
+
+
+def log_prior(model: LatentModel, params: Params, step: int, backend: str) -> float:
+    """``model.log_prior``, with precisions outside the prior's support (a covariance that is
+    positive definite only up to rounding) reported as a ``FitError`` at ``step``."""
+    try:
+        return float(model.log_prior(params))
+    except (torch.linalg.LinAlgError, ValueError):
+        raise _not_positive_definite(step, backend, params["means"].dtype) from None
+
+
+def _not_positive_definite(step: int, backend: str, dtype: torch.dtype) -> FitError:
+    wider = ", lower model.k, or use dtype: float64" if dtype != torch.float64 else ", or lower model.k"
+    return FitError(
+        f"step {step}: a covariance matrix is not positive definite. Increase "
+        f"backends.{backend}.reg_covar, set data.standardize: true{wider}."
+    )
+
+
+def check_not_empty(model: LatentModel, stats: SufficientStats, step: int, fix: str) -> None:
+    """A ``FitError`` at ``step`` when, without a prior, a component of ``stats`` has lost all its
+    points (see ``empty_components``): its M-step estimates would be the guard's doing. These
+    variants keep statistics of past E-steps, which a re-seeded θ would contradict, so they stop;
+    ``fix`` says what to change. With a prior the M-step's mode is defined without points."""
+    if model.has_prior:
+        return
+    empty = empty_components(model.component_mass(stats))
+    if empty:
+        raise FitError(f"step {step}: component {empty[0]} lost all its points, so it has no estimate. {fix}")
 
 
 def e_step_rows(

@@ -15,13 +15,14 @@ from typing import Literal
 
 import pyro
 import pyro.optim
+import torch
 from pydantic import Field, model_validator
 from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
 from pyro.infer.elbo import ELBO
 from torch import Tensor
 
 from ..models.base import LatentModel, Params
-from .base import FitError, Options, Report, StepInfo
+from .base import FitError, Options, Report, StepInfo, one_line
 
 __all__ = ["SVIOptions", "make_elbo", "make_optimizer", "run_svi"]
 
@@ -91,24 +92,44 @@ def run_svi(
     n = x.shape[0]
     svi = SVI(model.model, guide, make_optimizer(options), make_elbo(model, options))
 
+    step = 0
+
+    def failed(what: str) -> FitError:
+        return FitError(
+            f"step {step}: {what}. Lower backends.{name}.lr, try optimizer: clipped_adam, or set "
+            "data.standardize: true."
+        )
+
+    def checked(compute: Callable[[], float], what: str) -> float:
+        """``compute()``, with a non-finite value or invalid parameters (Pyro's checks raise
+        ValueError, a singular covariance LinAlgError) as a ``FitError`` at the current step."""
+        try:
+            value = compute()
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            raise failed(f"the parameters became invalid ({one_line(exc)})") from None
+        if not math.isfinite(value):
+            raise failed(f"the {what} became {value}")
+        return value
+
+    def initial_loss() -> float:
+        return checked(lambda: svi.evaluate_loss(x, batch_size=options.batch_size), "loss")
+
     def exact_log_likelihood() -> float:
-        params = {key: value.detach() for key, value in point_estimate().items()}
-        return float(model.log_likelihood(x, params).mean())
+        def compute() -> float:
+            params = {key: value.detach() for key, value in point_estimate().items()}
+            return float(model.log_likelihood(x, params).mean())
+
+        return checked(compute, "log-likelihood")
 
     with warnings.catch_warnings():
         # torch deprecates jit.trace, which JitTraceEnum_ELBO is built on; the option still works
         warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
         clock = _Clock()
-        previous = clock.aside(lambda: svi.evaluate_loss(x, batch_size=options.batch_size))
+        previous = clock.aside(initial_loss)
         report(StepInfo(0, 0.0, -previous / n, clock.aside(exact_log_likelihood)))
-        calm, step, converged = 0, 0, False
+        calm, converged = 0, False
         for step in range(1, options.steps + 1):
-            loss = svi.step(x, batch_size=options.batch_size)
-            if not math.isfinite(loss):
-                raise FitError(
-                    f"step {step}: the loss became {loss}. Lower backends.{name}.lr, try "
-                    "optimizer: clipped_adam, or set data.standardize: true."
-                )
+            loss = checked(lambda: svi.step(x, batch_size=options.batch_size), "loss")
             if options.tol > 0:
                 calm = calm + 1 if abs(loss - previous) <= options.tol * abs(previous) else 0
                 converged = calm >= options.patience

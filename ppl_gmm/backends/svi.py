@@ -24,7 +24,7 @@ from torch.distributions import constraints
 from ..errors import UserError
 from ..evaluate import posterior_moments
 from ..models.base import LatentModel, Params
-from .base import BACKENDS, Backend, FitResult, Report
+from .base import BACKENDS, Backend, FitError, FitResult, Report, one_line
 from .pyro_svi import SVIOptions, make_elbo, run_svi
 
 __all__ = ["SVIBackend", "SVIBackendOptions", "GUIDES"]
@@ -91,17 +91,23 @@ class SVIBackend(Backend):
             return model.from_sites(global_guide.median(x))
 
         n_steps, converged, seconds = run_svi(model, guide, x, options, median, report, self.name)
-        with torch.no_grad():
-            draws = [global_guide(x) for _ in range(options.mean_samples)]
-            if options.point_estimate == "posterior_median":
-                params = median()
-            else:
-                means = {name: torch.stack([d[name] for d in draws]).mean(0) for name in sites}
-                params = model.from_sites(means)
-            moments = posterior_moments([model.from_sites(d) for d in draws], init["means"])
-            began = time.perf_counter()
-            loss = make_elbo(model, options, options.elbo_particles).loss(model.model, guide, x)
-            elbo_seconds = time.perf_counter() - began
+        try:
+            with torch.no_grad():
+                draws = [global_guide(x) for _ in range(options.mean_samples)]
+                if options.point_estimate == "posterior_median":
+                    params = median()
+                else:
+                    means = {name: torch.stack([d[name] for d in draws]).mean(0) for name in sites}
+                    params = model.from_sites(means)
+                moments = posterior_moments([model.from_sites(d) for d in draws], init["means"])
+                began = time.perf_counter()
+                loss = make_elbo(model, options, options.elbo_particles).loss(model.model, guide, x)
+                elbo_seconds = time.perf_counter() - began
+        except (ValueError, torch.linalg.LinAlgError) as exc:  # Pyro's checks, a singular draw
+            raise FitError(
+                f"step {n_steps}: the fitted posterior's draws are invalid ({one_line(exc)}). Lower "
+                "backends.svi.init_scale or backends.svi.lr, or set data.standardize: true."
+            ) from None
         return FitResult(
             params={name: value.detach() for name, value in params.items()},
             n_steps=n_steps,

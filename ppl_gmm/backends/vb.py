@@ -44,7 +44,7 @@ from ..models.gmm import (
     gaussian_log_prob,
     precision_cholesky,
 )
-from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo, one_line
 from .em import e_step
 
 __all__ = [
@@ -174,12 +174,18 @@ class _PrecisionFamily:
     kl: Callable[[Tensor, Tensor, float, Tensor, int], Tensor]
 
 
+def _symmetric(matrices: Tensor) -> Tensor:
+    """Matrix products of symmetric results round their two triangles differently; Pyro's
+    Wishart checks symmetry, to about 1e-5 relative."""
+    return 0.5 * (matrices + matrices.mT)
+
+
 def _full_posterior(
     nk: Tensor, sk: Tensor, dev: Tensor, shrink: Tensor, nu0: float, c0: Tensor
 ) -> tuple[Tensor, Tensor]:
     dof = nu0 + nk
     scale = c0 + nk[:, None, None] * sk + shrink[:, None, None] * dev[:, :, None] * dev[:, None, :]
-    return dof, scale / dof[:, None, None]
+    return dof, _symmetric(scale / dof[:, None, None])
 
 
 def _tied_posterior(
@@ -188,7 +194,7 @@ def _tied_posterior(
     # one Λ for all components: it sees all N points and all K means' deviations
     n = nk.sum()
     dof = nu0 + n
-    return dof, (c0 + n * sk + (shrink[:, None] * dev).T @ dev) / dof
+    return dof, _symmetric((c0 + n * sk + (shrink[:, None] * dev).T @ dev) / dof)
 
 
 def _diag_posterior(
@@ -268,10 +274,15 @@ def variational_m_step(
     kind = COVARIANCE_TYPES[covariance]
     # scikit-learn's guard against empty components; it moves the ELBO by ~1e-15
     nk = resp.sum(0) + 10 * torch.finfo(x.dtype).eps
+    # the scatter about the data's mean: the same, but its second moments keep their digits (in
+    # float32, x^T x of data far from the origin leaves rounding noise as large as a covariance)
+    shift = x.mean(0)
+    x = x - shift
     xk = (resp.T @ x) / nk[:, None]
     xtx = x.T @ x if covariance == "tied" else x.new_zeros(())
     eye = kind.native(torch.eye(d, dtype=x.dtype, device=x.device)[None])
     sk = kind.scatter(x, resp, nk, xk, xtx) / kind.ml_count(nk, n, d) + reg_covar * eye
+    xk = xk + shift
     m0 = prior.mean_prior.to(x)
     beta0 = prior.mean_precision
     beta = beta0 + nk
@@ -507,6 +518,13 @@ class VB(Backend):
         seconds = time.perf_counter() - start - scoring
         params = point_estimate(fit.posterior)
         pruned = [k for k, w in enumerate(params["weights"].tolist()) if w < options.prune_threshold]
+        try:
+            draws = posterior_draws(model, fit.posterior, options.posterior_samples)
+        except (ValueError, torch.linalg.LinAlgError) as exc:  # Pyro's checks of q(θ)'s parameters
+            raise FitError(
+                f"step {fit.n_steps}: the variational posterior cannot be sampled ({one_line(exc)}). "
+                "Use dtype: float64, increase backends.vb.reg_covar, or set data.standardize: true."
+            ) from None
         return FitResult(
             params=params,
             n_steps=fit.n_steps,
@@ -515,9 +533,5 @@ class VB(Backend):
             point_estimate="posterior_mean",
             elbo=fit.elbo,
             extras={"effective_k": model.k - len(pruned), "pruned": pruned},
-            tensors={
-                "posterior": posterior_moments(
-                    posterior_draws(model, fit.posterior, options.posterior_samples), init["means"]
-                )
-            },
+            tensors={"posterior": posterior_moments(draws, init["means"])},
         )

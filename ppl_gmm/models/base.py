@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -95,6 +95,15 @@ class LatentModel(ABC):
     @abstractmethod
     def m_step_stats(self, stats: Any, reg_covar: float, use_prior: bool = True) -> Params:
         """``m_step`` from accumulated statistics."""
+
+    @abstractmethod
+    def component_mass(self, stats: Any) -> Tensor:
+        """Σ_n resp[n, k] of the statistics: (K,), in points."""
+
+    @abstractmethod
+    def reseed(self, params: Params, components: Sequence[int], x: Tensor) -> Params:
+        """θ with each of ``components`` (which lost their points) restarted on x (N, D), by a
+        deterministic rule that leaves it able to claim points at the next E-step."""
 
     @abstractmethod
     def n_params(self) -> int:

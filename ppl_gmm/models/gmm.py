@@ -28,7 +28,7 @@ full matrices whatever the covariance type, and consistent with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -367,6 +367,13 @@ def _default_prior(cfg: HyperConfig, covariance: str, k: int, x: Tensor) -> Conj
     }[covariance]
     if cfg.covariance_prior is None:
         cov_prior = native_default
+        if not _positive_definite(native_default):
+            raise UserError(
+                "model.hyperparameters.covariance_prior: its default, the train data's covariance, "
+                "is singular or overflows (a feature is constant, a linear combination of others, or "
+                "near float64's limits), so it cannot scale the precisions' prior. Drop or rescale "
+                "that feature, or set model.hyperparameters.covariance_prior, e.g. 1.0."
+            )
     else:
         cov_prior = _native_covariance_prior(cfg.covariance_prior, covariance, d)
     if cfg.mean_prior is None:
@@ -391,9 +398,23 @@ def _default_prior(cfg: HyperConfig, covariance: str, k: int, x: Tensor) -> Conj
     return ConjugatePrior(alpha0, cfg.mean_precision, mean_prior, nu0, cov_prior, cfg.weight_prior)
 
 
+def _positive_definite(native: Tensor) -> bool:
+    """Whether a covariance in its native shape ((D, D) matrix, (D,) diagonal or () scale) is."""
+    if not torch.isfinite(native).all():
+        return False
+    if native.ndim < 2:
+        return bool((native > 0).all())
+    return int(torch.linalg.cholesky_ex(native).info) == 0
+
+
 def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
     field = "model.hyperparameters.covariance_prior"
-    tensor = torch.tensor(value, dtype=torch.float64)
+    try:
+        tensor = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):  # ragged rows
+        raise UserError(
+            f"{field}: expected a number, {d} diagonal entries or a {d}×{d} matrix, but found {value!r}."
+        ) from None
     if tensor.ndim == 0:
         tensor = tensor * torch.eye(d, dtype=torch.float64)
     elif tensor.ndim == 1:
@@ -626,6 +647,45 @@ class GaussianMixture(LatentModel):
             cov = numerator / kind.map_count(nk, n, d, self.k, prior.degrees_of_freedom)
         covariances = kind.to_full(cov, self.k, d) + reg_covar * _eye_like(d, like)
         return {"weights": weights, "means": centered_means + stats.shift, "covariances": covariances}
+
+    def component_mass(self, stats: SufficientStats) -> Tensor:
+        return stats.nk
+
+    def reseed(self, params: Params, components: Sequence[int], x: Tensor) -> Params:
+        """Each of ``components`` restarted in turn at the point of x (N, D) that the live
+        components explain worst (the lowest log p(x_n | θ); the first on ties), with the live
+        components' pooled covariance Σ_k π_k Σ_k / Σ_k π_k, which keeps the covariance type, and
+        half the largest live component's weight, taken from it. A restarted component is live
+        for the next one."""
+        weights, means, covariances = (params[name].clone() for name in ("weights", "means", "covariances"))
+        live = torch.ones(self.k, dtype=torch.bool, device=weights.device)
+        live[list(components)] = False
+        if self.covariance == "tied":
+            pooled = covariances[live][0]  # exactly the shared matrix, not a rounded average
+        else:
+            share = weights[live] / weights[live].sum()
+            pooled = (share[:, None, None] * covariances[live]).sum(0)
+        for k in components:
+            means[k] = x[self._worst_explained(x, weights[live], means[live], covariances[live])]
+            covariances[k] = pooled
+            largest = int(torch.argmax(torch.where(live, weights, -1.0)))
+            weights[k] = weights[largest] = weights[largest] / 2
+            live[k] = True
+        return {"weights": weights / weights.sum(), "means": means, "covariances": covariances}
+
+    def _worst_explained(self, x: Tensor, weights: Tensor, means: Tensor, covariances: Tensor) -> int:
+        """The index of the point of x (N, D) with the lowest log Σ_k π_k N(x_n | μ_k, Σ_k) for
+        the given components, in row blocks (memory O(block × K))."""
+        shift = x[: self.block_rows].mean(0)
+        prepared = prepare_gaussians(weights, means, covariances, self._type.kernel, shift)
+        worst, where = math.inf, 0
+        for start in range(0, x.shape[0], self.block_rows):
+            xt = (x[start : start + self.block_rows] - shift).T
+            log_density = torch.logsumexp(block_log_joint(xt, self.features(xt), prepared), dim=0)
+            value, index = torch.min(log_density, dim=0)
+            if float(value) < worst:
+                worst, where = float(value), start + int(index)
+        return where
 
     def _prior_scale(self, like: Tensor) -> Tensor:
         """W0^-1 as a full (D, D) matrix."""
