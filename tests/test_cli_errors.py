@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ppl_gmm.cli import main
@@ -68,6 +69,12 @@ def _csv(work: Path, name: str, text: str) -> str:
     path = work / "inputs" / name
     path.write_text(text, encoding="utf-8")
     return f"inputs/{name}"
+
+
+def test_cuda_without_a_gpu(work: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without one
+    line = _expect_error(work, ["run", "inputs/tiny.yaml", "device=cuda", "--quiet"], ["device"], capsys)
+    assert line.startswith("error: device: cuda") and "cpu or auto" in line, line
 
 
 # ---------------------------------------------------------------------------------------------
