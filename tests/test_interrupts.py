@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,23 @@ def _start(tmp_path: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hung run dumps every thread's stack
     )
+
+
+def _finish(process: subprocess.Popen[str], timeout: float = 60.0) -> tuple[str, str]:
+    """stdout and stderr once the process exits; a process still running after ``timeout`` is
+    aborted (its threads' stacks then end stderr) and the test fails with them."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+        pytest.fail(f"the run did not exit {timeout:.0f} s after the signal; its stderr ends:\n{err[-6000:]}")
 
 
 def _wait_for_svi_steps(tmp_path: Path, process: subprocess.Popen[str], timeout: float = 120.0) -> Path:
@@ -45,7 +62,7 @@ def test_interrupt_keeps_finished_backends_and_marks_the_running_one(sig, tmp_pa
     process = _start(tmp_path)
     experiment = _wait_for_svi_steps(tmp_path, process)
     process.send_signal(sig)
-    out, err = process.communicate(timeout=60)
+    out, err = _finish(process)
     assert process.returncode == 130, err
     assert out.strip().splitlines()[-1] == str(experiment)
     assert "Traceback" not in err
@@ -70,7 +87,7 @@ def test_sigkill_leaves_finished_backends_readable(tmp_path) -> None:
     process = _start(tmp_path)
     experiment = _wait_for_svi_steps(tmp_path, process)
     process.kill()
-    process.communicate(timeout=60)
+    _finish(process)
     for name in ("em", "map"):
         summary = json.loads((experiment / name / "summary.json").read_text())
         assert summary["status"] == "completed"

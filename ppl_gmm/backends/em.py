@@ -114,49 +114,52 @@ class EM(Backend):
         reseeds = [0] * model.k  # per component
         reseed_steps: list[int] = []  # the step of each re-seed: its parameters are the first to have it
         step = 0
-        for step in range(options.max_iter + 1):
-            try:
-                total, stats = _e_pass(model, x, params, shift, block_rows, threads)
-            except torch.linalg.LinAlgError:
-                raise _not_positive_definite(step, x.dtype) from None
-            try:
-                log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
-            except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
-                raise _not_positive_definite(step, x.dtype) from None
-            log_likelihood = total / n
-            objective = log_likelihood + log_prior / n
-            if not math.isfinite(objective):
-                raise FitError(
-                    f"step {step}: the objective is {objective}. Increase backends.em.reg_covar "
-                    "or set data.standardize: true."
-                )
-            report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
-            if previous is not None and abs(objective - previous) < options.tol:
-                converged = True
-                break
-            if step == options.max_iter:
-                break
-            params = model.m_step_stats(stats, options.reg_covar)
-            previous = objective
-            # with a prior the M-step is the posterior mode, which the prior alone defines for a
-            # component without points: a surplus component may empty out, as in VB
-            empty = [] if model.has_prior else empty_components(model.component_mass(stats))
-            if empty:
-                for component in empty:
-                    reseeds[component] += 1
-                    if reseeds[component] > MAX_RESEEDS:
-                        raise FitError(
-                            f"step {step}: component {component} lost all its points again after "
-                            f"{MAX_RESEEDS} re-seeds: the data do not support model.k={model.k} "
-                            "components. Lower model.k, increase backends.em.reg_covar, or set "
-                            "data.standardize: true."
-                        )
+        try:
+            for step in range(options.max_iter + 1):
                 try:
-                    params = model.reseed(params, empty, x)
+                    total, stats = _e_pass(model, x, params, shift, block_rows, threads)
                 except torch.linalg.LinAlgError:
                     raise _not_positive_definite(step, x.dtype) from None
-                reseed_steps += [step + 1] * len(empty)
-                previous = None  # a re-seed may lower the objective; that step cannot be the last
+                try:
+                    log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
+                except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
+                    raise _not_positive_definite(step, x.dtype) from None
+                log_likelihood = total / n
+                objective = log_likelihood + log_prior / n
+                if not math.isfinite(objective):
+                    raise FitError(
+                        f"step {step}: the objective is {objective}. Increase backends.em.reg_covar "
+                        "or set data.standardize: true."
+                    )
+                report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
+                if previous is not None and abs(objective - previous) < options.tol:
+                    converged = True
+                    break
+                if step == options.max_iter:
+                    break
+                params = model.m_step_stats(stats, options.reg_covar)
+                previous = objective
+                # with a prior the M-step is the posterior mode, which the prior alone defines for a
+                # component without points: a surplus component may empty out, as in VB
+                empty = [] if model.has_prior else empty_components(model.component_mass(stats))
+                if empty:
+                    for component in empty:
+                        reseeds[component] += 1
+                        if reseeds[component] > MAX_RESEEDS:
+                            raise FitError(
+                                f"step {step}: component {component} lost all its points again after "
+                                f"{MAX_RESEEDS} re-seeds: the data do not support model.k={model.k} "
+                                "components. Lower model.k, increase backends.em.reg_covar, or set "
+                                "data.standardize: true."
+                            )
+                    try:
+                        params = model.reseed(params, empty, x)
+                    except torch.linalg.LinAlgError:
+                        raise _not_positive_definite(step, x.dtype) from None
+                    reseed_steps += [step + 1] * len(empty)
+                    previous = None  # a re-seed may lower the objective; that step cannot be the last
+        finally:
+            _close_pools()  # no worker threads outlive the fit
         return FitResult(
             params=params,
             n_steps=step,
@@ -240,6 +243,11 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     if workers not in _POOLS:
         _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="ppl-gmm-em")
     return _POOLS[workers]
+
+
+def _close_pools() -> None:
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(wait=True)
 
 
 @contextmanager
