@@ -25,6 +25,9 @@ def _start(tmp_path: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hung run dumps every thread's stack
+        # a shell's background job ignores SIGINT, and so would its children: Python then never
+        # installs its Ctrl-C handler. Restore the default, as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
