@@ -25,9 +25,9 @@ seeding on the data, ``ppl_gmm.init.initialize``), this times
 Each is run for two lengths A < B; ms per iteration = (t_B - t_A) / (B - A), so fixed costs (set-up,
 validation, our initial E-step, scikit-learn's final E-step) cancel; a run shorter than
 ``--min-run-time`` is repeated and its fastest time kept (``runs_a``, ``runs_b``); a pair whose B
-run was not slower than its A run was disturbed, and is run again (at most three times in all). Repeats are
-interleaved (the order of the implementations rotates, the A/B order alternates) and medians
-reported.
+run was not slower than its A run was disturbed, and is run again (at most three times in all).
+Repeats are interleaved (the order of the implementations rotates, the A/B order alternates) and
+medians reported.
 
 Thread settings: every implementation, ours included, is tried at each of its settings and keeps the
 fastest (column ``thr``; column ``probe`` gives each setting's best probe time t_1 + t_2 in ms). The
