@@ -29,7 +29,15 @@ from ..errors import UserError
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 
-__all__ = ["EM", "EMOptions", "MAX_RESEEDS", "e_step", "empty_components", "stick_breaking_has_no_mode"]
+__all__ = [
+    "EM",
+    "EMOptions",
+    "MAX_RESEEDS",
+    "e_step",
+    "empty_components",
+    "not_positive_definite",
+    "stick_breaking_has_no_mode",
+]
 
 
 class EMOptions(Options):
@@ -119,11 +127,11 @@ class EM(Backend):
                 try:
                     total, stats = _e_pass(model, x, params, shift, block_rows, threads)
                 except torch.linalg.LinAlgError:
-                    raise _not_positive_definite(step, x.dtype) from None
+                    raise not_positive_definite(step, self.name, x.dtype) from None
                 try:
                     log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
                 except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
-                    raise _not_positive_definite(step, x.dtype) from None
+                    raise not_positive_definite(step, self.name, x.dtype) from None
                 log_likelihood = total / n
                 objective = log_likelihood + log_prior / n
                 if not math.isfinite(objective):
@@ -155,7 +163,7 @@ class EM(Backend):
                     try:
                         params = model.reseed(params, empty, x)
                     except torch.linalg.LinAlgError:
-                        raise _not_positive_definite(step, x.dtype) from None
+                        raise not_positive_definite(step, self.name, x.dtype) from None
                     reseed_steps += [step + 1] * len(empty)
                     previous = None  # a re-seed may lower the objective; that step cannot be the last
         finally:
@@ -264,9 +272,11 @@ def _kernel_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _not_positive_definite(step: int, dtype: torch.dtype) -> FitError:
+def not_positive_definite(step: int, backend: str, dtype: torch.dtype) -> FitError:
+    """The failure of an EM-family backend whose M-step left a covariance that is not positive
+    definite, with the fixes that apply in ``dtype``."""
     wider = ", lower model.k, or use dtype: float64" if dtype != torch.float64 else ", or lower model.k"
     return FitError(
         f"step {step}: a covariance matrix is not positive definite. Increase "
-        f"backends.em.reg_covar, set data.standardize: true{wider}."
+        f"backends.{backend}.reg_covar, set data.standardize: true{wider}."
     )

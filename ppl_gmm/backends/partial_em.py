@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..models.base import LatentModel, Params
 from ..models.gmm import GaussianMixture, Prepared, SufficientStats
 from .base import FitError
-from .em import empty_components
+from .em import empty_components, not_positive_definite
 
 __all__ = [
     "CHUNK_ROWS",
@@ -57,7 +57,7 @@ def prepare(model: LatentModel, params: Params, shift: Tensor, step: int, backen
     try:
         return model.prepare(params, shift)
     except torch.linalg.LinAlgError:
-        raise _not_positive_definite(step, backend, shift.dtype) from None
+        raise not_positive_definite(step, backend, shift.dtype) from None
 
 
 def log_prior(model: LatentModel, params: Params, step: int, backend: str) -> float:
@@ -66,15 +66,7 @@ def log_prior(model: LatentModel, params: Params, step: int, backend: str) -> fl
     try:
         return float(model.log_prior(params))
     except (torch.linalg.LinAlgError, ValueError):
-        raise _not_positive_definite(step, backend, params["means"].dtype) from None
-
-
-def _not_positive_definite(step: int, backend: str, dtype: torch.dtype) -> FitError:
-    wider = ", lower model.k, or use dtype: float64" if dtype != torch.float64 else ", or lower model.k"
-    return FitError(
-        f"step {step}: a covariance matrix is not positive definite. Increase "
-        f"backends.{backend}.reg_covar, set data.standardize: true{wider}."
-    )
+        raise not_positive_definite(step, backend, params["means"].dtype) from None
 
 
 def check_not_empty(model: LatentModel, stats: SufficientStats, step: int, fix: str) -> None:
