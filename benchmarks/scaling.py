@@ -538,11 +538,10 @@ def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dic
     case = args.main_case
     d, k = case.dim, case.k
     item = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
-    features = d * (d + 1) // 2
-    # per block: the centered rows and their transpose, the features, the log-joint/responsibilities
+    # per block and lane: the design (features, centered rows, ones) and the log-joint/responsibilities
     model = GaussianMixture(k, d, "full", None)
-    block_rows = block_rows_for(model, torch.empty(0, d, dtype=DTYPES[args.dtype]))
-    block_mb = block_rows * (2 * d + features + 2 * k) * item / 2**20
+    block_rows = block_rows_for(model, torch.empty(0, d, dtype=DTYPES[args.dtype]), args.threads)
+    block_mb = block_rows * (model.design_rows() + k) * item / 2**20
     print(
         f"\nPart 1: ms per batch-EM iteration ({case.label}, {args.dtype}), "
         f"{args.repeats} A/B repeats per size, "

@@ -216,3 +216,32 @@ def test_weight_concentration_defaults_per_weight_prior(blobs) -> None:
     assert _model(x, "full", "conjugate", k=5).prior.weight_concentration == 1.0
     prior = _stick_breaking_model(x, "full", k=5).prior
     assert prior.weight_concentration == pytest.approx(1 / 5) and prior.stick_breaking
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("k", [3, 6, 12])  # both orientations of the statistics' GEMM in each dtype
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_block_statistics_equal_direct_sums(covariance: str, k: int, dtype: torch.dtype) -> None:
+    """nk, Σ r (x - shift) and the second moments from a block's design, against numpy's float64
+    sums of the same responsibilities."""
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(500, 4)) * [1.0, 2.0, 0.5, 3.0] + 4.0
+    resp = rng.dirichlet(np.ones(k), size=500)
+    shift = x[:100].mean(0)
+    model = GaussianMixture(k, 4, covariance, None)
+    stats = model.new_stats(torch.from_numpy(shift).to(dtype))
+    design = model.design(torch.from_numpy(x).to(dtype), stats.shift)
+    model.accumulate(stats, design, torch.from_numpy(resp.T.copy()).to(dtype))
+    centered = x - shift
+    outer = centered[:, :, None] * centered[:, None, :]
+    rows, cols = np.triu_indices(4)
+    second = {
+        "full": np.einsum("nk,nij->kij", resp, outer)[:, rows, cols],
+        "tied": outer.sum(0)[rows, cols],
+        "diag": resp.T @ centered**2,
+        "spherical": resp.T @ centered**2,
+    }[covariance]
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    np.testing.assert_allclose(stats.nk.double().numpy(), resp.sum(0), rtol=rtol)
+    np.testing.assert_allclose(stats.sums.double().numpy(), resp.T @ centered, rtol=rtol, atol=rtol * 500)
+    np.testing.assert_allclose(stats.second.double().numpy(), second, rtol=rtol, atol=rtol * 500)

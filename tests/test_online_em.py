@@ -58,8 +58,7 @@ def test_expected_log_joint_equals_the_direct_sum(covariance: str) -> None:
     resp = torch.softmax(3.0 * torch.randn(300, 4, generator=generator, dtype=torch.float64), dim=1)
     shift = x[:50].mean(0)
     stats = model.new_stats(shift)
-    xt = (x - shift).T.contiguous()
-    model.accumulate(stats, xt, model.features(xt), resp.T.contiguous())
+    model.accumulate(stats, model.design(x, shift), resp.T.contiguous())
     ours = expected_log_joint(stats, model.prepare(params, shift))
     direct = (resp * model.log_joint(x, params)).sum()
     torch.testing.assert_close(ours, direct, rtol=1e-11, atol=0.0)
@@ -155,8 +154,7 @@ def test_online_em_blends_batch_statistics_with_the_schedule(prior: str) -> None
         log_joint = model.log_joint(rows, params)
         objectives.append(float(torch.logsumexp(log_joint, 1).mean() + model.log_prior(params) / 1100))
         batch = model.new_stats(shift)
-        xt = (rows - shift).T.contiguous()
-        model.accumulate(batch, xt, model.features(xt), torch.softmax(log_joint, 1).T.contiguous())
+        model.accumulate(batch, model.design(rows, shift), torch.softmax(log_joint, 1).T.contiguous())
         scaled = [value * 1100 / rows.shape[0] for value in batch[1:]]
         gamma = (t + 1.5) ** -0.7
         stats = (

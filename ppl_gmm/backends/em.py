@@ -44,25 +44,33 @@ class EMOptions(Options):
     max_iter: int = Field(500, ge=0)  # M-steps at most
     tol: float = Field(1e-6, ge=0)  # on the change of the mean per-point objective
     reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
-    # rows per block, memory O(block_rows × K × D); default: about BLOCK_BYTES of temporaries
+    # rows per block, memory O(block_rows × K × D); default: see block_rows_for
     block_rows: int | None = Field(None, ge=1, le=2**31)
     # worker threads over row blocks (CPU); default: torch's thread count
     threads: int | None = Field(None, ge=1)
 
 
-BLOCK_BYTES = 6 * 2**20
+BLOCK_BYTES = 2 * 2**20  # a lane's temporaries stay in a core's cache (2 MB of L2 here)
+LANE_ROW_BYTES = 64 * 2**10  # with several lanes, every design row spans at least this much
 MAX_RESEEDS = 3  # per component; one that keeps emptying means the data support fewer components
 
 
-def block_rows_for(model: LatentModel, x: Tensor) -> int:
-    """Rows per block whose temporaries (features, log-joint, centered rows) take about
-    ``BLOCK_BYTES``: a power of two in [1024, 65536]. Blocks of a few MB stay in cache; much
-    smaller ones pay per-call overheads (measured at D = K = 16: full float64 best at 4096 rows,
-    float32 at 8192, diag at 16384; at D = K = 8 diag, 25000 rows beat 12500 in both dtypes)."""
-    per_row = (model.feature_count() + 2 * x.shape[1] + getattr(model, "k", 1)) * x.element_size()
+def block_rows_for(model: LatentModel, x: Tensor, lanes: int = 1) -> int:
+    """Rows per block: the largest power of two in [1024, 65536] whose temporaries (design and
+    log-joint) take at most ``BLOCK_BYTES``; with several lanes, at least ``LANE_ROW_BYTES`` /
+    itemsize rows (8192 in float64), because lanes take turns at the interpreter for every
+    kernel call, and short blocks leave them waiting on each other.
+
+    Measured (torch 2.13, MKL, 2 cores, 2 MB L2): one lane at D = K = 8 was fastest at 4096-8192
+    rows in float64 and 8192-16384 in float32 (full and diag); two lanes at D = K = 16 at 8192
+    in float64 and 16384 in float32, where 4096 rows cost 1.2-1.4× as much; at N = 100k,
+    D = K = 8 diag two lanes at 4096 rows cost 1.3× (float64) and 2× (float32) one lane's time."""
+    per_row = (model.design_rows() + model.k) * x.element_size()
     rows = 1024
     while rows < 65536 and 2 * rows * per_row <= BLOCK_BYTES:
         rows *= 2
+    if lanes > 1:
+        rows = max(rows, LANE_ROW_BYTES // x.element_size())
     return rows
 
 
@@ -113,9 +121,9 @@ class EM(Backend):
     ) -> FitResult:
         n = x.shape[0]
         params = {name: value.to(x) for name, value in init.items()}
-        block_rows = options.block_rows or block_rows_for(model, x)
-        shift = x[:block_rows].mean(0)  # second moments about a typical point keep their digits
         threads = options.threads or torch.get_num_threads()
+        block_rows = options.block_rows or block_rows_for(model, x, threads if x.device.type == "cpu" else 1)
+        shift = x[:block_rows].mean(0)  # second moments about a typical point keep their digits
         start = time.perf_counter()
         previous: float | None = None
         converged = False
@@ -223,24 +231,26 @@ def _e_lane(
     """The E-step and statistics of some row blocks (see ``_e_pass``).
 
     The log-sum-exp and the responsibilities share one exponential, floored at the smallest
-    normal number: subnormal results are ~40× slower on CPUs and weigh nothing."""
-    like = blocks[0]
+    normal number: subnormal results are ~40× slower on CPUs and weigh nothing. Responsibilities
+    are normalized by multiplying with the reciprocal of their sum: a broadcast division ran
+    2-8× slower (float32 worst)."""
+    like = blocks[0]  # the first block is the widest
     stats = model.new_stats(shift)
-    buffer = like.new_empty(model.feature_count(), like.shape[0])  # the first block is the widest
-    centered = like.new_empty(like.shape[1], like.shape[0])
+    design_buffer = like.new_empty(model.design_rows() * like.shape[0])
+    joint_buffer = like.new_empty(model.k * like.shape[0])
     floor = math.log(torch.finfo(like.dtype).tiny) + 1.0
     total = like.new_zeros((), dtype=torch.float64)
     for rows in blocks:
         if stop is not None and stop.is_set():
             break
-        xt = torch.sub(rows.T, shift[:, None], out=centered[:, : rows.shape[0]])
-        features = model.features(xt, buffer)
-        log_joint = model.block_log_joint(xt, features, prepared)
+        design = model.design(rows, shift, design_buffer)
+        log_joint = joint_buffer[: model.k * rows.shape[0]].view(model.k, rows.shape[0])
+        model.block_log_joint(design, prepared, log_joint)
         peak = log_joint.amax(0)
         resp = log_joint.sub_(peak).clamp_(min=floor).exp_()
         norm = resp.sum(0)
         total += (peak + norm.log()).sum()
-        model.accumulate(stats, xt, features, resp.div_(norm))
+        model.accumulate(stats, design, resp.mul_(norm.reciprocal()))
     return float(total), stats
 
 

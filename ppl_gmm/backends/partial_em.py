@@ -91,30 +91,29 @@ def e_step_rows(
     """The E-step on rows (B, D) at the θ of ``prepared``, in chunks of ``CHUNK_ROWS``.
 
     Adds the rows' statistics to ``stats`` (measured from ``prepared.shift``) when given, and
-    writes the features into ``buffer`` (F, ≥ min(B, CHUNK_ROWS)) when given. As batch EM's pass:
+    writes the designs into ``buffer`` (flat, ≥ R · min(B, CHUNK_ROWS)) when given. As batch EM's pass:
     one exponential, floored at the smallest normal number; with s_k = log p(x, k) - max_j log p(x, j)
     and r = softmax(s), the entropy is -Σ_k r_k log r_k = log Σ_k e^{s_k} - Σ_k r_k s_k.
     """
     shift = prepared.shift
     floor = math.log(torch.finfo(rows.dtype).tiny) + 1.0
     if buffer is None:
-        buffer = rows.new_empty(model.feature_count(), min(CHUNK_ROWS, rows.shape[0]))
+        buffer = rows.new_empty(model.design_rows() * min(CHUNK_ROWS, rows.shape[0]))
     log_likelihood = rows.new_zeros((), dtype=torch.float64)
     entropy = rows.new_zeros((), dtype=torch.float64)
     for chunk in rows.split(CHUNK_ROWS):
-        xt = (chunk - shift).T.contiguous()
-        features = model.features(xt, buffer)
-        shifted = model.block_log_joint(xt, features, prepared)
+        design = model.design(chunk, shift, buffer)
+        shifted = model.block_log_joint(design, prepared)
         peak = shifted.amax(0)
         shifted.sub_(peak).clamp_(min=floor)
         resp = shifted.exp()
         norm = resp.sum(0)
         log_norm = norm.log()
         log_likelihood += (peak + log_norm).sum()
-        resp.div_(norm)
+        resp.mul_(norm.reciprocal())  # faster than a broadcast division (see em._e_lane)
         entropy += log_norm.sum() - torch.dot(resp.view(-1), shifted.view(-1))
         if stats is not None:
-            model.accumulate(stats, xt, features, resp)
+            model.accumulate(stats, design, resp)
     return PartialEStep(float(log_likelihood), float(entropy))
 
 

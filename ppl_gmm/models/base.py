@@ -66,27 +66,29 @@ class LatentModel(ABC):
     def prepare(self, params: Params, shift: Tensor | None = None) -> Any:
         """Per-iteration constants that make ``block_log_joint`` cheap."""
 
-    # Blocks are transposed, points along columns, so that GEMMs have wide outputs.
+    # A block of B points becomes a design (R, B), points along columns, from which both the
+    # log-joint and the statistics are computed (GEMMs with long rows).
 
     @abstractmethod
-    def feature_count(self) -> int:
-        """How many features each point has for the E-step and the statistics."""
+    def design_rows(self) -> int:
+        """How many rows R a point's design has."""
 
     @abstractmethod
-    def features(self, xt: Tensor, out: Tensor | None = None) -> Tensor:
-        """Features (F, B) of centered points xt (D, B); written into ``out`` when given."""
+    def design(self, rows: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+        """The design (R, B) of points rows (B, D) measured from ``shift``; ``out`` a flat buffer
+        of at least R · B elements to write it into."""
 
     @abstractmethod
-    def block_log_joint(self, xt: Tensor, features: Tensor, prepared: Any) -> Tensor:
-        """``log_joint`` of centered points xt (D, B), transposed: (K, B)."""
+    def block_log_joint(self, design: Tensor, prepared: Any, out: Tensor | None = None) -> Tensor:
+        """``log_joint`` of a block's design, transposed: (K, B); written into ``out`` when given."""
 
     @abstractmethod
     def new_stats(self, shift: Tensor) -> Any:
         """Zero sufficient statistics of points measured from ``shift`` (D,)."""
 
     @abstractmethod
-    def accumulate(self, stats: Any, xt: Tensor, features: Tensor, resp: Tensor) -> None:
-        """Add centered points xt (D, B) with responsibilities resp (K, B) to ``stats`` in place."""
+    def accumulate(self, stats: Any, design: Tensor, resp: Tensor) -> None:
+        """Add points with design (R, B) and responsibilities resp (K, B) to ``stats`` in place."""
 
     @abstractmethod
     def add_stats(self, stats: Any, other: Any) -> None:
