@@ -51,20 +51,22 @@ class EMOptions(Options):
 
 
 BLOCK_BYTES = 2 * 2**20  # a lane's temporaries stay in a core's cache (2 MB of L2 here)
-LANE_ROW_BYTES = 64 * 2**10  # with several lanes, every design row spans at least this much
+LANE_ROW_BYTES = 32 * 2**10  # with several lanes, every design row spans at least this much
 MAX_RESEEDS = 3  # per component; one that keeps emptying means the data support fewer components
 
 
 def block_rows_for(model: LatentModel, x: Tensor, lanes: int = 1) -> int:
     """Rows per block: the largest power of two in [1024, 65536] whose temporaries (design and
     log-joint) take at most ``BLOCK_BYTES``; with several lanes, at least ``LANE_ROW_BYTES`` /
-    itemsize rows (8192 in float64), because lanes take turns at the interpreter for every
-    kernel call, and short blocks leave them waiting on each other.
+    itemsize rows (4096 in float64, 8192 in float32), because lanes take turns at the interpreter
+    for every kernel call, and short blocks leave them waiting on each other.
 
-    Measured (torch 2.13, MKL, 2 cores, 2 MB L2): one lane at D = K = 8 was fastest at 4096-8192
-    rows in float64 and 8192-16384 in float32 (full and diag); two lanes at D = K = 16 at 8192
-    in float64 and 16384 in float32, where 4096 rows cost 1.2-1.4× as much; at N = 100k,
-    D = K = 8 diag two lanes at 4096 rows cost 1.3× (float64) and 2× (float32) one lane's time."""
+    Measured (torch 2.13, MKL, 2 cores, 2 MB L2; medians of interleaved runs, ms per iteration),
+    two lanes at 2048 / 4096 / 8192 / 16384 rows: N = 1M, D = K = 16 full float64 197 / 201-213 /
+    236-259 / 317, float32 (4096 / 8192 / 16384) 95-115 / 104-111 / 118-138, diag float64
+    (4096 / 8192 / 16384) 79 / 72 / 72, float32 46 / 43 / 41; N = 100k, D = K = 8 full float64
+    9.9 / 7.6 / 11.7 / 10.9, float32 7.5 / 5.3 / 6.5 / 5.2, diag float64 8.5 / 4.7 / 7.0 / 6.1,
+    float32 5.2 / 3.4 / 4.6 / 2.9."""
     per_row = (model.design_rows() + model.k) * x.element_size()
     rows = 1024
     while rows < 65536 and 2 * rows * per_row <= BLOCK_BYTES:
