@@ -34,7 +34,7 @@ def _native_precisions(covariances: np.ndarray, covariance: str) -> np.ndarray:
     ]
 
 
-# k = 10 takes the other orientation of the statistics' GEMM (see gmm.weighted_moments)
+# k = 10: more components than the data have clusters, some of them small
 @pytest.mark.parametrize("k", [4, 10])
 @pytest.mark.parametrize("lanes", [{}, {"block_rows": 700, "threads": 3}], ids=["one-block", "threaded"])
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
