@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                     for rows in args.blocks if repeat % 2 == 0 else args.blocks[::-1]:
                         long, short = (_seconds(model, x, init, i, rows, args) for i in (1 + span, 1))
                         times[rows].append((long - short) / span * 1e3)
-                default = block_rows_for(model, x, args.threads)
+                default = block_rows_for(model, x)
                 print(f"\n{n:,} × {d}, K = {k}, {covariance}, {name}: default {default} rows")
                 for rows in args.blocks:
                     lanes = min(args.threads, math.ceil(n / rows))

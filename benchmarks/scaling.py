@@ -540,7 +540,7 @@ def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dic
     item = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     # per block and lane: the design (features, centered rows, ones) and the log-joint/responsibilities
     model = GaussianMixture(k, d, "full", None)
-    block_rows = block_rows_for(model, torch.empty(0, d, dtype=DTYPES[args.dtype]), args.threads)
+    block_rows = block_rows_for(model, torch.empty(0, d, dtype=DTYPES[args.dtype]))
     block_mb = block_rows * (model.design_rows() + k) * item / 2**20
     print(
         f"\nPart 1: ms per batch-EM iteration ({case.label}, {args.dtype}), "

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -50,29 +50,24 @@ class EMOptions(Options):
     threads: int | None = Field(None, ge=1)
 
 
-BLOCK_BYTES = 2 * 2**20  # a lane's temporaries stay in a core's cache (2 MB of L2 here)
-LANE_ROW_BYTES = 32 * 2**10  # with several lanes, every design row spans at least this much
+BLOCK_BYTES = 6 * 2**20  # a block's design and log-joint (see block_rows_for)
 MAX_RESEEDS = 3  # per component; one that keeps emptying means the data support fewer components
 
 
-def block_rows_for(model: LatentModel, x: Tensor, lanes: int = 1) -> int:
-    """Rows per block: the largest power of two in [1024, 65536] whose temporaries (design and
-    log-joint) take at most ``BLOCK_BYTES``; with several lanes, at least ``LANE_ROW_BYTES`` /
-    itemsize rows (4096 in float64, 8192 in float32), because lanes take turns at the interpreter
-    for every kernel call, and short blocks leave them waiting on each other.
+def block_rows_for(model: LatentModel, x: Tensor) -> int:
+    """Rows per block: the largest power of two in [1024, 65536] whose design and log-joint take
+    at most ``BLOCK_BYTES``.
 
-    Measured (torch 2.13, MKL, 2 cores, 2 MB L2; medians of interleaved runs, ms per iteration),
-    two lanes at 2048 / 4096 / 8192 / 16384 rows: N = 1M, D = K = 16 full float64 197 / 201-213 /
-    236-259 / 317, float32 (4096 / 8192 / 16384) 95-115 / 104-111 / 118-138, diag float64
-    (4096 / 8192 / 16384) 79 / 72 / 72, float32 46 / 43 / 41; N = 100k, D = K = 8 full float64
-    9.9 / 7.6 / 11.7 / 10.9, float32 7.5 / 5.3 / 6.5 / 5.2, diag float64 8.5 / 4.7 / 7.0 / 6.1,
-    float32 5.2 / 3.4 / 4.6 / 2.9."""
+    Measured (``python -m benchmarks.block_rows``: torch 2.13, MKL, 2 cores with 2 MB of L2 each,
+    two lanes; ms per iteration at 4096 / 8192 / 16384 rows): N = 1M, D = K = 16 full float64
+    178 / 228 / 266 (picked: 4096), float32 100 / 99 / 124 (8192), diag float64 72 / 66 / 69
+    (8192), float32 39 / 32 / 30 (16384); N = 100k, D = K = 8 full float64 7.6 / 6.7 / 6.4
+    (8192), float32 7.0 / 4.4 / 3.5 (16384), diag float64 4.8 / 3.7 / 3.7 (16384), float32
+    5.0 / 3.2 / 3.2 (32768)."""
     per_row = (model.design_rows() + model.k) * x.element_size()
     rows = 1024
     while rows < 65536 and 2 * rows * per_row <= BLOCK_BYTES:
         rows *= 2
-    if lanes > 1:
-        rows = max(rows, LANE_ROW_BYTES // x.element_size())
     return rows
 
 
@@ -124,7 +119,7 @@ class EM(Backend):
         n = x.shape[0]
         params = {name: value.to(x) for name, value in init.items()}
         threads = options.threads or torch.get_num_threads()
-        block_rows = options.block_rows or block_rows_for(model, x, threads if x.device.type == "cpu" else 1)
+        block_rows = options.block_rows or block_rows_for(model, x)
         shift = x[:block_rows].mean(0)  # second moments about a typical point keep their digits
         start = time.perf_counter()
         previous: float | None = None
@@ -132,50 +127,55 @@ class EM(Backend):
         reseeds = [0] * model.k  # per component
         reseed_steps: list[int] = []  # the step of each re-seed: its parameters are the first to have it
         step = 0
+        # with lanes, everything between passes (θ's constants, the M-step) runs single-threaded
+        # too: torch's idle kernel threads would otherwise spin for a while after each of its
+        # small parallel kernels, and take the lanes' cores
+        lanes = _lanes(x, block_rows, threads)
         try:
-            for step in range(options.max_iter + 1):
-                try:
-                    total, stats = _e_pass(model, x, params, shift, block_rows, threads)
-                except torch.linalg.LinAlgError:
-                    raise not_positive_definite(step, self.name, x.dtype) from None
-                try:
-                    log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
-                except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
-                    raise not_positive_definite(step, self.name, x.dtype) from None
-                log_likelihood = total / n
-                objective = log_likelihood + log_prior / n
-                if not math.isfinite(objective):
-                    raise FitError(
-                        f"step {step}: the objective is {objective}. Increase backends.em.reg_covar "
-                        "or set data.standardize: true."
-                    )
-                report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
-                if previous is not None and abs(objective - previous) < options.tol:
-                    converged = True
-                    break
-                if step == options.max_iter:
-                    break
-                params = model.m_step_stats(stats, options.reg_covar)
-                previous = objective
-                # with a prior the M-step is the posterior mode, which the prior alone defines for a
-                # component without points: a surplus component may empty out, as in VB
-                empty = [] if model.has_prior else empty_components(model.component_mass(stats))
-                if empty:
-                    for component in empty:
-                        reseeds[component] += 1
-                        if reseeds[component] > MAX_RESEEDS:
-                            raise FitError(
-                                f"step {step}: component {component} lost all its points again after "
-                                f"{MAX_RESEEDS} re-seeds: the data do not support model.k={model.k} "
-                                "components. Lower model.k, increase backends.em.reg_covar, or set "
-                                "data.standardize: true."
-                            )
+            with _kernel_threads(1) if lanes > 1 else nullcontext():
+                for step in range(options.max_iter + 1):
                     try:
-                        params = model.reseed(params, empty, x)
+                        total, stats = _e_pass(model, x, params, shift, block_rows, threads)
                     except torch.linalg.LinAlgError:
                         raise not_positive_definite(step, self.name, x.dtype) from None
-                    reseed_steps += [step + 1] * len(empty)
-                    previous = None  # a re-seed may lower the objective; that step cannot be the last
+                    try:
+                        log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
+                    except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
+                        raise not_positive_definite(step, self.name, x.dtype) from None
+                    log_likelihood = total / n
+                    objective = log_likelihood + log_prior / n
+                    if not math.isfinite(objective):
+                        raise FitError(
+                            f"step {step}: the objective is {objective}. Increase backends.em.reg_covar "
+                            "or set data.standardize: true."
+                        )
+                    report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
+                    if previous is not None and abs(objective - previous) < options.tol:
+                        converged = True
+                        break
+                    if step == options.max_iter:
+                        break
+                    params = model.m_step_stats(stats, options.reg_covar)
+                    previous = objective
+                    # with a prior the M-step is the posterior mode, which the prior alone defines for a
+                    # component without points: a surplus component may empty out, as in VB
+                    empty = [] if model.has_prior else empty_components(model.component_mass(stats))
+                    if empty:
+                        for component in empty:
+                            reseeds[component] += 1
+                            if reseeds[component] > MAX_RESEEDS:
+                                raise FitError(
+                                    f"step {step}: component {component} lost all its points again after "
+                                    f"{MAX_RESEEDS} re-seeds: the data do not support model.k={model.k} "
+                                    "components. Lower model.k, increase backends.em.reg_covar, or set "
+                                    "data.standardize: true."
+                                )
+                        try:
+                            params = model.reseed(params, empty, x)
+                        except torch.linalg.LinAlgError:
+                            raise not_positive_definite(step, self.name, x.dtype) from None
+                        reseed_steps += [step + 1] * len(empty)
+                        previous = None  # a re-seed may lower the objective; that step cannot be the last
         finally:
             _close_pools()  # no worker threads outlive the fit
         return FitResult(
@@ -199,7 +199,7 @@ def _e_pass(
     GEMM shapes (K outputs) lanes scale better than the kernels' own threads."""
     prepared = model.prepare(params, shift)
     n = x.shape[0]
-    lanes = min(threads, math.ceil(n / block_rows)) if x.device.type == "cpu" else 1
+    lanes = _lanes(x, block_rows, threads)
     if lanes > 1:  # equal blocks, a whole number per lane: no lane waits for another
         block_rows = math.ceil(n / (lanes * math.ceil(n / (lanes * block_rows))))
     blocks = x.split(block_rows)
@@ -257,6 +257,11 @@ def _e_lane(
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _lanes(x: Tensor, block_rows: int, threads: int) -> int:
+    """How many worker threads a pass over x takes (CPU only; at most one per block)."""
+    return min(threads, math.ceil(x.shape[0] / block_rows)) if x.device.type == "cpu" else 1
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
