@@ -346,12 +346,12 @@ def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
     """Σ_n design[:, n] resp[:, n]^T for a design (R, B) and responsibilities (K, B): (R, K).
 
     Both orientations of the GEMM give the same sums up to rounding, but not at the same speed.
-    Measured with torch 2.13's MKL on one core (GFLOP/s at B = 2048-16384, ``benchmarks.block_rows``
-    shapes): in float64 resp @ design^T was never slower and often much faster (R = 153, K = 16:
-    29-36 against 20-26; K = 8: 19-31 against 9-14; R = 17, K = 8: 21 against 14); in float32 it
-    was faster up to K = 8 (R = 153: 47-56 against 37-44), and design @ resp^T faster at K = 16
-    (R = 45: 66-72 against 50-52). The choice depends on shapes and dtype only, so results stay
-    reproducible."""
+    Measured with torch 2.13's MKL on one core (GFLOP/s of the two GEMMs alone, B = 2048-16384,
+    the designs of D = 8 and 16): in float64 resp @ design^T was never slower and often much
+    faster (R = 153, K = 16: 29-36 against 20-26; K = 8: 19-31 against 9-14; R = 17, K = 8: 21
+    against 14); in float32 it was faster up to K = 8 (R = 153: 47-56 against 37-44), and
+    design @ resp^T faster at K = 16 (R = 45: 66-72 against 50-52). The choice depends on shapes
+    and dtype only, so results stay reproducible."""
     if design.dtype == torch.float32 and resp.shape[0] > 8:
         return torch.mm(design, resp.T)
     return torch.mm(resp, design.T).T
