@@ -5,9 +5,9 @@ For each configuration (N, D, K, covariance, dtype) and each ``--blocks`` size, 
 data (``make_synthetic``, separation 3) from a k-means++ start, at two run lengths A < B: ms per
 iteration = (t_B - t_A) / (B - A), so set-up and the first E-step cancel. The block sizes are
 interleaved (their order reverses every repeat), each timed run waits for the machine to go quiet,
-and medians are reported with every repeat, next to the size ``block_rows_for`` picks. Note that
-with several lanes ``_e_pass`` evens the blocks out (a whole number per lane), so the rows actually
-used are printed too.
+and medians are reported with every repeat, next to the size ``block_rows_for`` picks. With several
+lanes a pass evens the blocks out (``em.lane_block_rows``: a whole number per lane), so the rows
+actually used are printed too.
 
     .venv/bin/python -m benchmarks.block_rows                                   # the defaults below
     .venv/bin/python -m benchmarks.block_rows --sizes 1000000,16,16 --covariance full --dtype float64
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import measure, wait_until_quiet
-from ppl_gmm.backends.em import EM, EMOptions, block_rows_for
+from ppl_gmm.backends.em import EM, EMOptions, block_rows_for, lane_block_rows
 from ppl_gmm.config import InitConfig, ModelConfig
 from ppl_gmm.data import make_synthetic
 from ppl_gmm.init import initialize
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 default = block_rows_for(model, x)
                 print(f"\n{n:,} × {d}, K = {k}, {covariance}, {name}: default {default} rows")
                 for rows in args.blocks:
-                    lanes = min(args.threads, math.ceil(n / rows))
-                    used = math.ceil(n / (lanes * math.ceil(n / (lanes * rows)))) if lanes > 1 else rows
+                    used = lane_block_rows(n, rows, min(args.threads, math.ceil(n / rows)))
                     runs = " ".join(f"{v:.1f}" for v in times[rows])
                     median = statistics.median(times[rows])
                     print(f"  {rows:6d} rows (used {used:6d}): {median:8.2f} ms  [{runs}]")

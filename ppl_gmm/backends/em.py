@@ -200,8 +200,7 @@ def _e_pass(
     prepared = model.prepare(params, shift)
     n = x.shape[0]
     lanes = _lanes(x, block_rows, threads)
-    if lanes > 1:  # equal blocks, a whole number per lane: no lane waits for another
-        block_rows = math.ceil(n / (lanes * math.ceil(n / (lanes * block_rows))))
+    block_rows = lane_block_rows(n, block_rows, lanes)
     blocks = x.split(block_rows)
     if lanes <= 1:
         return _e_lane(model, blocks, prepared, shift, None)
@@ -262,6 +261,14 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 def _lanes(x: Tensor, block_rows: int, threads: int) -> int:
     """How many worker threads a pass over x takes (CPU only; at most one per block)."""
     return min(threads, math.ceil(x.shape[0] / block_rows)) if x.device.type == "cpu" else 1
+
+
+def lane_block_rows(n: int, block_rows: int, lanes: int) -> int:
+    """The rows per block a pass over n rows uses: with several lanes, blocks of equal size, a
+    whole number per lane, so that no lane waits for another."""
+    if lanes <= 1:
+        return block_rows
+    return math.ceil(n / (lanes * math.ceil(n / (lanes * block_rows))))
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
