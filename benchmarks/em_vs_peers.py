@@ -29,18 +29,19 @@ run was not slower than its A run was disturbed, and is run again (at most three
 Repeats are interleaved (the order of the implementations rotates, the A/B order alternates) and
 medians reported.
 
-Thread settings: every implementation, ours included, is tried at each of its settings and keeps the
-fastest (column ``thr``; column ``probe`` gives each setting's best probe time t_1 + t_2 in ms). The
-choice is made before the timed repeats, on probes of the first ``--probe-rows`` rows (runs of 1 and
-2 iterations, each the faster of at least two runs; a second round for the settings within 1.5x of
-the best), by the fastest probe (t_A + t_B). On this shared 2-core machine a 2-thread run stalls
-badly whenever another process takes a core; so when another process kept more than ``--quiet``
-cores busy during a timed multi-threaded run, the single-threaded setting is timed right after it
-and the faster of the two counts for that repeat (``thr`` then lists both, e.g. ``2/1``; CSV column
-``used``). Before each timed run the script waits (at most ``--max-wait`` s) for other processes to
-go quiet, and records how many cores they kept busy (``other_cores_max``, column ``busy``) and the
-minor page faults per iteration (``minflt_per_iter``, from ``getrusage``; for array-API mode, its
-own process's). Where N >= ``--large``, ``--iters-large`` and ``--repeats-large`` apply.
+Thread settings: every implementation, ours included, is timed at each of its settings in every
+repeat (the settings' order alternates between repeats) and keeps the setting with the fastest median
+(column ``thr``; column ``median by threads`` gives each setting's median ms per iteration; CSV rows
+``kind=run`` carry ``used`` for the chosen setting's runs). Choosing on the measure that is reported,
+in the same interleaved repeats, replaced short probes before the timed runs: on a noisy 2-core
+machine a probe of one or two iterations picked the slower setting for our float64 and float32 at
+N = 100k, D = K = 8 in successive runs (two lanes were 1.15-1.4x faster per iteration when timed
+interleaved), and any probe that sums run times counts fixed costs, such as starting our lanes' worker
+threads, that a longer fit pays once. Before each timed run the script waits (at most ``--max-wait``
+s) for other processes to go quiet, and records how many cores they kept busy (``other_cores_max``,
+column ``busy``) and the minor page faults per iteration (``minflt_per_iter``, from ``getrusage``;
+for array-API mode, its own process's). Where N >= ``--large``, ``--iters-large`` and
+``--repeats-large`` apply.
 
 The GEMM floor is 4·N·K·D² flops (E-step quadratic forms and M-step outer products) at the rate of a
 plain 1024×1024×1024 ``torch.mm`` in that dtype, measured on the spot: at start-up and again before
@@ -64,8 +65,8 @@ N = 1M, D = K = 16 without them glibc hands scikit-learn's and pomegranate's lar
 to the OS after each use, and pomegranate paid ~3.6 million minor page faults per iteration (about
 3x slower), scikit-learn ~40 thousand; ours, which reuses its block buffers, paid none either way
 (see ``minflt_per_iter``). Results are written (overwritten) to benchmarks/results/em_vs_peers.csv:
-one row per timed pair (``kind=run``; ``kind=probe`` for the thread probes) and one per
-configuration and implementation (``kind=median``). Not part of the test suite.
+one row per timed pair (``kind=run``, every thread setting) and one per configuration and
+implementation (``kind=median``, at the chosen setting). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -105,7 +106,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "em_vs_peers.csv"
 DEFAULT_SIZES = ("10000,2,3", "100000,8,8", "1000000,16,16")
 QUICK_MAX_N = 100_000
 TARGET_MIN_N = 100_000  # the issue's speed targets concern its table's sizes
-PROBE_ITERS = (1, 2)  # run lengths of the thread probes on --probe-rows rows
 REG_COVAR = 1e-6
 SEPARATION = 4.0  # as benchmarks/svi_overhead
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
@@ -178,14 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run lengths where N >= --large (default 1 3)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
-    parser.add_argument("--repeats-large", type=int, default=2, help="repeats where N >= --large (default 2)")
+    parser.add_argument("--repeats-large", type=int, default=3, help="repeats where N >= --large (default 3)")
     parser.add_argument("--large", type=int, default=1_000_000, help="what N counts as large (default 1e6)")
-    parser.add_argument(
-        "--probe-rows",
-        type=int,
-        default=100_000,
-        help="thread settings are chosen on probes of at most this many rows (default 100000)",
-    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -242,8 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a, b = getattr(args, name)
         if not 1 <= a < b:
             parser.error(f"--{name.replace('_', '-')}: need 1 <= A < B")
-    if min(args.repeats, args.repeats_large, args.probe_rows, *args.threads, *args.peer_threads) < 1:
-        parser.error("--repeats, --repeats-large, --probe-rows, --threads and --peer-threads must be >= 1")
+    if min(args.repeats, args.repeats_large, *args.threads, *args.peer_threads) < 1:
+        parser.error("--repeats, --repeats-large, --threads and --peer-threads must be >= 1")
     args.threads = tuple(sorted(set(args.threads)))
     args.peer_threads = tuple(sorted(set(args.peer_threads)))
     return args
@@ -529,8 +523,7 @@ class Contender:
     run: Callable[[int, int, bool, int | None], Run]  # (iters, threads, want_ll, rows)
     note: str = ""
     chosen: int | None = None
-    tried: dict[int, float] = field(default_factory=dict)  # best probe t_A + t_B (ms) per setting
-    tried_on: str = ""
+    tried: dict[int, float] = field(default_factory=dict)  # median ms per iteration per setting
     runs: list[dict] = field(default_factory=list)
     ll: float | None = None
     error: str | None = None
@@ -548,30 +541,6 @@ def _rel(a: float | None, b: float | None) -> float:
 
 def _error(exc: Exception) -> str:
     return (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
-
-
-def choose_threads(c: Contender, args, rows: int) -> list[dict]:
-    """Sets ``c.chosen`` (and ``c.tried``) from probes on ``rows`` rows; returns the probes.
-
-    Round one probes every setting; round two re-probes the settings within 1.5x of the best one
-    (a setting that stalled is out at once, which keeps the probes cheap on a busy machine). Each
-    probe run is the faster of at least two, and the choice is the setting with the fastest probe
-    (t_A + t_B): timing noise here only ever adds time. A setting that then stalls in the timed
-    runs because another process took a core is covered by the single-threaded fallback there."""
-    first = [time_pair(c, *PROBE_ITERS, t, False, args, rows=rows, min_runs=2) for t in c.threads]
-    best = min(p["seconds_a"] + p["seconds_b"] for p in first)
-    second = [
-        time_pair(c, *PROBE_ITERS, p["threads"], False, args, rows=rows, min_runs=2)
-        for p in first
-        if p["seconds_a"] + p["seconds_b"] <= 1.5 * best
-    ]
-    probes = first + second
-    c.chosen = min(probes, key=lambda p: p["seconds_a"] + p["seconds_b"])["threads"]
-    c.tried = {
-        t: 1000 * min(p["seconds_a"] + p["seconds_b"] for p in probes if p["threads"] == t) for t in c.threads
-    }
-    c.tried_on = f"{rows // 1000}k rows" if rows >= 1000 else f"{rows} rows"
-    return probes
 
 
 def time_pair(
@@ -723,37 +692,28 @@ def main(argv: list[str] | None = None) -> int:
                             c.run(1, t, False, min(size.n, 20_000))
                         except Exception as exc:  # noqa: BLE001
                             c.error = _error(exc)
-                probe_rows = min(size.n, args.probe_rows)
-                for c in contenders:  # choose each one's thread setting
-                    if c.error:
-                        continue
-                    if len(c.threads) == 1:
-                        c.chosen = c.threads[0]
-                        continue
-                    try:
-                        probes = choose_threads(c, args, probe_rows)
-                    except Exception as exc:  # noqa: BLE001
-                        c.error = _error(exc)
-                        continue
-                    rows.extend(_row(stamp, size, covariance, c, *PROBE_ITERS, "probe", **p) for p in probes)
                 for r in range(repeats):
                     shift = r % len(contenders)
                     for c in contenders[shift:] + contenders[:shift]:
                         if c.error:
                             continue
-                        try:
-                            pair = time_pair(c, a, b, c.chosen, r % 2 == 1, args)
-                            pairs = [pair]
-                            fallback = min(c.threads)
-                            if c.chosen != fallback and pair["other_cores_max"] > args.quiet:
-                                # another process took a core during a multi-threaded run, which
-                                # may have stalled it: time the single-threaded setting too
-                                pairs.append(time_pair(c, a, b, fallback, r % 2 == 1, args))
-                        except Exception as exc:  # noqa: BLE001
-                            c.error = _error(exc)
-                            continue
-                        best = min(pairs, key=lambda p: p["seconds_a"] + p["seconds_b"])
-                        c.runs.extend({"repeat": r + 1, "used": p is best, **p} for p in pairs)
+                        for t in c.threads if r % 2 == 0 else c.threads[::-1]:
+                            try:
+                                pair = time_pair(c, a, b, t, r % 2 == 1, args)
+                            except Exception as exc:  # noqa: BLE001
+                                c.error = _error(exc)
+                                break
+                            c.runs.append({"repeat": r + 1, **pair})
+                for c in contenders:  # each keeps its fastest setting
+                    if c.error or not c.runs:
+                        continue
+                    c.tried = {
+                        t: statistics.median(run["ms_per_iter"] for run in c.runs if run["threads"] == t)
+                        for t in c.threads
+                    }
+                    c.chosen = min(c.tried, key=c.tried.get)
+                    for run in c.runs:
+                        run["used"] = run["threads"] == c.chosen
                 memory = {}
                 if not args.no_memory:
                     for c in contenders:
@@ -888,15 +848,14 @@ def _summarize(stamp, size, covariance, a, b, contenders, rates, em_rates, memor
     sk_ll = next((c.ll for c in contenders if c.impl == "sklearn"), None)
     print(
         f"  {'implementation':<31}{'dtype':<8}{'thr':>3}{'ms/iter':>9}  {'min–max':<13}{'ours ×':>7}"
-        f"  {'probe: t1+t2 ms':<28}{'final mean log-lik.':>20}  {'vs sklearn':>10}"
+        f"  {'median by threads':<28}{'final mean log-lik.':>20}  {'vs sklearn':>10}"
         f"{'faults/it':>10}{'busy':>6}"
     )
     out_rows = []
     for c in contenders:
         key = (c.impl, c.dtype)
         chosen_runs = [run for run in c.runs if run["used"]]
-        used_threads = sorted({run["threads"] for run in chosen_runs}, key=lambda t: t != c.chosen)
-        thr = "/".join(map(str, used_threads)) or "—"
+        thr = str(c.chosen) if c.chosen is not None else "—"
         values = [run["ms_per_iter"] for run in chosen_runs]
         ms = meds.get(key, math.nan)
         lo, hi = (min(values), max(values)) if values else (math.nan, math.nan)
@@ -905,8 +864,6 @@ def _summarize(stamp, size, covariance, a, b, contenders, rates, em_rates, memor
         )
         other = max((run["other_cores_max"] for run in chosen_runs), default=math.nan)
         tried = " / ".join(f"{t}t {_fmt_ms(v)}" for t, v in sorted(c.tried.items()))
-        if len(c.tried) > 1:
-            tried += f" ({c.tried_on})"
         rel = _rel(c.ll, sk_ll)
         ours_ms = meds.get(("ours", c.dtype), math.nan)
         speed = ms / ours_ms
@@ -931,7 +888,7 @@ def _summarize(stamp, size, covariance, a, b, contenders, rates, em_rates, memor
             "iters_a": a,
             "iters_b": b,
             "threads": thr,
-            "thread_probes_ms": tried,
+            "ms_per_iter_by_threads": tried,
             "repeats": len(chosen_runs),
             "ms_per_iter": ms,
             "ms_min": lo,
