@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import resource
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Measured", "busy_seconds", "measure", "wait_until_quiet"]
+__all__ = ["Measured", "busy_seconds", "machine", "measure", "wait_until_quiet"]
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine() -> str:
+    """The processor's model name and per-core L2 size, with the CPU count: timings and their
+    ratios here differ between processors more than between runs."""
+    model, l2 = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as handle:
+            l2 = f", L2 {handle.read().strip()} per core"
+    except (OSError, StopIteration):
+        pass
+    return f"{model}{l2}, {os.cpu_count()} CPUs"
 
 
 def busy_seconds() -> float | None:

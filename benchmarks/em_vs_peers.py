@@ -77,7 +77,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -99,7 +98,7 @@ from ppl_gmm.data import make_synthetic
 from ppl_gmm.init import initialize
 from ppl_gmm.models.gmm import GaussianMixture
 
-from ._common import Measured, measure, wait_until_quiet
+from ._common import Measured, machine, measure, wait_until_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "em_vs_peers.csv"
@@ -639,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"em_vs_peers: ours at torch threads {list(args.threads)}, peers at {list(args.peer_threads)} "
         f"(fastest kept); {', '.join(f'{k} {v}' for k, v in versions.items())}; malloc env {malloc_env}; "
-        f"{platform.machine()}, {os.cpu_count()} CPUs"
+        f"{machine()}"
     )
     print(
         "GEMM rate at start (1024³ torch.mm, best of 7): "

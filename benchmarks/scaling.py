@@ -70,7 +70,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -93,7 +92,7 @@ from ppl_gmm.data import make_synthetic
 from ppl_gmm.init import initialize
 from ppl_gmm.models.gmm import GaussianMixture
 
-from ._common import measure, wait_until_quiet
+from ._common import machine, measure, wait_until_quiet
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.csv"
@@ -805,8 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"timestamp": stamp, "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__}
     print(
         f"scaling: N up to {args.max_n:,}, {args.main_case.label}, full covariance, {args.dtype}, "
-        f"threads={args.threads} (torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores)"
+        f"threads={args.threads} (torch {torch.__version__}, {machine()})"
     )
     began = time.perf_counter()
     rows: list[dict] = []

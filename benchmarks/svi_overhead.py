@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import gc
 import math
-import platform
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -53,7 +52,7 @@ from ppl_gmm.models.base import LatentModel, Params
 from ppl_gmm.models.gmm import GaussianMixture
 from ppl_gmm.runs import write_csv
 
-from ._common import measure, wait_until_quiet
+from ._common import machine, measure, wait_until_quiet
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "svi_overhead.csv"
 LR = 0.05  # MAPOptions' default; the bare loop uses the same
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"svi_overhead: N={args.n} D={args.dim} K={args.k} dtype={x.dtype} threads="
         f"{torch.get_num_threads()} steps {short}->{long} repeats={args.repeats} "
-        f"(torch {torch.__version__}, pyro {pyro.__version__}, {platform.processor() or platform.machine()})"
+        f"(torch {torch.__version__}, pyro {pyro.__version__}, {machine()})"
     )
     # the check doubles as a warm-up of both code paths
     check = check_trajectories(model, x, init, args.check_steps)
