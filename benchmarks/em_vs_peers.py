@@ -528,6 +528,13 @@ class Contender:
     error: str | None = None
 
 
+def _progress(text: str) -> None:
+    """What is being timed, on one line of a terminal's stderr (nothing when stderr is a file)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K{text}")
+        sys.stderr.flush()
+
+
 def _fmt_ms(ms: float | None) -> str:
     if ms is None or not math.isfinite(ms):
         return "—"
@@ -697,12 +704,17 @@ def main(argv: list[str] | None = None) -> int:
                         if c.error:
                             continue
                         for t in c.threads if r % 2 == 0 else c.threads[::-1]:
+                            _progress(
+                                f"{size.label} {covariance}: repeat {r + 1}/{repeats}, "
+                                f"{LABELS[c.impl]} {c.dtype} at {t} thread(s)"
+                            )
                             try:
                                 pair = time_pair(c, a, b, t, r % 2 == 1, args)
                             except Exception as exc:  # noqa: BLE001
                                 c.error = _error(exc)
                                 break
                             c.runs.append({"repeat": r + 1, **pair})
+                _progress("")
                 for c in contenders:  # each keeps its fastest setting
                     if c.error or not c.runs:
                         continue
