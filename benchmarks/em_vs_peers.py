@@ -549,13 +549,11 @@ def _error(exc: Exception) -> str:
     return (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
 
 
-def time_pair(
-    c: Contender, a: int, b: int, threads: int, flip: bool, args, rows: int | None = None, min_runs: int = 1
-) -> dict:
+def time_pair(c: Contender, a: int, b: int, threads: int, flip: bool, args) -> dict:
     """Runs of A and B iterations (B first when ``flip``). A run shorter than ``--min-run-time`` is
     repeated until that much time is spent (at most 10 runs) and its fastest time kept: preemption
     only ever adds time, so the minimum of a few short runs is robust where one run is not. The
-    final log-likelihood is kept from the first full-size B run."""
+    final log-likelihood is kept from the first B run."""
     for _ in range(3):  # a B run faster than its A run was disturbed: both are run again
         got: dict[int, Measured] = {}
         count: dict[int, int] = {}
@@ -563,9 +561,9 @@ def time_pair(
             spent, best, count[n_it] = 0.0, None, 0
             gc.collect()  # fast: the objects of the imports are frozen (see main)
             wait_until_quiet(args.quiet, args.max_wait)
-            while count[n_it] < 10 and (count[n_it] < min_runs or spent < args.min_run_time):
-                want = rows is None and c.ll is None and n_it == b
-                measured, ll = c.run(n_it, threads, want, rows)
+            while count[n_it] < 10 and (count[n_it] == 0 or spent < args.min_run_time):
+                want = c.ll is None and n_it == b
+                measured, ll = c.run(n_it, threads, want, None)
                 if want:
                     c.ll = ll
                 spent += measured.seconds
@@ -716,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
                             c.runs.append({"repeat": r + 1, **pair})
                 _progress("")
                 for c in contenders:  # each keeps its fastest setting
+                    for run in c.runs:
+                        run["used"] = False
                     if c.error or not c.runs:
                         continue
                     c.tried = {
