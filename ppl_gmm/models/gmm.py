@@ -350,7 +350,9 @@ def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
     the designs of D = 8 and 16): in float64 resp @ design^T was never slower and often much
     faster (R = 153, K = 16: 29-36 against 20-26; K = 8: 19-31 against 9-14; R = 17, K = 8: 21
     against 14); in float32 it was faster up to K = 8 (R = 153: 47-56 against 37-44), and
-    design @ resp^T faster at K = 16 (R = 45: 66-72 against 50-52). The choice depends on shapes
+    design @ resp^T faster at K = 16 (R = 45: 66-72 against 50-52). Those figures are from the
+    Intel machine of the README's earlier runs; on the 2-vCPU AMD EPYC of its latest runs neither
+    orientation won consistently (float64 9-18 GFLOP/s either way). The choice depends on shapes
     and dtype only, so results stay reproducible."""
     if design.dtype == torch.float32 and resp.shape[0] > 8:
         return torch.mm(design, resp.T)
