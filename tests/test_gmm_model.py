@@ -13,7 +13,7 @@ from torch.distributions import transform_to
 
 from ppl_gmm.config import HyperConfig, ModelConfig
 from ppl_gmm.models import MODELS
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, unvech
 
 CASES = list(itertools.product(["full", "tied", "diag", "spherical"], ["none", "conjugate"]))
 
@@ -218,6 +218,25 @@ def test_weight_concentration_defaults_per_weight_prior(blobs) -> None:
     assert prior.weight_concentration == pytest.approx(1 / 5) and prior.stick_breaking
 
 
+@pytest.mark.parametrize("d", range(1, 8))
+def test_design_holds_every_product_once(d: int) -> None:
+    """A point's quadratic features, laid back out as a matrix, are x x^T (each pair once, odd
+    and even D), followed by 1 and x; a reused buffer with a smaller block gives the same."""
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(7, d))
+    shift = rng.normal(size=d)
+    model = GaussianMixture(2, d, "full", None)
+    buffer = torch.full((model.buffer_rows() * 9,), float("nan"), dtype=torch.float64)
+    design = model.design(torch.from_numpy(x), torch.from_numpy(shift), buffer)
+    f = d * (d + 1) // 2
+    assert design.shape == (f + 1 + d, 7)
+    centered = x - shift
+    outer = unvech(design[:f].T, d).numpy()
+    np.testing.assert_allclose(outer, centered[:, :, None] * centered[:, None, :], rtol=1e-15)
+    np.testing.assert_array_equal(design[f].numpy(), np.ones(7))
+    np.testing.assert_allclose(design[f + 1 :].numpy(), centered.T, rtol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 # in float32, k = 12 takes the other orientation of the statistics GEMM (gmm.weighted_moments)
 @pytest.mark.parametrize("k", [3, 6, 12])
@@ -235,14 +254,14 @@ def test_block_statistics_equal_direct_sums(covariance: str, k: int, dtype: torc
     model.accumulate(stats, design, torch.from_numpy(resp.T.copy()).to(dtype))
     centered = x - shift
     outer = centered[:, :, None] * centered[:, None, :]
-    rows, cols = np.triu_indices(4)
     second = {
-        "full": np.einsum("nk,nij->kij", resp, outer)[:, rows, cols],
-        "tied": outer.sum(0)[rows, cols],
+        "full": np.einsum("nk,nij->kij", resp, outer),
+        "tied": outer.sum(0),
         "diag": resp.T @ centered**2,
         "spherical": resp.T @ centered**2,
     }[covariance]
+    ours = stats.second if covariance in ("diag", "spherical") else unvech(stats.second, 4)
     rtol = 1e-12 if dtype == torch.float64 else 2e-5
     np.testing.assert_allclose(stats.nk.double().numpy(), resp.sum(0), rtol=rtol)
     np.testing.assert_allclose(stats.sums.double().numpy(), resp.T @ centered, rtol=rtol, atol=rtol * 500)
-    np.testing.assert_allclose(stats.second.double().numpy(), second, rtol=rtol, atol=rtol * 500)
+    np.testing.assert_allclose(ours.double().numpy(), second, rtol=rtol, atol=rtol * 500)

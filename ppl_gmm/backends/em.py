@@ -237,7 +237,7 @@ def _e_lane(
     2-8× slower (float32 worst)."""
     like = blocks[0]  # the first block is the widest
     stats = model.new_stats(shift)
-    design_buffer = like.new_empty(model.design_rows() * like.shape[0])
+    design_buffer = like.new_empty(model.buffer_rows() * like.shape[0])
     joint_buffer = like.new_empty(model.k * like.shape[0])
     floor = math.log(torch.finfo(like.dtype).tiny) + 1.0
     total = like.new_zeros((), dtype=torch.float64)

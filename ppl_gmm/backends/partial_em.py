@@ -98,7 +98,7 @@ def e_step_rows(
     shift = prepared.shift
     floor = math.log(torch.finfo(rows.dtype).tiny) + 1.0
     if buffer is None:
-        buffer = rows.new_empty(model.design_rows() * min(CHUNK_ROWS, rows.shape[0]))
+        buffer = rows.new_empty(model.buffer_rows() * min(CHUNK_ROWS, rows.shape[0]))
     log_likelihood = rows.new_zeros((), dtype=torch.float64)
     entropy = rows.new_zeros((), dtype=torch.float64)
     for chunk in rows.split(CHUNK_ROWS):

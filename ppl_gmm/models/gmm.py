@@ -120,8 +120,8 @@ class SufficientStats(NamedTuple):
     Everything is of x - shift (a fixed vector, e.g. the data mean, so that second moments do not
     lose digits to large offsets): nk (K,) Σ r_nk; sums (K, D) Σ r_nk (x_n - shift); second: full
     (K, D, D) Σ r_nk (x - shift)(x - shift)^T, tied (D, D) Σ (x - shift)(x - shift)^T, diag and
-    spherical (K, D) Σ r_nk (x - shift)²; full keeps upper triangles only, (K, D(D+1)/2), and tied
-    (D(D+1)/2,).
+    spherical (K, D) Σ r_nk (x - shift)²; full keeps each pair i <= j once, (K, D(D+1)/2), and tied
+    (D(D+1)/2,), in the order of the features φ(x) (``_offsets``; ``unvech`` lays them out).
     """
 
     shift: Tensor
@@ -130,25 +130,48 @@ class SufficientStats(NamedTuple):
     second: Tensor
 
 
+def _offsets(d: int) -> tuple[int, int]:
+    """The order of φ(x), the D(D+1)/2 products x_i x_j, i <= j, of a point of dimension D: for
+    each offset o = 0, ..., ``spans`` - 1 the D products x_i x_{(i + o) mod D}, i = 0, ..., D - 1,
+    then (D even) the ``half`` = D/2 products x_i x_{i + D/2}, i < D/2. Each pair comes once, and
+    whole offsets make the features a few large products (``quadratic_features``)."""
+    return ((d + 1) // 2, 0) if d % 2 else (d // 2, d // 2)
+
+
 def _pairs(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    rows, cols = torch.triu_indices(d, d, device=device)
+    """The (i, j) of each feature of φ(x), in its order (see ``_offsets``)."""
+    spans, half = _offsets(d)
+    index = torch.arange(d, device=device)
+    rows = torch.cat([index.repeat(spans), index[:half]])
+    cols = torch.cat([(index + offset) % d for offset in range(spans)] + [index[:half] + half])
     return rows, cols
 
 
-def quadratic_features(xt: Tensor, out: Tensor | None = None) -> Tensor:
-    """vech(x x^T) of each column of xt (D, B): the products x_i x_j, i <= j, as (D(D+1)/2, B).
-    One slice product per row i (fast: no gathers); ``out`` is reused when given."""
-    d, b = xt.shape
-    out = xt.new_empty(d * (d + 1) // 2, b) if out is None else out[:, :b]
-    start = 0
-    for i in range(d):
-        torch.mul(xt[i : i + 1], xt[i:], out=out[start : start + d - i])
-        start += d - i
+def wrap_rows(kernel: str, d: int) -> int:
+    """How many rows of scratch ``block_design`` needs after the design: the first ``spans`` - 1
+    coordinates again, so that the products of each offset are one strided view."""
+    return 0 if kernel == "diag" else _offsets(d)[0] - 1
+
+
+def quadratic_features(wrapped: Tensor, d: int, out: Tensor) -> Tensor:
+    """φ(x) (D(D+1)/2, B) into ``out`` for points along the columns of ``wrapped`` (D + spans - 1,
+    B): the coordinates x (D rows) and room for the first spans - 1 of them again, which this
+    fills. Two or three kernels whatever D (see ``_offsets``): few calls into torch keep the
+    worker lanes of a pass from queueing for the interpreter."""
+    spans, half = _offsets(d)
+    b = wrapped.shape[1]
+    if spans > 1:
+        wrapped[d:].copy_(wrapped[: spans - 1])
+    stride = wrapped.stride()
+    windows = wrapped.as_strided((spans, d, b), (stride[0], stride[0], stride[1]))
+    torch.mul(windows, wrapped[:d], out=out[: spans * d].view(spans, d, b))
+    if half:
+        torch.mul(wrapped[:half], wrapped[half:d], out=out[spans * d :])
     return out
 
 
-def _unvech(v: Tensor, d: int) -> Tensor:
-    """Symmetric (..., D, D) matrices from their upper triangles (..., D(D+1)/2)."""
+def unvech(v: Tensor, d: int) -> Tensor:
+    """Symmetric (..., D, D) matrices from their features (..., D(D+1)/2), in φ(x)'s order."""
     rows, cols = _pairs(d, v.device)
     out = v.new_zeros(*v.shape[:-1], d, d)
     out[..., rows, cols] = v
@@ -164,14 +187,14 @@ def _quadratic_weights(precisions: Tensor) -> Tensor:
 
 
 def _scatter_stats_full(stats: SufficientStats, means: Tensor) -> Tensor:
-    second = _unvech(stats.second, means.shape[1])
+    second = unvech(stats.second, means.shape[1])
     cross = means[:, :, None] * stats.sums[:, None, :]
     return second - cross - cross.mT + stats.nk[:, None, None] * means[:, :, None] * means[:, None, :]
 
 
 def _scatter_stats_tied(stats: SufficientStats, means: Tensor) -> Tensor:
     cross = means.T @ stats.sums
-    return _unvech(stats.second, means.shape[1]) - cross - cross.T + (stats.nk[:, None] * means).T @ means
+    return unvech(stats.second, means.shape[1]) - cross - cross.T + (stats.nk[:, None] * means).T @ means
 
 
 def _scatter_stats_diag(stats: SufficientStats, means: Tensor) -> Tensor:
@@ -279,12 +302,13 @@ def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
 class Prepared:
     """Per-iteration constants of the E-step, so that a row block's log-joint is one GEMM:
     (x - μ)^T Λ (x - μ) = φ(x) · q(Λ) - 2 x · Λμ + μ^T Λ μ, with φ the row's features, so
-    log p(x, k | θ) = coefficients_k · (φ(x), x, 1) (see ``block_design``).
+    log p(x, k | θ) = coefficients_k · (φ(x), 1, x) (see ``block_design``).
 
-    kernel "quadratic" (full, tied): φ(x) = vech(x x^T), matrix (K, D(D+1)/2); kernel "diag" (diag,
-    spherical): φ(x) = x², matrix (K, D) the precisions. linear (K, D) the Λ_k μ_k; const (K, 1) the
-    μ_k^T Λ_k μ_k; log_norm (K, 1) log π_k + ½ log|Λ_k| - D/2 log 2π; coefficients (K, F + D + 1)
-    the rows (-½ matrix_k, linear_k, log_norm_k - ½ const_k). Points and means are measured from
+    kernel "quadratic" (full, tied): φ(x) the products x_i x_j, i <= j (in ``_offsets``' order),
+    matrix (K, D(D+1)/2); kernel "diag" (diag, spherical): φ(x) = x², matrix (K, D) the precisions.
+    linear (K, D) the Λ_k μ_k; const (K, 1) the μ_k^T Λ_k μ_k; log_norm (K, 1) log π_k + ½ log|Λ_k|
+    - D/2 log 2π; coefficients (K, F + 1 + D) the rows (-½ matrix_k, log_norm_k - ½ const_k,
+    linear_k). Points and means are measured from
     ``shift`` (D,), so that the expansion keeps its digits.
     """
 
@@ -315,7 +339,7 @@ def prepare_gaussians(
         matrix = _quadratic_weights(full)
     const = (linear * centered).sum(-1)[:, None]
     log_norm = (torch.log(weights) + 0.5 * log_det - 0.5 * d * math.log(2 * math.pi))[:, None]
-    coefficients = torch.cat([-0.5 * matrix, linear, log_norm - 0.5 * const], dim=1)
+    coefficients = torch.cat([-0.5 * matrix, log_norm - 0.5 * const, linear], dim=1)
     return Prepared(kernel, shift, matrix, linear.contiguous(), const, log_norm, coefficients)
 
 
@@ -325,21 +349,22 @@ def phi_count(kernel: str, d: int) -> int:
 
 
 def block_design(rows: Tensor, shift: Tensor, kernel: str, out: Tensor | None = None) -> Tensor:
-    """The design of points rows (B, D) measured from ``shift`` (D,): (F + D + 1, B), one point per
-    column, holding φ(x) (F rows), x (D rows) and 1. It is laid out transposed, points along
+    """The design of points rows (B, D) measured from ``shift`` (D,): (F + 1 + D, B), one point per
+    column, holding φ(x) (F rows), 1 and x (D rows). It is laid out transposed, points along
     columns, so that both GEMMs of a block (the log-joint and the statistics) have long rows.
-    ``out``: a flat buffer of at least (F + D + 1) · B elements, reused as a contiguous block."""
+    ``out``: a flat buffer of at least (F + 1 + D + ``wrap_rows``) · B elements, reused as a
+    contiguous block: the design, then the scratch of ``quadratic_features``."""
     b, d = rows.shape
     f = phi_count(kernel, d)
-    size = (f + d + 1) * b
-    design = (rows.new_empty(size) if out is None else out[:size]).view(f + d + 1, b)
-    xt = torch.sub(rows.T, shift[:, None], out=design[f : f + d])
+    lines = f + 1 + d + wrap_rows(kernel, d)
+    buffer = (rows.new_empty(lines * b) if out is None else out[: lines * b]).view(lines, b)
+    xt = torch.sub(rows.T, shift[:, None], out=buffer[f + 1 : f + 1 + d])
     if kernel == "diag":
-        torch.mul(xt, xt, out=design[:f])
+        torch.mul(xt, xt, out=buffer[:f])
     else:
-        quadratic_features(xt, design[:f])
-    design[f + d].fill_(1.0)
-    return design
+        quadratic_features(buffer[f + 1 :], d, buffer[:f])
+    buffer[f].fill_(1.0)
+    return buffer[: f + 1 + d]
 
 
 def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
@@ -589,8 +614,12 @@ class GaussianMixture(LatentModel):
         return prepare_gaussians(params["weights"], means, params["covariances"], self._type.kernel, shift)
 
     def design_rows(self) -> int:
-        """How many rows a point's design (φ(x), x, 1) has (see ``block_design``)."""
-        return phi_count(self._type.kernel, self.dim) + self.dim + 1
+        """How many rows a point's design (φ(x), 1, x) has (see ``block_design``)."""
+        return phi_count(self._type.kernel, self.dim) + 1 + self.dim
+
+    def buffer_rows(self) -> int:
+        """The design's rows and ``block_design``'s scratch."""
+        return self.design_rows() + wrap_rows(self._type.kernel, self.dim)
 
     def design(self, rows: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
         """The design (F + D + 1, B) of points rows (B, D) measured from ``shift``, shared by the
@@ -614,8 +643,8 @@ class GaussianMixture(LatentModel):
         return SufficientStats(shift, zeros(k), zeros(k, d), zeros(self._type.second_shape(k, d)))
 
     def accumulate(self, stats: SufficientStats, design: Tensor, resp: Tensor) -> None:
-        """Add points with design (F + D + 1, B) (measured from stats.shift) and responsibilities
-        resp (K, B) to ``stats``, in place: one GEMM gives Σ_n r_nk (φ(x_n), x_n, 1)."""
+        """Add points with design (F + 1 + D, B) (measured from stats.shift) and responsibilities
+        resp (K, B) to ``stats``, in place: one GEMM gives Σ_n r_nk (φ(x_n), 1, x_n)."""
         f = design.shape[0] - self.dim - 1
         if self._type.weighted_second:
             moments = weighted_moments(design, resp)
@@ -623,8 +652,8 @@ class GaussianMixture(LatentModel):
         else:
             moments = weighted_moments(design[f:], resp)
             stats.second.add_(design[:f].sum(1))
-        stats.sums.add_(moments[-self.dim - 1 : -1].T)
-        stats.nk.add_(moments[-1])
+        stats.nk.add_(moments[-self.dim - 1])
+        stats.sums.add_(moments[-self.dim :].T)
 
     def add_stats(self, stats: SufficientStats, other: SufficientStats) -> None:
         for mine, theirs in zip(stats[1:], other[1:], strict=True):
