@@ -51,22 +51,31 @@ class EMOptions(Options):
 
 
 BLOCK_BYTES = 6 * 2**20  # a block's design and log-joint (see block_rows_for)
+BLOCK_WORK = 12 * 2**20  # multiply-adds of a block's log-joint GEMM (see block_rows_for)
 MAX_RESEEDS = 3  # per component; one that keeps emptying means the data support fewer components
 
 
 def block_rows_for(model: LatentModel, x: Tensor) -> int:
     """Rows per block: the largest power of two in [1024, 65536] whose design and log-joint take
-    at most ``BLOCK_BYTES``.
+    at most ``BLOCK_BYTES`` and whose log-joint GEMM (design rows × K per point) at most
+    ``BLOCK_WORK`` multiply-adds.
 
-    Measured (``python -m benchmarks.block_rows``: torch 2.13, MKL, 2 cores with 2 MB of L2 each,
-    two lanes; ms per iteration at 4096 / 8192 / 16384 rows): N = 1M, D = K = 16 full float64
-    178 / 228 / 266 (picked: 4096), float32 100 / 99 / 124 (8192), diag float64 72 / 66 / 69
-    (8192), float32 39 / 32 / 30 (16384); N = 100k, D = K = 8 full float64 7.6 / 6.7 / 6.4
-    (8192), float32 7.0 / 4.4 / 3.5 (16384), diag float64 4.8 / 3.7 / 3.7 (16384), float32
-    5.0 / 3.2 / 3.2 (32768)."""
+    A block pays ~40 calls into torch whatever its size (0.1-0.2 ms on one lane, more with two
+    lanes queueing for the interpreter), so blocks should be large; but the design is read three
+    times, so it should stay near the cache. The work bound keeps float32 from taking twice
+    float64's rows where the GEMMs are wide. Measured (``python -m benchmarks.block_rows --blocks
+    2048 4096 8192 16384 32768``: torch 2.13, MKL, two lanes, a 2-vCPU AMD EPYC with 512 KB of L2
+    per core; ms per iteration at those sizes, the pick in brackets): N = 1M, D = K = 16 full
+    float64 284 / [268] / 339 / 394 / 408, float32 179 / [141] / 155 / 189 / 217; diag float64
+    133 / 106 / [96] / 101 / 120, float32 105 / 62 / 53 / [53] / 49; N = 100k, D = K = 8 full
+    float64 15.6 / 10.9 / [9.3] / 9.2 / 12.3, float32 14.4 / 9.5 / 7.0 / [5.6] / 5.8; diag
+    float64 11.8 / 7.6 / 6.4 / [5.6] / 5.8, float32 11.1 / 6.7 / 4.2 / 3.6 / [3.4]. On the Intel
+    machine of the README's earlier runs, where 4096-16384 were measured, each pick in that range
+    was within 5% of the best."""
     per_row = (model.design_rows() + model.k) * x.element_size()
+    work = model.design_rows() * model.k
     rows = 1024
-    while rows < 65536 and 2 * rows * per_row <= BLOCK_BYTES:
+    while rows < 65536 and 2 * rows * per_row <= BLOCK_BYTES and 2 * rows * work <= BLOCK_WORK:
         rows *= 2
     return rows
 
