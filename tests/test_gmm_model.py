@@ -226,7 +226,9 @@ def test_design_holds_every_product_once(d: int) -> None:
     x = rng.normal(size=(7, d))
     shift = rng.normal(size=d)
     model = GaussianMixture(2, d, "full", None)
-    buffer = torch.full((model.buffer_rows() * 9,), float("nan"), dtype=torch.float64)
+    buffer = model.design_buffer(torch.empty(0, dtype=torch.float64), 9)
+    buffer.flat.fill_(float("nan"))
+    model.design(torch.from_numpy(x[:2]), torch.from_numpy(shift), buffer)  # another block size first
     design = model.design(torch.from_numpy(x), torch.from_numpy(shift), buffer)
     f = d * (d + 1) // 2
     assert design.shape == (f + 1 + d, 7)

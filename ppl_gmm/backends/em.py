@@ -246,15 +246,18 @@ def _e_lane(
     2-8× slower (float32 worst)."""
     like = blocks[0]  # the first block is the widest
     stats = model.new_stats(shift)
-    design_buffer = like.new_empty(model.buffer_rows() * like.shape[0])
+    design_buffer = model.design_buffer(like, like.shape[0])
     joint_buffer = like.new_empty(model.k * like.shape[0])
+    joints: dict[int, Tensor] = {}  # the (K, B) view of joint_buffer for each block size B
     floor = math.log(torch.finfo(like.dtype).tiny) + 1.0
     total = like.new_zeros((), dtype=torch.float64)
     for rows in blocks:
         if stop is not None and stop.is_set():
             break
         design = model.design(rows, shift, design_buffer)
-        log_joint = joint_buffer[: model.k * rows.shape[0]].view(model.k, rows.shape[0])
+        log_joint = joints.get(rows.shape[0])
+        if log_joint is None:
+            log_joint = joints[rows.shape[0]] = joint_buffer[: model.k * rows.shape[0]].view(model.k, -1)
         model.block_log_joint(design, prepared, log_joint)
         peak = log_joint.amax(0)
         resp = log_joint.sub_(peak).clamp_(min=floor).exp_()

@@ -65,7 +65,7 @@ class IncrementalEM(Backend):
         parts = x.tensor_split(min(options.blocks, n))
         params = {name: value.to(x) for name, value in init.items()}
         shift = x[:CHUNK_ROWS].mean(0)  # second moments about a typical point keep their digits
-        buffer = x.new_empty(model.buffer_rows() * min(CHUNK_ROWS, n))
+        buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         clock = Clock()
 
         def objective(log_density: float) -> float:

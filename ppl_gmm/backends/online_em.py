@@ -71,7 +71,7 @@ class OnlineEM(Backend):
         shift = x[:size].mean(0)  # second moments about a typical point keep their digits
         # drawn from torch's global generator, so that pyro.set_rng_seed fixes the order
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-        buffer = x.new_empty(model.buffer_rows() * min(CHUNK_ROWS, n))
+        buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         stats = None
         clock = Clock()
         step = 0

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.base import LatentModel, Params
-from ..models.gmm import GaussianMixture, Prepared, SufficientStats
+from ..models.gmm import DesignBuffer, GaussianMixture, Prepared, SufficientStats
 from .base import FitError
 from .em import empty_components, not_positive_definite
 
@@ -86,7 +86,7 @@ def e_step_rows(
     rows: Tensor,
     prepared: Prepared,
     stats: SufficientStats | None = None,
-    buffer: Tensor | None = None,
+    buffer: DesignBuffer | None = None,
 ) -> PartialEStep:
     """The E-step on rows (B, D) at the θ of ``prepared``, in chunks of ``CHUNK_ROWS``.
 
@@ -98,7 +98,7 @@ def e_step_rows(
     shift = prepared.shift
     floor = math.log(torch.finfo(rows.dtype).tiny) + 1.0
     if buffer is None:
-        buffer = rows.new_empty(model.buffer_rows() * min(CHUNK_ROWS, rows.shape[0]))
+        buffer = model.design_buffer(rows, min(CHUNK_ROWS, rows.shape[0]))
     log_likelihood = rows.new_zeros((), dtype=torch.float64)
     entropy = rows.new_zeros((), dtype=torch.float64)
     for chunk in rows.split(CHUNK_ROWS):

@@ -73,14 +73,15 @@ class LatentModel(ABC):
     def design_rows(self) -> int:
         """How many rows R a point's design has."""
 
-    def buffer_rows(self) -> int:
-        """Per point, how many elements the flat buffer of ``design`` needs: R and any scratch."""
-        return self.design_rows()
+    @abstractmethod
+    def design_buffer(self, like: Tensor, rows: int) -> Any:
+        """What ``design`` writes the designs of blocks of up to ``rows`` points into, reused from
+        block to block; in like's dtype and device."""
 
     @abstractmethod
-    def design(self, rows: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
-        """The design (R, B) of points rows (B, D) measured from ``shift``; ``out`` a flat buffer
-        of at least ``buffer_rows()`` · B elements to write it into."""
+    def design(self, rows: Tensor, shift: Tensor, out: Any = None) -> Tensor:
+        """The design (R, B) of points rows (B, D) measured from ``shift``, written into ``out``
+        (from ``design_buffer``) when given."""
 
     @abstractmethod
     def block_log_joint(self, design: Tensor, prepared: Any, out: Tensor | None = None) -> Tensor:

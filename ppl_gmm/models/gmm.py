@@ -27,6 +27,7 @@ full matrices whatever the covariance type, and consistent with it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -134,12 +135,14 @@ def _offsets(d: int) -> tuple[int, int]:
     """The order of φ(x), the D(D+1)/2 products x_i x_j, i <= j, of a point of dimension D: for
     each offset o = 0, ..., ``spans`` - 1 the D products x_i x_{(i + o) mod D}, i = 0, ..., D - 1,
     then (D even) the ``half`` = D/2 products x_i x_{i + D/2}, i < D/2. Each pair comes once, and
-    whole offsets make the features a few large products (``quadratic_features``)."""
+    whole offsets make the features a few large products (``_BlockViews``)."""
     return ((d + 1) // 2, 0) if d % 2 else (d // 2, d // 2)
 
 
+@functools.cache
 def _pairs(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The (i, j) of each feature of φ(x), in its order (see ``_offsets``)."""
+    """The (i, j) of each feature of φ(x), in its order (see ``_offsets``); built once per D and
+    device (each EM iteration asks twice), so never to be written to."""
     spans, half = _offsets(d)
     index = torch.arange(d, device=device)
     rows = torch.cat([index.repeat(spans), index[:half]])
@@ -148,26 +151,9 @@ def _pairs(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def wrap_rows(kernel: str, d: int) -> int:
-    """How many rows of scratch ``block_design`` needs after the design: the first ``spans`` - 1
-    coordinates again, so that the products of each offset are one strided view."""
+    """How many rows of scratch a design needs after it: the first ``spans`` - 1 coordinates
+    again, so that the products of each offset are one strided view (see ``_BlockViews``)."""
     return 0 if kernel == "diag" else _offsets(d)[0] - 1
-
-
-def quadratic_features(wrapped: Tensor, d: int, out: Tensor) -> Tensor:
-    """φ(x) (D(D+1)/2, B) into ``out`` for points along the columns of ``wrapped`` (D + spans - 1,
-    B): the coordinates x (D rows) and room for the first spans - 1 of them again, which this
-    fills. Two or three kernels whatever D (see ``_offsets``): few calls into torch keep the
-    worker lanes of a pass from queueing for the interpreter."""
-    spans, half = _offsets(d)
-    b = wrapped.shape[1]
-    if spans > 1:
-        wrapped[d:].copy_(wrapped[: spans - 1])
-    stride = wrapped.stride()
-    windows = wrapped.as_strided((spans, d, b), (stride[0], stride[0], stride[1]))
-    torch.mul(windows, wrapped[:d], out=out[: spans * d].view(spans, d, b))
-    if half:
-        torch.mul(wrapped[:half], wrapped[half:d], out=out[spans * d :])
-    return out
 
 
 def unvech(v: Tensor, d: int) -> Tensor:
@@ -180,7 +166,7 @@ def unvech(v: Tensor, d: int) -> Tensor:
 
 
 def _quadratic_weights(precisions: Tensor) -> Tensor:
-    """Λ (K, D, D) → (K, D(D+1)/2) such that it @ quadratic_features(x) = x^T Λ_k x."""
+    """Λ (K, D, D) → (K, D(D+1)/2) such that it @ φ(x) = x^T Λ_k x."""
     d = precisions.shape[-1]
     rows, cols = _pairs(d, precisions.device)
     return (precisions[:, rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(precisions)).contiguous()
@@ -348,23 +334,73 @@ def phi_count(kernel: str, d: int) -> int:
     return d if kernel == "diag" else d * (d + 1) // 2
 
 
-def block_design(rows: Tensor, shift: Tensor, kernel: str, out: Tensor | None = None) -> Tensor:
+class _BlockViews:
+    """The views of a flat buffer that the design of a block of ``b`` points needs, made once:
+    the design (F + 1 + D, B) holds φ(x) (F rows), 1 and x (D rows), then come ``wrap_rows`` of
+    scratch. φ(x) takes two or three kernels whatever D (see ``_offsets``): with the views ready,
+    a block costs five or six calls into torch, which keeps the worker lanes of a pass from
+    queueing for the interpreter."""
+
+    def __init__(self, buffer: Tensor, shift: Tensor, kernel: str, d: int, b: int) -> None:
+        f = phi_count(kernel, d)
+        lines = f + 1 + d + wrap_rows(kernel, d)
+        grid = buffer[: lines * b].view(lines, b)
+        self.shift = shift
+        self.column = shift[:, None]
+        self.design = grid[: f + 1 + d]
+        self.x = grid[f + 1 : f + 1 + d]
+        self.ones = grid[f]
+        self.wrap: tuple[Tensor, Tensor] | None = None  # (source, copy)
+        self.products: list[tuple[Tensor, Tensor, Tensor]] = []  # torch.mul's (left, right, out)
+        if kernel == "diag":
+            self.products.append((self.x, self.x, grid[:f]))
+            return
+        spans, half = _offsets(d)
+        wrapped = grid[f + 1 :]  # x, then its first spans - 1 rows again
+        if spans > 1:
+            self.wrap = (wrapped[: spans - 1], wrapped[d:])
+        windows = wrapped.as_strided((spans, d, b), (b, b, 1))  # offset o: rows o, ..., o + D - 1
+        self.products.append((windows, self.x, grid[: spans * d].view(spans, d, b)))
+        if half:
+            self.products.append((self.x[:half], self.x[half:], grid[spans * d : f]))
+
+    def fill(self, rows: Tensor) -> Tensor:
+        torch.sub(rows.T, self.column, out=self.x)
+        if self.wrap is not None:
+            self.wrap[1].copy_(self.wrap[0])
+        for left, right, out in self.products:
+            torch.mul(left, right, out=out)
+        self.ones.fill_(1.0)
+        return self.design
+
+
+class DesignBuffer:
+    """A flat buffer for the designs of blocks of up to ``rows`` points (``block_design``), with
+    the views of the block sizes it has served, so that each block pays for its kernels only."""
+
+    def __init__(self, like: Tensor, kernel: str, d: int, rows: int) -> None:
+        self.kernel, self.d = kernel, d
+        self.flat = like.new_empty((phi_count(kernel, d) + 1 + d + wrap_rows(kernel, d)) * rows)
+        self._views: dict[int, _BlockViews] = {}
+
+    def views(self, shift: Tensor, b: int) -> _BlockViews:
+        views = self._views.get(b)
+        if views is None or views.shift is not shift:
+            if len(self._views) >= 4:  # a pass has at most two block sizes per lane
+                self._views.clear()
+            views = self._views[b] = _BlockViews(self.flat, shift, self.kernel, self.d, b)
+        return views
+
+
+def block_design(rows: Tensor, shift: Tensor, kernel: str, out: DesignBuffer | None = None) -> Tensor:
     """The design of points rows (B, D) measured from ``shift`` (D,): (F + 1 + D, B), one point per
     column, holding φ(x) (F rows), 1 and x (D rows). It is laid out transposed, points along
     columns, so that both GEMMs of a block (the log-joint and the statistics) have long rows.
-    ``out``: a flat buffer of at least (F + 1 + D + ``wrap_rows``) · B elements, reused as a
-    contiguous block: the design, then the scratch of ``quadratic_features``."""
+    ``out``: a buffer for at least B points, reused (its views too) from block to block."""
     b, d = rows.shape
-    f = phi_count(kernel, d)
-    lines = f + 1 + d + wrap_rows(kernel, d)
-    buffer = (rows.new_empty(lines * b) if out is None else out[: lines * b]).view(lines, b)
-    xt = torch.sub(rows.T, shift[:, None], out=buffer[f + 1 : f + 1 + d])
-    if kernel == "diag":
-        torch.mul(xt, xt, out=buffer[:f])
-    else:
-        quadratic_features(buffer[f + 1 :], d, buffer[:f])
-    buffer[f].fill_(1.0)
-    return buffer[: f + 1 + d]
+    if out is None:
+        out = DesignBuffer(rows, kernel, d, b)
+    return out.views(shift, b).fill(rows)
 
 
 def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
@@ -617,11 +653,11 @@ class GaussianMixture(LatentModel):
         """How many rows a point's design (φ(x), 1, x) has (see ``block_design``)."""
         return phi_count(self._type.kernel, self.dim) + 1 + self.dim
 
-    def buffer_rows(self) -> int:
-        """The design's rows and ``block_design``'s scratch."""
-        return self.design_rows() + wrap_rows(self._type.kernel, self.dim)
+    def design_buffer(self, like: Tensor, rows: int) -> DesignBuffer:
+        """A buffer, in like's dtype and device, for the designs of blocks of up to ``rows``."""
+        return DesignBuffer(like, self._type.kernel, self.dim, rows)
 
-    def design(self, rows: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    def design(self, rows: Tensor, shift: Tensor, out: DesignBuffer | None = None) -> Tensor:
         """The design (F + D + 1, B) of points rows (B, D) measured from ``shift``, shared by the
         E-step and the statistics; ``out`` a flat buffer (see ``block_design``)."""
         return block_design(rows, shift, self._type.kernel, out)
