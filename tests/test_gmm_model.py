@@ -13,7 +13,7 @@ from torch.distributions import transform_to
 
 from ppl_gmm.config import HyperConfig, ModelConfig
 from ppl_gmm.models import MODELS
-from ppl_gmm.models.gmm import GaussianMixture, unvech
+from ppl_gmm.models.gmm import GaussianMixture, SufficientStats, unvech
 
 CASES = list(itertools.product(["full", "tied", "diag", "spherical"], ["none", "conjugate"]))
 
@@ -221,22 +221,27 @@ def test_weight_concentration_defaults_per_weight_prior(blobs) -> None:
 @pytest.mark.parametrize("d", range(1, 8))
 def test_design_holds_every_product_once(d: int) -> None:
     """A point's quadratic features, laid back out as a matrix, are x x^T (each pair once, odd
-    and even D), followed by 1 and x; a reused buffer with a smaller block gives the same."""
+    and even D), followed by 1 and x; a buffer reused by blocks of several sizes, in any order,
+    gives the same."""
     rng = np.random.default_rng(d)
-    x = rng.normal(size=(7, d))
-    shift = rng.normal(size=d)
+    x = torch.from_numpy(rng.normal(size=(7, d)))
+    shift = torch.from_numpy(rng.normal(size=d))
+    centered = (x - shift).numpy()
+    f = d * (d + 1) // 2
     model = GaussianMixture(2, d, "full", None)
     buffer = model.design_buffer(torch.empty(0, dtype=torch.float64), 9)
     buffer.flat.fill_(float("nan"))
-    model.design(torch.from_numpy(x[:2]), torch.from_numpy(shift), buffer)  # another block size first
-    design = model.design(torch.from_numpy(x), torch.from_numpy(shift), buffer)
-    f = d * (d + 1) // 2
-    assert design.shape == (f + 1 + d, 7)
-    centered = x - shift
+    for rows in (x[:2], x, x, x[:3] * 5, x):  # another size first, the same twice, another between
+        design = model.design(rows, shift, buffer)
+        assert design.shape == (f + 1 + d, rows.shape[0])
     outer = unvech(design[:f].T, d).numpy()
     np.testing.assert_allclose(outer, centered[:, :, None] * centered[:, None, :], rtol=1e-15)
     np.testing.assert_array_equal(design[f].numpy(), np.ones(7))
     np.testing.assert_allclose(design[f + 1 :].numpy(), centered.T, rtol=1e-15)
+    fresh = model.design(x, shift)  # without a buffer
+    np.testing.assert_array_equal(fresh.numpy(), design.numpy())
+    between = model.design(x[:3] * 5, shift, buffer)
+    np.testing.assert_array_equal(between[f].numpy(), np.ones(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -254,6 +259,11 @@ def test_block_statistics_equal_direct_sums(covariance: str, k: int, dtype: torc
     stats = model.new_stats(torch.from_numpy(shift).to(dtype))
     design = model.design(torch.from_numpy(x).to(dtype), stats.shift)
     model.accumulate(stats, design, torch.from_numpy(resp.T.copy()).to(dtype))
+    # statistics made by arithmetic (online EM's blends) take the other path of accumulate
+    plain = SufficientStats(*(value.clone() for value in model.new_stats(stats.shift)))
+    model.accumulate(plain, design, torch.from_numpy(resp.T.copy()).to(dtype))
+    for mine, theirs in zip(stats, plain, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12 * 500)
     centered = x - shift
     outer = centered[:, :, None] * centered[:, None, :]
     second = {

@@ -131,6 +131,15 @@ class SufficientStats(NamedTuple):
     second: Tensor
 
 
+class _MomentStats(SufficientStats):
+    """Statistics whose nk, sums and second are views of one matrix ``raw``, Σ_n r_nk (φ(x_n), 1,
+    x_n) in ``weighted_moments``' orientation, so that ``accumulate`` adds a block to all three
+    with one GEMM (``new_stats`` makes them for full, diag and spherical). Everything else sees
+    plain statistics; those made from them by arithmetic are plain."""
+
+    raw: Tensor
+
+
 def _offsets(d: int) -> tuple[int, int]:
     """The order of φ(x), the D(D+1)/2 products x_i x_j, i <= j, of a point of dimension D: for
     each offset o = 0, ..., ``spans`` - 1 the D products x_i x_{(i + o) mod D}, i = 0, ..., D - 1,
@@ -364,13 +373,16 @@ class _BlockViews:
         if half:
             self.products.append((self.x[:half], self.x[half:], grid[spans * d : f]))
 
-    def fill(self, rows: Tensor) -> Tensor:
+    def fill(self, rows: Tensor, ones: bool) -> Tensor:
+        """The design of rows (B, D); ``ones``: whether to write its row of ones, which stays in
+        place until a block of another size uses the buffer."""
         torch.sub(rows.T, self.column, out=self.x)
         if self.wrap is not None:
             self.wrap[1].copy_(self.wrap[0])
         for left, right, out in self.products:
             torch.mul(left, right, out=out)
-        self.ones.fill_(1.0)
+        if ones:
+            self.ones.fill_(1.0)
         return self.design
 
 
@@ -382,14 +394,19 @@ class DesignBuffer:
         self.kernel, self.d = kernel, d
         self.flat = like.new_empty((phi_count(kernel, d) + 1 + d + wrap_rows(kernel, d)) * rows)
         self._views: dict[int, _BlockViews] = {}
+        self._last: _BlockViews | None = None  # whose layout the buffer holds
 
-    def views(self, shift: Tensor, b: int) -> _BlockViews:
+    def design(self, rows: Tensor, shift: Tensor) -> Tensor:
+        """The design of rows (B, D) measured from ``shift``, in this buffer."""
+        b = rows.shape[0]
         views = self._views.get(b)
         if views is None or views.shift is not shift:
             if len(self._views) >= 4:  # a pass has at most two block sizes per lane
                 self._views.clear()
             views = self._views[b] = _BlockViews(self.flat, shift, self.kernel, self.d, b)
-        return views
+        design = views.fill(rows, ones=views is not self._last)
+        self._last = views
+        return design
 
 
 def block_design(rows: Tensor, shift: Tensor, kernel: str, out: DesignBuffer | None = None) -> Tensor:
@@ -400,7 +417,7 @@ def block_design(rows: Tensor, shift: Tensor, kernel: str, out: DesignBuffer | N
     b, d = rows.shape
     if out is None:
         out = DesignBuffer(rows, kernel, d, b)
-    return out.views(shift, b).fill(rows)
+    return out.design(rows, shift)
 
 
 def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
@@ -412,12 +429,18 @@ def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
     faster (R = 153, K = 16: 29-36 against 20-26; K = 8: 19-31 against 9-14; R = 17, K = 8: 21
     against 14); in float32 it was faster up to K = 8 (R = 153: 47-56 against 37-44), and
     design @ resp^T faster at K = 16 (R = 45: 66-72 against 50-52). Those figures are from the
-    Intel machine of the README's earlier runs; on the 2-vCPU AMD EPYC of its latest runs neither
-    orientation won consistently (float64 9-18 GFLOP/s either way). The choice depends on shapes
-    and dtype only, so results stay reproducible."""
-    if design.dtype == torch.float32 and resp.shape[0] > 8:
+    Intel machine of the README's earlier runs; on the 2-vCPU AMD EPYC of its latest runs (one
+    core, best of 5, B = 4096-25000) the same choice won: float64 17-22 against 13-19, float32
+    K = 8 35-41 against 31-32, K = 16 53-64 against 41-50. The choice depends on shapes and dtype
+    only, so results stay reproducible."""
+    if _moments_by_rows(design.dtype, resp.shape[0]):
         return torch.mm(design, resp.T)
     return torch.mm(resp, design.T).T
+
+
+def _moments_by_rows(dtype: torch.dtype, k: int) -> bool:
+    """Whether ``weighted_moments`` computes design @ resp^T, (R, K), rather than resp @ design^T."""
+    return dtype == torch.float32 and k > 8
 
 
 def block_log_joint(design: Tensor, prepared: Prepared, out: Tensor | None = None) -> Tensor:
@@ -676,11 +699,28 @@ class GaussianMixture(LatentModel):
         """Zero statistics about ``shift`` (D,), in its dtype and device."""
         k, d = self.k, self.dim
         zeros = shift.new_zeros
-        return SufficientStats(shift, zeros(k), zeros(k, d), zeros(self._type.second_shape(k, d)))
+        if not self._type.weighted_second:
+            return SufficientStats(shift, zeros(k), zeros(k, d), zeros(self._type.second_shape(k, d)))
+        f = phi_count(self._type.kernel, d)
+        if _moments_by_rows(shift.dtype, k):
+            raw = zeros(f + 1 + d, k)
+            stats = _MomentStats(shift, raw[f], raw[f + 1 :].T, raw[:f].T)
+        else:
+            raw = zeros(k, f + 1 + d)
+            stats = _MomentStats(shift, raw[:, f], raw[:, f + 1 :], raw[:, :f])
+        stats.raw = raw
+        return stats
 
     def accumulate(self, stats: SufficientStats, design: Tensor, resp: Tensor) -> None:
         """Add points with design (F + 1 + D, B) (measured from stats.shift) and responsibilities
         resp (K, B) to ``stats``, in place: one GEMM gives Σ_n r_nk (φ(x_n), 1, x_n)."""
+        raw = getattr(stats, "raw", None)
+        if raw is not None:  # see _MomentStats
+            if _moments_by_rows(raw.dtype, self.k):
+                raw.addmm_(design, resp.T)
+            else:
+                raw.addmm_(resp, design.T)
+            return
         f = design.shape[0] - self.dim - 1
         if self._type.weighted_second:
             moments = weighted_moments(design, resp)
