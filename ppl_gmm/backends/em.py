@@ -60,18 +60,18 @@ def block_rows_for(model: LatentModel, x: Tensor) -> int:
     at most ``BLOCK_BYTES`` and whose log-joint GEMM (design rows × K per point) at most
     ``BLOCK_WORK`` multiply-adds.
 
-    A block pays ~40 calls into torch whatever its size (0.1-0.2 ms on one lane, more with two
-    lanes queueing for the interpreter), so blocks should be large; but the design is read three
-    times, so it should stay near the cache. The work bound keeps float32 from taking twice
-    float64's rows where the GEMMs are wide. Measured (``python -m benchmarks.block_rows --blocks
-    2048 4096 8192 16384 32768``: torch 2.13, MKL, two lanes, a 2-vCPU AMD EPYC with 512 KB of L2
-    per core; ms per iteration at those sizes, the pick in brackets): N = 1M, D = K = 16 full
-    float64 284 / [268] / 339 / 394 / 408, float32 179 / [141] / 155 / 189 / 217; diag float64
-    133 / 106 / [96] / 101 / 120, float32 105 / 62 / 53 / [53] / 49; N = 100k, D = K = 8 full
-    float64 15.6 / 10.9 / [9.3] / 9.2 / 12.3, float32 14.4 / 9.5 / 7.0 / [5.6] / 5.8; diag
-    float64 11.8 / 7.6 / 6.4 / [5.6] / 5.8, float32 11.1 / 6.7 / 4.2 / 3.6 / [3.4]. On the Intel
-    machine of the README's earlier runs, where 4096-16384 were measured, each pick in that range
-    was within 5% of the best."""
+    A block pays ~20 calls into torch whatever its size (~0.07 ms on one lane, several times that
+    with two lanes queueing for the interpreter), so blocks should be large; but the design is
+    read three times, so it should stay near the cache. The work bound keeps float32 from taking
+    twice float64's rows where the GEMMs are wide. Measured (``python -m benchmarks.block_rows
+    --blocks 2048 4096 8192 16384 32768``: torch 2.13, MKL, two lanes, a 2-vCPU AMD EPYC with
+    512 KB of L2 per core, before a block's calls into torch were cut from ~45 to ~20; ms per
+    iteration at those sizes, the pick in brackets): N = 1M, D = K = 16 full float64 284 / [268] /
+    339 / 394 / 408, float32 179 / [141] / 155 / 189 / 217; diag float64 133 / 106 / [96] / 101 /
+    120, float32 105 / 62 / 53 / [53] / 49; N = 100k, D = K = 8 full float64 15.6 / 10.9 / [9.3] /
+    9.2 / 12.3, float32 14.4 / 9.5 / 7.0 / [5.6] / 5.8; diag float64 11.8 / 7.6 / 6.4 / [5.6] /
+    5.8, float32 11.1 / 6.7 / 4.2 / 3.6 / [3.4]. On the Intel machine of the README's earlier
+    runs, where 4096-16384 were measured, each pick in that range was within 5% of the best."""
     per_row = (model.design_rows() + model.k) * x.element_size()
     work = model.design_rows() * model.k
     rows = 1024

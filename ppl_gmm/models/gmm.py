@@ -303,8 +303,8 @@ class Prepared:
     matrix (K, D(D+1)/2); kernel "diag" (diag, spherical): φ(x) = x², matrix (K, D) the precisions.
     linear (K, D) the Λ_k μ_k; const (K, 1) the μ_k^T Λ_k μ_k; log_norm (K, 1) log π_k + ½ log|Λ_k|
     - D/2 log 2π; coefficients (K, F + 1 + D) the rows (-½ matrix_k, log_norm_k - ½ const_k,
-    linear_k). Points and means are measured from
-    ``shift`` (D,), so that the expansion keeps its digits.
+    linear_k). Points and means are measured from ``shift`` (D,), so that the expansion keeps its
+    digits.
     """
 
     kernel: str
@@ -444,7 +444,7 @@ def _moments_by_rows(dtype: torch.dtype, k: int) -> bool:
 
 
 def block_log_joint(design: Tensor, prepared: Prepared, out: Tensor | None = None) -> Tensor:
-    """log π_k + log N(x_n | μ_k, Σ_k) for a block's design (F + D + 1, B) (``block_design``):
+    """log π_k + log N(x_n | μ_k, Σ_k) for a block's design (F + 1 + D, B) (``block_design``):
     (K, B), written into ``out`` (K, B) when given."""
     return torch.mm(prepared.coefficients, design, out=out)
 
@@ -681,8 +681,8 @@ class GaussianMixture(LatentModel):
         return DesignBuffer(like, self._type.kernel, self.dim, rows)
 
     def design(self, rows: Tensor, shift: Tensor, out: DesignBuffer | None = None) -> Tensor:
-        """The design (F + D + 1, B) of points rows (B, D) measured from ``shift``, shared by the
-        E-step and the statistics; ``out`` a flat buffer (see ``block_design``)."""
+        """The design (F + 1 + D, B) of points rows (B, D) measured from ``shift``, shared by the
+        E-step and the statistics; ``out`` from ``design_buffer`` (see ``block_design``)."""
         return block_design(rows, shift, self._type.kernel, out)
 
     def block_log_joint(self, design: Tensor, prepared: Prepared, out: Tensor | None = None) -> Tensor:
