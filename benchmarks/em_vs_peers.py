@@ -27,9 +27,10 @@ validation, our initial E-step, scikit-learn's final E-step) cancel; a run short
 ``--min-run-time`` is repeated and its fastest time kept (``runs_a``, ``runs_b``); a pair whose B
 run was not slower than its A run was disturbed, and is run again (at most three times in all).
 Repeats are interleaved (the order of the implementations rotates, the A/B order alternates) and
-medians reported. Below N = 1M the timed difference is 20 iterations. With 5 (3 -> 8), our float32
-at N = 100k was a difference of only ~15-30 ms. In one run on the README's AMD machine its repeats
-then ranged over 0.87-3.31 ms per iteration (D = K = 8, diag) and 5.33-6.82 (full).
+medians reported. By default the timed difference is 20 iterations below ``--large``. With 5
+(3 -> 8), our float32 at N = 100k was a difference of only ~15-30 ms. In one run on the README's
+AMD machine its repeats then ranged over 0.87-3.31 ms per iteration (D = K = 8, diag) and
+5.33-6.82 (full).
 
 Thread settings: every implementation, ours included, is timed at each of its settings in every
 repeat (the settings' order alternates between repeats) and keeps the setting with the fastest median
