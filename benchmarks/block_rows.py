@@ -24,10 +24,9 @@ import torch
 
 from benchmarks._common import measure, wait_until_quiet
 from ppl_gmm.backends.em import EM, EMOptions, block_rows_for, lane_block_rows
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         for covariance in args.covariance:
             for name in args.dtype:
                 x = torch.from_numpy(x_np).to(DTYPES[name])
-                model = GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance), x)
+                model = GaussianMixture.from_config(GMMOptions(k=k, covariance=covariance), x)
                 init = initialize(model, x, InitConfig(method="kmeans++"), seed=0)
 
                 times: dict[int, list[float]] = {rows: [] for rows in args.blocks}

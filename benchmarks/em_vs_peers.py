@@ -97,9 +97,8 @@ import torch
 
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.config import InitConfig
-from ppl_gmm.data import make_synthetic
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, make_synthetic
 
 from ._common import Measured, machine, measure, wait_until_quiet
 

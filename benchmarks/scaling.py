@@ -87,10 +87,9 @@ import torch
 from ppl_gmm.backends.base import StepInfo
 from ppl_gmm.backends.em import EM, EMOptions, block_rows_for
 from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 
 from ._common import machine, measure, wait_until_quiet
 
@@ -306,7 +305,7 @@ def make_init(case: Case) -> tuple[dict[str, torch.Tensor], int]:
     fewer: batch EM may stop in a local optimum, one component on two clusters and two on one)."""
     truth = mixture(case)
     x = generate(INIT_ROWS, truth, case.seed, torch.float64)
-    model = GaussianMixture.from_config(ModelConfig(k=case.k), x)
+    model = GaussianMixture.from_config(GMMOptions(k=case.k), x)
     init = initialize(model, x, InitConfig(method="kmeans++"), case.seed)
     true_means = torch.from_numpy(truth["means"])
     covered = len(set(torch.cdist(init["means"], true_means).argmin(1).tolist()))
@@ -371,7 +370,7 @@ def _worker_data(job: dict) -> tuple[torch.Tensor, GaussianMixture, dict[str, to
     began = time.perf_counter()
     x = generate(job["n"], truth, case.seed, DTYPES[job["dtype"]])
     seconds = time.perf_counter() - began
-    model = GaussianMixture.from_config(ModelConfig(k=case.k), x)
+    model = GaussianMixture.from_config(GMMOptions(k=case.k), x)
     init = torch.load(job["init"], weights_only=True)
     return x, model, init, truth, seconds
 

@@ -45,11 +45,10 @@ from torch import Tensor
 
 from ppl_gmm.backends.base import StepInfo
 from ppl_gmm.backends.map import MAP, MAPOptions
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.init import initialize
 from ppl_gmm.models.base import LatentModel, Params
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 from ppl_gmm.runs import write_csv
 
 from ._common import machine, measure, wait_until_quiet
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, 1]))
     x_np, _, _ = make_synthetic(args.n, args.dim, args.k, 4.0, rng)
     x = torch.from_numpy(np.ascontiguousarray(x_np))  # float64, as the experiments use
-    model = GaussianMixture.from_config(ModelConfig(k=args.k), x)  # full covariance, no prior (MLE)
+    model = GaussianMixture.from_config(GMMOptions(k=args.k), x)  # full covariance, no prior (MLE)
     assert isinstance(model, GaussianMixture)
     init = initialize(model, x, InitConfig(method="kmeans++"), args.seed)
 

@@ -21,10 +21,9 @@ import torch  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from .config import load_config  # noqa: E402
-from .data import load_data  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .evaluate import match_components  # noqa: E402
+from .evaluate import match_components, permute  # noqa: E402
+from .models import MODELS, LatentModel  # noqa: E402
 from .runs import read_summary, write_bytes, write_csv  # noqa: E402
 
 __all__ = [
@@ -111,9 +110,6 @@ def load_table(experiments: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     return table, skipped
 
 
-POSTERIOR_GROUPS = ("weights", "means", "covariances")
-
-
 def posterior_errors(experiment_rows: pd.DataFrame) -> pd.DataFrame:
     """For each backend with a posterior (posterior.safetensors: ``<name>.mean`` / ``<name>.std``),
     the root-mean-square error of its posterior means and standard deviations against the MCMC
@@ -128,19 +124,30 @@ def posterior_errors(experiment_rows: pd.DataFrame) -> pd.DataFrame:
             except Exception:  # no posterior kept by this backend
                 continue
         reference = loaded.pop("mcmc", None)
-        if reference is None:
+        model = _model_class(runs)
+        if reference is None or model is None:
             continue
+        pivot = f"{model.pivot}.mean"
+        axes = {key: model.component_axes.get(key.rsplit(".", 1)[0], ()) for key in reference}
         for backend, moments in loaded.items():
-            perm = torch.as_tensor(match_components(reference["means.mean"], moments["means.mean"]))
+            if pivot not in moments or moments[pivot].shape != reference[pivot].shape:
+                continue
+            flat = [m[pivot].reshape(m[pivot].shape[0], -1) for m in (reference, moments)]
+            matched = permute(moments, torch.as_tensor(match_components(*flat)), axes)
             row = {"experiment": Path(experiment).name, "backend": backend}
-            for group in POSTERIOR_GROUPS:
-                for stat in ("mean", "std"):
-                    key = f"{group}.{stat}"
-                    if key in reference and key in moments:
-                        diff = moments[key][perm].to(torch.float64) - reference[key].to(torch.float64)
-                        row[f"posterior_{group}_{stat}_error_vs_mcmc"] = float(diff.pow(2).mean().sqrt())
+            for key, value in reference.items():
+                if key in matched and matched[key].shape == value.shape:
+                    group, stat = key.rsplit(".", 1)
+                    diff = matched[key].to(torch.float64) - value.to(torch.float64)
+                    row[f"posterior_{group}_{stat}_error_vs_mcmc"] = float(diff.pow(2).mean().sqrt())
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _model_class(runs: pd.DataFrame) -> type[LatentModel] | None:
+    """The model class the runs of one experiment name (None when unknown here)."""
+    names = runs["model"].dropna().unique() if "model" in runs.columns else []
+    return MODELS.get(str(names[0])) if len(names) and str(names[0]) in MODELS else None
 
 
 def format_table(table: pd.DataFrame, columns: Sequence[str] = TABLE_COLUMNS) -> str:
@@ -231,8 +238,10 @@ def _ellipse(ax: plt.Axes, mean: np.ndarray, cov: np.ndarray, color: str) -> Non
 
 
 def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path | None:
-    """The train points with each backend's component ellipses (1 and 2 standard deviations), side
-    by side; data of more than two features are shown on their first two principal components."""
+    """Each backend's fitted components side by side (and the simulated truth): for Gaussian
+    components, the sample of train points kept in the run directory with ellipses at 1 and 2
+    standard deviations (on the first two principal components when there are more than two
+    features); for other models, a heat map of the pivot parameter (components × features)."""
     panels = []
     if (experiment_dir / "truth.safetensors").is_file():
         truth = load_file(str(experiment_dir / "truth.safetensors"))
@@ -245,8 +254,19 @@ def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path
         panels.append((row["backend"], params))
     if not panels:
         return None
-    config = load_config(experiment_dir / "config.yaml")
-    x = load_data(config.data, config.seed).train.numpy()
+    if all("means" in p and "covariances" in p for _, p in panels):
+        return _plot_ellipses(experiment_dir, panels, out)
+    model = _model_class(runs)
+    return None if model is None else _plot_heatmaps(experiment_dir, panels, model.pivot, out)
+
+
+def _plot_ellipses(
+    experiment_dir: Path, panels: list[tuple[str, dict[str, torch.Tensor]]], out: Path
+) -> Path | None:
+    try:
+        x = load_file(str(experiment_dir / "sample.safetensors"))["x"].to(torch.float64).numpy()
+    except Exception:  # a run directory from before the sample was kept
+        return None
     center = x.mean(0)
     if x.shape[1] > 2:
         _, _, vt = np.linalg.svd(x - center, full_matrices=False)
@@ -268,6 +288,37 @@ def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path
         ax.set_title(name)
         ax.set_xlabel(axis_names[0])
         ax.set_ylabel(axis_names[1])
+    figure.suptitle(f"{experiment_dir.name}: fitted components")
+    return _save(figure, out / f"{experiment_dir.name}-components.png")
+
+
+def _plot_heatmaps(
+    experiment_dir: Path, panels: list[tuple[str, dict[str, torch.Tensor]]], pivot: str, out: Path
+) -> Path | None:
+    """One heat map per panel of ``pivot`` (K, D), components ordered by weight, weights in the
+    row labels."""
+    shown = [(name, p) for name, p in panels if pivot in p and p[pivot].dim() == 2]
+    if not shown:
+        return None
+    top = max(float(p[pivot].max()) for _, p in shown)
+    figure, axes = plt.subplots(
+        len(shown),
+        1,
+        figsize=(
+            max(6.0, 0.25 * shown[0][1][pivot].shape[1] + 2),
+            1.2 + 0.45 * sum(p[pivot].shape[0] for _, p in shown),
+        ),
+        squeeze=False,
+    )
+    for ax, (name, params) in zip(axes[:, 0], shown, strict=True):
+        values = params[pivot].to(torch.float64).numpy()
+        weights = params["weights"].to(torch.float64).numpy() if "weights" in params else np.ones(len(values))
+        order = np.argsort(-weights)
+        image = ax.imshow(values[order], aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+        ax.set_yticks(range(len(order)), [f"k={k} (π={weights[k]:.2f})" for k in order], fontsize=7)
+        ax.set_title(f"{name}: {pivot}", fontsize=9)
+        figure.colorbar(image, ax=ax, fraction=0.03)
+    axes[-1, 0].set_xlabel("feature")
     figure.suptitle(f"{experiment_dir.name}: fitted components")
     return _save(figure, out / f"{experiment_dir.name}-components.png")
 

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from .errors import UserError
 
 __all__ = [
     "Config",
+    "Strict",
     "DataConfig",
-    "HyperConfig",
     "InitConfig",
-    "ModelConfig",
+    "ModelOptions",
     "apply_overrides",
     "dump_config",
     "format_validation_error",
@@ -26,11 +26,11 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     source: str = "synthetic"  # synthetic | csv | npy | a built-in data set name
     # synthetic sizes: within these bounds numpy's arrays (N × D × D at most) stay representable,
     # so an oversized draw runs out of memory (a clear error) instead of overflowing an index
@@ -44,50 +44,35 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # 0 = no test split
 
 
-class HyperConfig(_Strict):
-    """Conjugate prior hyperparameters; null means the data-based default (as scikit-learn's
-    BayesianGaussianMixture). Used only with ``model.prior: conjugate``."""
+class ModelOptions(Strict):
+    """What every model's ``model:`` block has; each model's own schema adds its fields
+    (``LatentModel.options``), and the block is validated by the schema that ``name`` picks."""
 
-    # dirichlet: π ~ Dirichlet(γ); dirichlet_process: scikit-learn's truncated stick-breaking,
-    # K sticks v_k ~ Beta(1, γ) (posterior inference only: its mode lies on the boundary)
-    weight_prior: Literal["dirichlet", "dirichlet_process"] = "dirichlet"
-    # γ per component; default 1.0 for the Dirichlet (flat: keeps MAP weights inside the
-    # simplex), 1/K for the dirichlet_process (scikit-learn's default)
-    weight_concentration: float | None = Field(None, gt=0)
-    mean_precision: float = Field(1.0, gt=0)  # beta_0: prior strength on the means
-    mean_prior: list[float] | None = None  # m_0 (D); default: the train mean
-    degrees_of_freedom: float | None = Field(None, gt=0)  # nu_0; default: D
-    # the Wishart's inverse scale W_0^-1: a number, a (D) diagonal or a (D, D) matrix;
-    # default: the train covariance, projected on the covariance type
-    covariance_prior: float | list[float] | list[list[float]] | None = None
-
-
-class ModelConfig(_Strict):
     name: str = "gmm"
     k: int = Field(3, ge=1)
-    covariance: Literal["full", "diag", "tied", "spherical"] = "full"
-    prior: Literal["none", "conjugate"] = "none"
-    hyperparameters: HyperConfig = HyperConfig()
+    prior: Literal["none", "conjugate"] = "none"  # none: maximum likelihood (a flat prior)
 
 
-class InitConfig(_Strict):
+class InitConfig(Strict):
     method: Literal["kmeans", "kmeans++", "random_from_data", "from_run"] = "kmeans++"
     n_init: int = Field(1, ge=1, le=1000)  # restarts; each backend keeps its best by train log-likelihood
     run: str | None = None  # from_run: an experiment or backend directory
     kmeans_iter: int = Field(100, ge=1)  # kmeans: at most this many Lloyd iterations
-    reg_covar: float = Field(1e-6, ge=0)  # added to initial covariance diagonals
+    # gmm only: added to initial covariance diagonals (null: 1e-6); refused by other models
+    reg_covar: float | None = Field(None, ge=0)
     # seeding sees at most this many train rows (a seeded random subset), so that its O(N × K)
     # temporaries stay bounded on huge or memory-mapped data; all rows when N is smaller
     max_rows: int = Field(1_000_000, ge=2)
 
 
-class Config(_Strict):
+class Config(Strict):
     experiment: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     seed: int = Field(0, ge=0, lt=2**63)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["float64", "float32"] = "float64"
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    # validated by the schema of the model that model.name picks (see parse_config)
+    model: SerializeAsAny[ModelOptions] = Field(default_factory=lambda: _model_options({}))
     init: InitConfig = InitConfig()
     # each backend listed runs, in this order; its options are validated by the backend
     backends: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"em": {}})
@@ -107,8 +92,11 @@ class Config(_Strict):
         return value
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """One line naming the field, what was expected and what was found."""
+def format_validation_error(
+    err: ValidationError, model: type[BaseModel], prefix: str = "", owner: str | None = None
+) -> str:
+    """One line naming the field, what was expected and what was found; ``owner``, the model
+    whose schema it is, is named for unknown fields."""
     first = err.errors()[0]
     loc = [str(part) for part in first["loc"]]
     field = ".".join([prefix, *loc] if prefix else loc) or "config"
@@ -116,7 +104,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
         known = _known_fields(model, loc[:-1])
         hint = difflib.get_close_matches(loc[-1], known, n=1)
         fix = f" Did you mean {hint[0]!r}?" if hint else ""
-        return f"{field}: unknown field. Known fields here: {', '.join(known)}.{fix}"
+        whose = f" for model {owner!r}" if owner and len(loc) == 1 else ""
+        return f"{field}: unknown field{whose}. Known fields here: {', '.join(known)}.{fix}"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"{field}: {msg.lower()}."
@@ -173,10 +162,31 @@ def parse_config(raw: Any, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"config: expected a mapping of fields, but found {type(raw).__name__}.")
     raw = apply_overrides(raw, overrides)
+    model = _model_options(raw.get("model"))
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate({**raw, "model": model})
     except ValidationError as err:
         raise UserError(format_validation_error(err, Config)) from None
+
+
+def _model_options(raw: Any) -> ModelOptions:
+    """The ``model:`` block validated by the schema of the model it names: a union keyed on
+    ``model.name``, so each model checks its own fields and a field another model owns is an
+    error naming it."""
+    from .models import MODELS  # the registry imports this module for ModelOptions
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise UserError(f"model: expected a mapping of fields, but found {raw!r}.")
+    name = raw.get("name", ModelOptions.model_fields["name"].default)
+    if not isinstance(name, str):
+        raise UserError(f"model.name: expected a model name, but found {name!r}.")
+    schema = MODELS.get(name, field="model.name").options
+    try:
+        return schema.model_validate(dict(raw))
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, schema, "model", owner=name)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

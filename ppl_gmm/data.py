@@ -19,7 +19,7 @@ from torch import Tensor
 from .config import DataConfig
 from .errors import UserError
 
-__all__ = ["Dataset", "load_data", "make_synthetic", "BUILTIN", "sha256_of"]
+__all__ = ["BUILTIN", "Checker", "Dataset", "Simulator", "load_data", "sha256_of"]
 
 
 @dataclass(frozen=True)
@@ -69,32 +69,12 @@ def sha256_of(x: Tensor) -> str:
     return digest.hexdigest()
 
 
-def make_synthetic(
-    n: int, dim: int, k: int, separation: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Draw n points from a random K-component full-covariance mixture.
+Simulator = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray, dict[str, Tensor]]]
+"""Draws n points (n, D), their labels (n,) and the generating parameters: the model's own
+(``LatentModel.simulate``), handed in by the experiment."""
 
-    Component covariances have eigenvalues in [0.5, 1.5]; true means lie at least
-    ``separation`` apart where the space allows it. Returns x (n, D), labels (n,) and the truth.
-    """
-    weights = rng.dirichlet(np.full(k, 10.0))
-    radius = separation * max(1.0, k ** (1.0 / dim))
-    means = np.empty((k, dim))
-    for j in range(k):
-        candidates = rng.uniform(-radius, radius, size=(256, dim))
-        if j == 0:
-            means[j] = candidates[0]
-            continue
-        gaps = np.linalg.norm(candidates[:, None, :] - means[None, :j], axis=-1).min(axis=1)
-        ok = np.flatnonzero(gaps >= separation)
-        means[j] = candidates[ok[0] if ok.size else int(np.argmax(gaps))]
-    rotations = np.linalg.qr(rng.standard_normal((k, dim, dim)))[0]
-    eigen = rng.uniform(0.5, 1.5, size=(k, dim))
-    covariances = np.einsum("kij,kj,klj->kil", rotations, eigen, rotations)
-    labels = rng.choice(k, size=n, p=weights)
-    noise = np.einsum("nij,nj->ni", np.linalg.cholesky(covariances)[labels], rng.standard_normal((n, dim)))
-    x = means[labels] + noise
-    return x, labels, {"weights": weights, "means": means, "covariances": covariances}
+Checker = Callable[[np.ndarray, str], None]
+"""Raises ``UserError`` naming the file if values lie outside the model's support."""
 
 
 def _read_builtin_sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]:
@@ -103,6 +83,22 @@ def _read_builtin_sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarra
 
         bunch = getattr(datasets, f"load_{name}")()
         return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), list(bunch.feature_names)
+
+    return load
+
+
+def _read_digits(binary: bool) -> Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]:
+    """scikit-learn's 8×8 handwritten digits: each pixel counts the dark pixels (0-16) of a 4×4
+    block of the original image; ``binary`` keeps only whether at least half of them are dark."""
+
+    def load() -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        from sklearn import datasets
+
+        bunch = datasets.load_digits()
+        x = np.asarray(bunch.data, dtype=np.float64)
+        if binary:
+            x = (x >= 8).astype(np.float64)
+        return x, np.asarray(bunch.target), list(bunch.feature_names)
 
     return load
 
@@ -117,6 +113,8 @@ BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]
     "iris": _read_builtin_sklearn("iris"),
     "wine": _read_builtin_sklearn("wine"),
     "old_faithful": _read_old_faithful,
+    "digits": _read_digits(binary=False),
+    "digits_binary": _read_digits(binary=True),
 }
 
 
@@ -181,14 +179,18 @@ def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
     return np.asarray(array, dtype=np.float64), None, [f"x{j}" for j in range(array.shape[1])]
 
 
-def load_data(cfg: DataConfig, seed: int) -> Dataset:
-    """Load or draw the data, check it, split it and optionally standardize it."""
+def load_data(
+    cfg: DataConfig, seed: int, simulate: Simulator | None = None, check: Checker | None = None
+) -> Dataset:
+    """Load or draw the data, check it (``check``: against the model's support), split it and
+    optionally standardize it. ``simulate`` draws synthetic data."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     truth = None
     if cfg.source == "synthetic":
-        x, labels, truth_np = make_synthetic(cfg.n, cfg.dim, cfg.k, cfg.separation, rng)
+        if simulate is None:
+            raise UserError("data.source: synthetic data are drawn from a model, and none was given.")
+        x, labels, truth = simulate(cfg.n, rng)
         names = [f"x{j}" for j in range(cfg.dim)]
-        truth = {key: torch.from_numpy(value) for key, value in truth_np.items()}
     elif cfg.source == "csv":
         x, labels, names = _read_csv(cfg)
     elif cfg.source == "npy":
@@ -200,6 +202,8 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
         raise UserError(f"data.source: unknown data source {cfg.source!r}. Known sources: {known}.")
     where = cfg.path if cfg.source in ("csv", "npy") else f"data set {cfg.source!r}"
     _check_values(x, where)
+    if check is not None:
+        check(x, str(where))
 
     order = rng.permutation(x.shape[0])
     n_test = int(round(cfg.test_fraction * x.shape[0])) if cfg.test_fraction > 0 else 0

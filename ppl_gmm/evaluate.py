@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,9 @@ __all__ = [
     "match_components",
     "mean_log_likelihood",
     "parameter_errors",
+    "permute",
     "posterior_moments",
+    "relabel",
     "score",
 ]
 
@@ -74,8 +76,9 @@ def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float 
 
 def match_components(reference: Tensor, other: Tensor) -> np.ndarray:
     """The permutation of ``other``'s components that best matches ``reference``'s, by the
-    Hungarian algorithm on squared distances. reference, other: (K, D) means; returns
-    ``perm`` (K,) such that other[perm[k]] pairs with reference[k]."""
+    Hungarian algorithm on squared distances. reference, other: (K, F) rows identifying the
+    components (``LatentModel.component_features``); returns ``perm`` (K,) such that
+    other[perm[k]] pairs with reference[k]."""
     cost = torch.cdist(reference.to(torch.float64), other.to(torch.float64)).pow(2).numpy()
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty_like(cols)
@@ -83,19 +86,35 @@ def match_components(reference: Tensor, other: Tensor) -> np.ndarray:
     return perm
 
 
-def parameter_errors(reference: Params, other: Params) -> dict[str, float]:
-    """Root-mean-square difference of each per-component tensor after matching ``other``'s
-    components to ``reference``'s by their means, so label switching costs nothing. Empty when
-    the two have different numbers of components."""
+def permute(params: Params, perm: Tensor, axes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Each tensor's components reordered by ``perm`` (K,) along all of its component ``axes``
+    (a (K, K) transition matrix on both); tensors without component axes are kept."""
+    out = {}
+    for name, value in params.items():
+        for axis in axes.get(name, ()):
+            value = value.index_select(axis, perm.to(value.device))
+        out[name] = value
+    return out
+
+
+def relabel(model: LatentModel, reference: Params, other: Params) -> dict[str, Tensor]:
+    """``other`` with its components permuted to best match ``reference``'s."""
+    perm = match_components(model.component_features(reference), model.component_features(other))
+    return permute(other, torch.as_tensor(perm), model.component_axes)
+
+
+def parameter_errors(model: LatentModel, reference: Params, other: Params) -> dict[str, float]:
+    """Root-mean-square difference of each tensor after matching ``other``'s components to
+    ``reference``'s, so label switching costs nothing. Empty when the two have different
+    numbers of components."""
     reference, other = _cpu64(reference), _cpu64(other)
-    if reference["means"].shape != other["means"].shape:
+    if reference[model.pivot].shape != other[model.pivot].shape:
         return {}
-    perm = torch.as_tensor(match_components(reference["means"], other["means"]))
-    k = reference["means"].shape[0]
+    other = relabel(model, reference, other)
     return {
-        name: float((other[name][perm] - value).pow(2).mean().sqrt())
+        name: float((other[name] - value).pow(2).mean().sqrt())
         for name, value in reference.items()
-        if name in other and value.shape[:1] == (k,) and other[name].shape == value.shape
+        if name in other and other[name].shape == value.shape
     }
 
 
@@ -112,16 +131,15 @@ def assignments(model: LatentModel, params: Params, data: Dataset) -> pd.DataFra
     return frame
 
 
-def posterior_moments(draws: Sequence[Params], pivot: Tensor) -> dict[str, Tensor]:
-    """Posterior mean and standard deviation of every per-component tensor over ``draws``, each
-    draw's components first relabelled to match ``pivot`` (K, D) means, so label switching does
-    not blur the summaries. Returns ``{"<name>.mean": ..., "<name>.std": ...}``."""
+def posterior_moments(model: LatentModel, draws: Sequence[Params], pivot: Params) -> dict[str, Tensor]:
+    """Posterior mean and standard deviation of every tensor over ``draws``, each draw's
+    components first relabelled to match those of ``pivot`` (a point estimate), so label
+    switching does not blur the summaries. Returns ``{"<name>.mean": ..., "<name>.std": ...}``."""
     stacked: dict[str, list[Tensor]] = {}
+    pivot = _cpu64(pivot)
     for draw in draws:
-        draw = _cpu64(draw)
-        perm = torch.as_tensor(match_components(pivot, draw["means"]))
-        for name, value in draw.items():
-            stacked.setdefault(name, []).append(value[perm])
+        for name, value in relabel(model, pivot, _cpu64(draw)).items():
+            stacked.setdefault(name, []).append(value)
     moments = {}
     for name, values in stacked.items():
         tensor = torch.stack(values)

@@ -13,26 +13,28 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyro
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import __version__
 from .backends import BACKENDS, Backend, FitResult, Options, StepInfo
 from .backends.base import one_line
 from .config import Config, dump_config, format_validation_error
-from .data import Dataset, load_data
+from .data import Dataset, Simulator, load_data
 from .errors import UserError
 from .evaluate import assignments, parameter_errors, score
 from .init import initialize
 from .models import MODELS, LatentModel, Params
 from .runs import create_experiment_dir, save_tensors, write_csv, write_json, write_text
 
-__all__ = ["Interrupted", "Outcome", "Plan", "Progress", "execute", "prepare", "run"]
+M = TypeVar("M", bound=BaseModel)
+
+__all__ = ["Interrupted", "Outcome", "Plan", "Progress", "execute", "prepare", "run", "simulator"]
 
 
 class Progress(Protocol):
@@ -99,7 +101,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _resolve_backends(cfg: Config, model: LatentModel) -> tuple[tuple[str, Backend, Options], ...]:
+def _resolve_backends(cfg: Config, model_cls: type[LatentModel]) -> tuple[tuple[str, Backend, Options], ...]:
+    """Every backend's options validated, and the model's own fields filled in or refused."""
     resolved = []
     for name, raw in cfg.backends.items():
         backend = BACKENDS.get(name, field=f"backends.{name}")()
@@ -109,9 +112,43 @@ def _resolve_backends(cfg: Config, model: LatentModel) -> tuple[tuple[str, Backe
             options = backend.options.model_validate(dict(raw))
         except ValidationError as err:
             raise UserError(format_validation_error(err, backend.options, f"backends.{name}")) from None
-        backend.check(model, options)
-        resolved.append((name, backend, options))
+        resolved.append((name, backend, _model_fields(options, model_cls, f"backends.{name}")))
     return tuple(resolved)
+
+
+MODEL_FIELDS = ("reg_covar",)  # options that only some models use (``backend_fields``)
+
+
+def _model_fields(options: M, model_cls: type[LatentModel], where: str) -> M:
+    """``options`` with each model-specific field (``MODEL_FIELDS``) set to the model's default
+    where the model uses it and left unset, and refused where the model does not use it."""
+    update = {}
+    for field in MODEL_FIELDS:
+        if field not in type(options).model_fields:
+            continue
+        value = getattr(options, field)
+        if field in model_cls.backend_fields:
+            if value is None:
+                update[field] = model_cls.backend_fields[field]
+        elif value is not None:
+            users = ", ".join(name for name in MODELS if field in MODELS.get(name).backend_fields)
+            raise UserError(
+                f"{where}.{field}: model {model_cls.name!r} has no use for {field}; remove it "
+                f"(only {users} take it)."
+            )
+    return options.model_copy(update=update) if update else options
+
+
+def simulator(cfg: Config, model_cls: type[LatentModel]) -> Simulator:
+    """Draws synthetic data from the model itself: a random truth of ``data.k`` components."""
+
+    def simulate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        truth_model = model_cls.for_simulation(cfg.model.model_copy(update={"k": cfg.data.k}), cfg.data.dim)
+        truth = truth_model.sample_truth(rng, cfg.data.separation)
+        x, labels = truth_model.simulate(truth, n, rng)
+        return x.numpy(), labels.numpy(), truth
+
+    return simulate
 
 
 def prepare(cfg: Config) -> Plan:
@@ -121,8 +158,16 @@ def prepare(cfg: Config) -> Plan:
     """
     device = _device(cfg.device)
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
+    model_cls = MODELS.get(cfg.model.name, field="model.name")
+    backends = _resolve_backends(cfg, model_cls)
+    init_cfg = _model_fields(cfg.init, model_cls, "init")
+    if cfg.data.standardize and not model_cls.standardizable:
+        raise UserError(
+            f"data.standardize: model {model_cls.name!r} needs the data's own values (counts or "
+            "binary), which z-scores would change. Set data.standardize: false."
+        )
     try:
-        data = load_data(cfg.data, cfg.seed)
+        data = load_data(cfg.data, cfg.seed, simulator(cfg, model_cls), model_cls.check_data)
     except MemoryError:
         raise UserError("data: not enough memory to hold the data. Lower data.n or data.dim.") from None
     n_train = data.train.shape[0]
@@ -131,13 +176,14 @@ def prepare(cfg: Config) -> Plan:
             f"model.k: {cfg.model.k} components need at least as many train points, but the data "
             f"have {n_train}. Lower model.k or data.test_fraction."
         )
-    model = MODELS.get(cfg.model.name, field="model.name").from_config(cfg.model, data.train)
-    backends = _resolve_backends(cfg, model)
+    model = model_cls.from_config(cfg.model, data.train)
+    for _, backend, options in backends:
+        backend.check(model, options)
     x = data.train.to(device)
     inits = tuple(
         {
             name: value.to("cpu", torch.float64)
-            for name, value in initialize(model, x, cfg.init, cfg.seed, r).items()
+            for name, value in initialize(model, x, init_cfg, cfg.seed, r).items()
         }
         for r in range(cfg.init.n_init)
     )
@@ -169,9 +215,24 @@ def prepare(cfg: Config) -> Plan:
                 "float64, or set data.standardize: true."
             ) from None
     resolved = cfg.model_copy(
-        update={"backends": {name: options.model_dump(mode="json") for name, _, options in backends}}
+        update={
+            "init": init_cfg,
+            "backends": {name: options.model_dump(mode="json") for name, _, options in backends},
+        }
     )
     return Plan(resolved, data, model, backends, inits, device, dtype)
+
+
+FIGURE_POINTS = 5000  # train points kept in the run directory for figures
+
+
+def _figure_sample(train: torch.Tensor, seed: int) -> torch.Tensor:
+    """At most ``FIGURE_POINTS`` train rows (a seeded subset, in order), so that figures are
+    drawn from the run directory alone."""
+    if train.shape[0] <= FIGURE_POINTS:
+        return train
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    return train[torch.from_numpy(np.sort(rng.choice(train.shape[0], FIGURE_POINTS, replace=False)))]
 
 
 def _pyro_seed(seed: int, restart: int) -> int:
@@ -217,6 +278,7 @@ def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Out
     save_tensors(path / "init.safetensors", _init_tensors(plan.inits))
     if plan.data.truth is not None:
         save_tensors(path / "truth.safetensors", plan.data.truth)
+    save_tensors(path / "sample.safetensors", {"x": _figure_sample(plan.data.train, cfg.seed)})
     common = {
         "model": plan.model.name,
         "seed": cfg.seed,
@@ -255,12 +317,12 @@ def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -
         extra: dict[str, Any] = {"best_log_likelihood": best}
         for gap, key in ((1e-3, "seconds_to_within_1e-3"), (1e-4, "seconds_to_within_1e-4")):
             extra[key] = _seconds_to_reach(run, best - gap) if best is not None else None
-        if plan.data.truth is not None:
-            errors = parameter_errors(plan.data.truth, run.params)
+        if plan.data.truth is not None and plan.model.k == len(plan.data.truth[plan.model.pivot]):
+            errors = parameter_errors(plan.model, plan.data.truth, run.params)
             extra.update({f"{key}_error_vs_truth": value for key, value in errors.items()})
         extra["reference_backend"] = reference
         if reference is not None:
-            errors = parameter_errors(done[reference].params, run.params)
+            errors = parameter_errors(plan.model, done[reference].params, run.params)
             extra.update({f"{key}_error_vs_reference": value for key, value in errors.items()})
         run.summary.update(extra)
         write_json(path / name / "summary.json", run.summary)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .config import InitConfig
 from .errors import UserError
-from .models.base import LatentModel, Params
+from .models.base import ClosedFormEM, LatentModel, Params
 from .runs import best_backend_dir
 
 __all__ = ["kmeans_plusplus", "lloyd", "initialize", "load_run_params"]
@@ -71,8 +71,14 @@ def lloyd(x: Tensor, centers: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
     return centers, labels
 
 
-def _from_labels(model: LatentModel, x: Tensor, labels: Tensor, reg_covar: float) -> Params:
-    resp = torch.nn.functional.one_hot(labels, model.k).to(x.dtype)
+def _m_step(model: LatentModel, x: Tensor, resp: Tensor, cfg: InitConfig) -> Params:
+    """The maximum-likelihood θ for responsibilities resp (N, K) on x (N, D)."""
+    if not isinstance(model, ClosedFormEM):
+        raise UserError(
+            f"init.method: {cfg.method} fits model {model.name!r} to hard assignments by its closed-form "
+            "M-step, which it does not have. Use init.method: from_run."
+        )
+    reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
     return model.m_step(x, resp, reg_covar, use_prior=False)
 
 
@@ -113,18 +119,13 @@ def initialize(model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restar
     x64 = x.to(torch.float64)
     if cfg.method == "random_from_data":
         index = torch.randperm(x64.shape[0], generator=generator)[: model.k].to(x.device)
-        spread = model.m_step(
-            x64,
-            torch.full((x64.shape[0], model.k), 1.0 / model.k, dtype=x64.dtype, device=x.device),
-            cfg.reg_covar,
-            use_prior=False,
-        )
-        weights = torch.full((model.k,), 1.0 / model.k, dtype=x64.dtype, device=x.device)
-        return {"weights": weights, "means": x64[index].clone(), "covariances": spread["covariances"]}
+        uniform = torch.full((x64.shape[0], model.k), 1.0 / model.k, dtype=x64.dtype, device=x.device)
+        return model.init_from_points(x64, index, _m_step(model, x64, uniform, cfg))
     index = kmeans_plusplus(x64, model.k, generator).to(x.device)
     centers = x64[index].clone()
     if cfg.method == "kmeans":
         centers, labels = lloyd(x64, centers, cfg.kmeans_iter)
     else:
         labels = torch.argmin(_squared_distances(x64, centers), dim=1)
-    return _from_labels(model, x64, labels, cfg.reg_covar)
+    resp = torch.nn.functional.one_hot(labels, model.k).to(x64.dtype)
+    return _m_step(model, x64, resp, cfg)

@@ -7,7 +7,7 @@ import pyro
 import pytest
 import torch
 
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.models.gmm import make_synthetic
 
 SEED = 20261125
 

@@ -101,7 +101,10 @@ def test_config_runs_end_to_end(
         key, _, value = item.partition("=")
         _, name, option = key.split(".")
         assert resolved.backends[name][option] == int(value)
-    assert resolved.model_dump(exclude={"backends"}) == original.model_dump(exclude={"backends"})
+    # init.reg_covar, unset, takes the model's default (the gmm's 1e-6)
+    unchanged = {"backends": True, "init": {"reg_covar"}}
+    assert resolved.model_dump(exclude=unchanged) == original.model_dump(exclude=unchanged)
+    assert resolved.init.reg_covar == (original.init.reg_covar or 1e-6)
 
     described = json.loads((path / "data.json").read_text(encoding="utf-8"))
     for key in ["source", "n_train", "n_test", "dim", "has_labels", "sha256"]:

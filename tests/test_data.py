@@ -12,13 +12,16 @@ import torch
 from sklearn.datasets import load_iris
 from sklearn.preprocessing import StandardScaler
 
-from ppl_gmm.config import DataConfig
+from ppl_gmm.config import Config, DataConfig
 from ppl_gmm.data import load_data
+from ppl_gmm.experiment import simulator
+from ppl_gmm.models.gmm import GaussianMixture
 
 
 def test_synthetic_is_seeded_and_labelled() -> None:
     cfg = DataConfig(n=500, dim=3, k=4, separation=5.0, test_fraction=0.2)
-    a, b, c = load_data(cfg, 1), load_data(cfg, 1), load_data(cfg, 2)
+    simulate = simulator(Config(data=cfg), GaussianMixture)
+    a, b, c = load_data(cfg, 1, simulate), load_data(cfg, 1, simulate), load_data(cfg, 2, simulate)
     assert torch.equal(a.train, b.train) and not torch.equal(a.train, c.train)
     assert a.train.shape == (400, 3) and a.test.shape == (100, 3)
     assert a.train_labels.shape == (400,) and a.test_labels.shape == (100,)

@@ -13,11 +13,10 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from ppl_gmm.backends import BACKENDS, FitError
 from ppl_gmm.backends.em import EM, EMOptions
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.evaluate import match_components
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 
 
 def _fit(model, x, init, **options):
@@ -41,7 +40,7 @@ def _native_precisions(covariances: np.ndarray, covariance: str) -> np.ndarray:
 def test_em_matches_scikit_learn_from_the_same_start(covariance: str, lanes: dict, k: int) -> None:
     x_np, _, _ = make_synthetic(3000, 3, 4, 2.5, np.random.default_rng(7))
     x = torch.from_numpy(x_np)
-    model = GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance), x)
+    model = GaussianMixture.from_config(GMMOptions(k=k, covariance=covariance), x)
     init = initialize(model, x, InitConfig(method="kmeans++"), seed=5)
     threads_before = torch.get_num_threads()
     result, _ = _fit(model, x, init, max_iter=25, tol=0.0, reg_covar=1e-4, **lanes)
@@ -81,7 +80,7 @@ def test_em_objective_never_decreases(seed, n, dim, k, covariance, prior) -> Non
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.1, 10.0, size=dim)
     x = torch.from_numpy(rng.standard_normal((n, dim)) * scale + rng.integers(0, 3, (n, 1)) * scale)
-    model = GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance, prior=prior), x)
+    model = GaussianMixture.from_config(GMMOptions(k=k, covariance=covariance, prior=prior), x)
     init = initialize(model, x, InitConfig(method="kmeans++", reg_covar=1e-3), seed=seed)
     steps: list = []
     # a re-seeded component may lower the objective: the steps whose parameters had one
@@ -111,7 +110,7 @@ def test_em_objective_never_decreases(seed, n, dim, k, covariance, prior) -> Non
 
 def test_em_recovers_well_separated_truth(blobs) -> None:
     x, labels, truth = blobs
-    model = GaussianMixture.from_config(ModelConfig(k=4, covariance="full"), x)
+    model = GaussianMixture.from_config(GMMOptions(k=4, covariance="full"), x)
     init = initialize(model, x, InitConfig(method="kmeans++"), seed=0)
     result, _ = _fit(model, x, init)
     assert result.converged
@@ -127,7 +126,7 @@ def test_em_recovers_well_separated_truth(blobs) -> None:
 
 def test_em_stops_when_the_change_is_below_tol(blobs) -> None:
     x = blobs[0]
-    model = GaussianMixture.from_config(ModelConfig(k=4), x)
+    model = GaussianMixture.from_config(GMMOptions(k=4), x)
     init = initialize(model, x, InitConfig(), seed=1)
     result, steps = _fit(model, x, init, tol=1e-4)
     assert result.converged and result.n_steps == steps[-1].step
@@ -140,9 +139,9 @@ def test_em_stops_when_the_change_is_below_tol(blobs) -> None:
 def test_map_em_is_pulled_towards_the_prior(blobs) -> None:
     """With a strong prior on the means, MAP-EM's means move from the ML ones towards m0."""
     x = blobs[0][:200]
-    ml = GaussianMixture.from_config(ModelConfig(k=4), x)
+    ml = GaussianMixture.from_config(GMMOptions(k=4), x)
     strong = GaussianMixture.from_config(
-        ModelConfig(k=4, prior="conjugate", hyperparameters={"mean_precision": 1e4}), x
+        GMMOptions(k=4, prior="conjugate", hyperparameters={"mean_precision": 1e4}), x
     )
     init = initialize(ml, x, InitConfig(), seed=2)
     ml_fit, _ = _fit(ml, x, init, max_iter=50)
@@ -182,7 +181,7 @@ def _start_with_a_stray(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
 def test_em_reseeds_a_component_that_lost_all_its_points(covariance: str, dtype: torch.dtype) -> None:
     x = _three_blobs()
-    model = GaussianMixture.from_config(ModelConfig(k=3, covariance=covariance), x)
+    model = GaussianMixture.from_config(GMMOptions(k=3, covariance=covariance), x)
     result, steps = _fit(model, x.to(dtype), _start_with_a_stray(dtype), max_iter=200)
     assert result.extras == {"reseeds": 1, "reseed_steps": [1]}
     assert result.converged and all(torch.isfinite(value).all() for value in result.params.values())
@@ -200,7 +199,7 @@ def test_map_em_lets_a_surplus_component_empty() -> None:
     """With a prior the M-step's mode exists without points (the prior's own): no re-seed, and the
     log posterior keeps climbing, as it must for model selection over K."""
     x = _three_blobs()
-    model = GaussianMixture.from_config(ModelConfig(k=3, prior="conjugate"), x)
+    model = GaussianMixture.from_config(GMMOptions(k=3, prior="conjugate"), x)
     result, steps = _fit(model, x, _start_with_a_stray(torch.float64), max_iter=100)
     assert result.extras == {"reseeds": 0, "reseed_steps": []}
     assert float(result.params["weights"].min()) < 1e-6  # the stray one never got any points
@@ -214,7 +213,7 @@ def test_reseed_rule(covariance: str) -> None:
     """At the point the live components explain worst, with their pooled covariance and half the
     largest weight; the covariance type is kept."""
     x = _three_blobs()
-    model = GaussianMixture.from_config(ModelConfig(k=3, covariance=covariance), x)
+    model = GaussianMixture.from_config(GMMOptions(k=3, covariance=covariance), x)
     params = dict(model.m_step(x[:200], torch.eye(3, dtype=x.dtype)[torch.arange(200) // 100], 1e-6))
     params["weights"] = torch.tensor([0.7, 0.3, 0.0], dtype=x.dtype)
     new = model.reseed(params, [2], x)
@@ -231,7 +230,7 @@ def test_reseed_rule(covariance: str) -> None:
 
 def test_em_fails_when_a_component_keeps_losing_its_points() -> None:
     x = _three_blobs()
-    model = GaussianMixture.from_config(ModelConfig(k=3), x)
+    model = GaussianMixture.from_config(GMMOptions(k=3), x)
 
     def astray(params, components, x):
         """A re-seed that cannot help: the component lands far from every point again."""

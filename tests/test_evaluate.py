@@ -9,10 +9,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from ppl_gmm import evaluate
-from ppl_gmm.config import ModelConfig
 from ppl_gmm.data import Dataset
 from ppl_gmm.evaluate import match_components, score
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions
 
 
 @pytest.mark.parametrize("block", [None, 37], ids=["one-block", "blocks-of-37"])
@@ -23,7 +22,7 @@ def test_scores_match_scikit_learn(covariance: str, block: int | None, blobs, mo
     x, labels, _ = blobs
     train, test = x[:1000].numpy(), x[1000:].numpy()
     reference = SkGaussianMixture(4, covariance_type=covariance, random_state=0).fit(train)
-    model = GaussianMixture.from_config(ModelConfig(k=4, covariance=covariance), x[:1000])
+    model = GaussianMixture.from_config(GMMOptions(k=4, covariance=covariance), x[:1000])
     expand = {
         "full": lambda c: c,
         "tied": lambda c: np.broadcast_to(c, (4, 3, 3)),
@@ -51,7 +50,7 @@ def test_scores_match_scikit_learn(covariance: str, block: int | None, blobs, mo
 
 def test_scores_without_labels_or_test_split(blobs) -> None:
     x = blobs[0]
-    model = GaussianMixture.from_config(ModelConfig(k=1), x)
+    model = GaussianMixture.from_config(GMMOptions(k=1), x)
     params = {
         "weights": torch.ones(1, dtype=torch.float64),
         "means": x.mean(0, keepdim=True),

@@ -7,10 +7,10 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from ppl_gmm.config import InitConfig, ModelConfig
+from ppl_gmm.config import InitConfig
 from ppl_gmm.errors import UserError
 from ppl_gmm.init import initialize, kmeans_plusplus, lloyd
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions
 
 
 def test_lloyd_matches_scikit_learn_from_the_same_centers(blobs) -> None:
@@ -43,7 +43,7 @@ def test_kmeans_plusplus_needs_k_distinct_points() -> None:
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
 def test_initial_parameters_are_valid_and_seeded(method: str, covariance: str, blobs) -> None:
     x = blobs[0]
-    model = GaussianMixture.from_config(ModelConfig(k=4, covariance=covariance), x)
+    model = GaussianMixture.from_config(GMMOptions(k=4, covariance=covariance), x)
     cfg = InitConfig(method=method)
     params = initialize(model, x, cfg, seed=11)
     assert params["weights"].shape == (4,) and params["means"].shape == (4, 3)
@@ -58,7 +58,7 @@ def test_initial_parameters_are_valid_and_seeded(method: str, covariance: str, b
 
 def test_kmeans_init_equals_hard_assignment_statistics(blobs) -> None:
     x = blobs[0]
-    model = GaussianMixture.from_config(ModelConfig(k=4), x)
+    model = GaussianMixture.from_config(GMMOptions(k=4), x)
     params = initialize(model, x, InitConfig(method="kmeans", reg_covar=0.0), seed=3)
     labels = torch.argmin(torch.cdist(x, params["means"]), dim=1)
     for k in range(4):
@@ -72,7 +72,7 @@ def test_seeding_on_a_row_subset_uses_only_those_rows(blobs) -> None:
     """With more rows than init.max_rows, k-means sees a seeded random subset: its statistics are
     those of that subset's hard assignments, not of all rows."""
     x = blobs[0]
-    model = GaussianMixture.from_config(ModelConfig(k=4), x)
+    model = GaussianMixture.from_config(GMMOptions(k=4), x)
     cfg = InitConfig(method="kmeans", reg_covar=0.0, max_rows=300)
     params = initialize(model, x, cfg, seed=3)
     assert torch.equal(params["means"], initialize(model, x, cfg, seed=3)["means"])

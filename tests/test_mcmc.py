@@ -13,17 +13,16 @@ from pyro.ops.stats import effective_sample_size
 from scipy.stats import norm
 
 from ppl_gmm.backends import BACKENDS
-from ppl_gmm.backends.mcmc import MCMCBackend, MCMCOptions, convergence, relabel, run_nuts
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.backends.mcmc import MCMCBackend, MCMCOptions, convergence, run_nuts
+from ppl_gmm.config import InitConfig
 from ppl_gmm.errors import UserError
-from ppl_gmm.evaluate import match_components
+from ppl_gmm.evaluate import match_components, relabel
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 
 
 def _model(x: torch.Tensor, k: int, covariance: str, prior: str = "conjugate") -> GaussianMixture:
-    return GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance, prior=prior), x)
+    return GaussianMixture.from_config(GMMOptions(k=k, covariance=covariance, prior=prior), x)
 
 
 def _grid_posterior_of_locs(
@@ -192,7 +191,7 @@ def test_relabel_undoes_label_switching() -> None:
         ),
     }
     switched = {name: value[[2, 0, 1]] for name, value in draw.items()}
-    (back,) = relabel([switched], pivot)
+    back = relabel(GaussianMixture(3, 2, "full", None), {"means": pivot}, switched)
     for name, value in draw.items():
         torch.testing.assert_close(back[name], value)
 

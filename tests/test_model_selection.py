@@ -11,17 +11,16 @@ import torch
 from ppl_gmm.backends.svi import SVIBackend, SVIBackendOptions
 from ppl_gmm.backends.vb import VB, VBOptions
 from ppl_gmm.cli import main
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_svi_with_an_mvn_guide_reaches_the_cavi_elbo() -> None:
     x = torch.from_numpy(make_synthetic(200, 2, 2, 6.0, np.random.default_rng(3))[0])
-    model = GaussianMixture.from_config(ModelConfig(k=2, covariance="full", prior="conjugate"), x)
+    model = GaussianMixture.from_config(GMMOptions(k=2, covariance="full", prior="conjugate"), x)
     init = initialize(model, x, InitConfig(), seed=0)
     vb = VB().fit(model, x, init, VBOptions(reg_covar=0.0, tol=1e-10), lambda s: None)
     svi = SVIBackend().fit(

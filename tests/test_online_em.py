@@ -15,18 +15,17 @@ from ppl_gmm.backends import BACKENDS, FitError
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.backends.incremental_em import IncrementalEM, IncrementalEMOptions
 from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions, step_size
-from ppl_gmm.backends.partial_em import e_step_rows, expected_log_joint
-from ppl_gmm.config import InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.backends.partial_em import e_step_rows
+from ppl_gmm.config import InitConfig
 from ppl_gmm.errors import UserError
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
 
 COVARIANCES = ["full", "tied", "diag", "spherical"]
 
 
 def _setup(x, k=3, covariance="full", prior="none", seed=0):
-    model = GaussianMixture.from_config(ModelConfig(k=k, covariance=covariance, prior=prior), x)
+    model = GaussianMixture.from_config(GMMOptions(k=k, covariance=covariance, prior=prior), x)
     return model, initialize(model, x, InitConfig(reg_covar=1e-3), seed=seed)
 
 
@@ -59,7 +58,7 @@ def test_expected_log_joint_equals_the_direct_sum(covariance: str) -> None:
     shift = x[:50].mean(0)
     stats = model.new_stats(shift)
     model.accumulate(stats, model.design(x, shift), resp.T.contiguous())
-    ours = expected_log_joint(stats, model.prepare(params, shift))
+    ours = model.expected_log_joint(stats, model.prepare(params, shift))
     direct = (resp * model.log_joint(x, params)).sum()
     torch.testing.assert_close(ours, direct, rtol=1e-11, atol=0.0)
 
@@ -71,13 +70,13 @@ def test_e_step_entropy_and_log_likelihood_are_the_posterior_s(covariance: str) 
     model, params = _setup(x, covariance=covariance)
     shift = x.mean(0)
     stats = model.new_stats(shift)
-    result = e_step_rows(model, x, model.prepare(params, shift), stats)  # two chunks
+    result = e_step_rows(model, x, model.prepare(params, shift), shift, stats)  # two chunks
     log_joint = model.log_joint(x, params)
     log_resp = torch.log_softmax(log_joint, dim=1)
     np.testing.assert_allclose(result.entropy, float(-(log_resp.exp() * log_resp).sum()), rtol=1e-11)
     log_likelihood = float(torch.logsumexp(log_joint, dim=1).sum())
     np.testing.assert_allclose(result.log_likelihood, log_likelihood, rtol=1e-13)
-    bound = float(expected_log_joint(stats, model.prepare(params, shift))) + result.entropy
+    bound = float(model.expected_log_joint(stats, model.prepare(params, shift))) + result.entropy
     np.testing.assert_allclose(bound, log_likelihood, rtol=1e-11)
 
 
@@ -155,14 +154,14 @@ def test_online_em_blends_batch_statistics_with_the_schedule(prior: str) -> None
         objectives.append(float(torch.logsumexp(log_joint, 1).mean() + model.log_prior(params) / 1100))
         batch = model.new_stats(shift)
         model.accumulate(batch, model.design(rows, shift), torch.softmax(log_joint, 1).T.contiguous())
-        scaled = [value * 1100 / rows.shape[0] for value in batch[1:]]
+        scaled = {name: value * 1100 / rows.shape[0] for name, value in batch.items()}
         gamma = (t + 1.5) ** -0.7
         stats = (
             scaled
             if stats is None
-            else [(1 - gamma) * s + gamma * b for s, b in zip(stats, scaled, strict=True)]
+            else {name: (1 - gamma) * s + gamma * scaled[name] for name, s in stats.items()}
         )
-        params = model.m_step_stats(type(batch)(shift, *stats), 1e-6)
+        params = model.m_step_stats(stats, shift, 1e-6)
 
     assert [s.step for s in steps] == [1, 2, 3, 4] and result.n_steps == 4 and result.converged
     np.testing.assert_allclose([s.objective for s in steps], objectives, rtol=1e-12)
@@ -284,7 +283,7 @@ def test_bad_options_are_refused(options, field: str, value: float) -> None:
 def test_stick_breaking_weights_are_refused(blobs, backend) -> None:
     x = blobs[0]
     model = GaussianMixture.from_config(
-        ModelConfig(k=3, prior="conjugate", hyperparameters={"weight_prior": "dirichlet_process"}), x
+        GMMOptions(k=3, prior="conjugate", hyperparameters={"weight_prior": "dirichlet_process"}), x
     )
     with pytest.raises(UserError, match="dirichlet_process"):
         backend.check(model, backend.options())

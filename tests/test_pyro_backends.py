@@ -15,12 +15,11 @@ from ppl_gmm.backends import BACKENDS
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.backends.map import MAP, MAPOptions
 from ppl_gmm.backends.svi import SVIBackend, SVIBackendOptions
-from ppl_gmm.config import HyperConfig, InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.errors import UserError
 from ppl_gmm.evaluate import match_components
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMHyperparameters, GMMOptions, make_synthetic
 
 
 def _data(n: int, dim: int, k: int, separation: float, seed: int):
@@ -30,7 +29,7 @@ def _data(n: int, dim: int, k: int, separation: float, seed: int):
 
 def _setup(x, covariance="full", prior="none", k=3, **hyper):
     model = GaussianMixture.from_config(
-        ModelConfig(k=k, covariance=covariance, prior=prior, hyperparameters=HyperConfig(**hyper)), x
+        GMMOptions(k=k, covariance=covariance, prior=prior, hyperparameters=GMMHyperparameters(**hyper)), x
     )
     return model, initialize(model, x, InitConfig(), seed=0)
 

@@ -35,18 +35,19 @@ from ppl_gmm.backends.vb import (
     variational_guide,
     variational_m_step,
 )
-from ppl_gmm.config import HyperConfig, InitConfig, ModelConfig
-from ppl_gmm.data import make_synthetic
+from ppl_gmm.config import InitConfig
 from ppl_gmm.errors import UserError
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture
+from ppl_gmm.models.gmm import GaussianMixture, GMMHyperparameters, GMMOptions, make_synthetic
 
 WEIGHT_PRIORS = ["dirichlet", "dirichlet_process"]
 SKLEARN_WEIGHT_PRIOR = {"dirichlet": "dirichlet_distribution", "dirichlet_process": "dirichlet_process"}
 
 
 def _model(x: torch.Tensor, k: int, covariance: str = "full", **hyper) -> GaussianMixture:
-    cfg = ModelConfig(k=k, covariance=covariance, prior="conjugate", hyperparameters=HyperConfig(**hyper))
+    cfg = GMMOptions(
+        k=k, covariance=covariance, prior="conjugate", hyperparameters=GMMHyperparameters(**hyper)
+    )
     return GaussianMixture.from_config(cfg, x)
 
 
@@ -306,7 +307,7 @@ def test_float32_posterior_is_symmetric_far_from_the_origin(covariance: str) -> 
 
 def test_vb_needs_a_prior_and_names_the_fix() -> None:
     x, _, _ = _data(100, 2, 2, 4.0, 18)
-    model = GaussianMixture.from_config(ModelConfig(k=2), x)
+    model = GaussianMixture.from_config(GMMOptions(k=2), x)
     with pytest.raises(UserError, match=r"backends\.vb: .*proper prior.*model\.prior: conjugate"):
         VB().check(model, VBOptions())
     VB().check(_model(x, 2, "spherical", weight_prior="dirichlet_process"), VBOptions())

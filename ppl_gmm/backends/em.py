@@ -26,24 +26,28 @@ from pydantic import Field
 from torch import Tensor
 
 from ..errors import UserError
-from ..models.base import LatentModel, Params
+from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
 
 __all__ = [
     "EM",
     "EMOptions",
     "MAX_RESEEDS",
+    "add_stats",
     "e_step",
     "empty_components",
+    "fixes",
+    "needs_closed_form",
+    "reg_covar",
     "not_positive_definite",
-    "stick_breaking_has_no_mode",
 ]
 
 
 class EMOptions(Options):
     max_iter: int = Field(500, ge=0)  # M-steps at most
     tol: float = Field(1e-6, ge=0)  # on the change of the mean per-point objective
-    reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
+    # gmm only: added to covariance diagonals in each M-step (null: 1e-6); refused by other models
+    reg_covar: float | None = Field(None, ge=0)
     # rows per block, memory O(block_rows × K × D); default: see block_rows_for
     block_rows: int | None = Field(None, ge=1, le=2**31)
     # worker threads over row blocks (CPU); default: torch's thread count
@@ -55,7 +59,7 @@ BLOCK_WORK = 12 * 2**20  # multiply-adds of a block's log-joint GEMM (see block_
 MAX_RESEEDS = 3  # per component; one that keeps emptying means the data support fewer components
 
 
-def block_rows_for(model: LatentModel, x: Tensor) -> int:
+def block_rows_for(model: ClosedFormEM, x: Tensor) -> int:
     """Rows per block: the largest power of two in [1024, 65536] whose design and log-joint take
     at most ``BLOCK_BYTES`` and whose log-joint GEMM (design rows × K per point) at most
     ``BLOCK_WORK`` multiply-adds.
@@ -80,13 +84,26 @@ def block_rows_for(model: LatentModel, x: Tensor) -> int:
     return rows
 
 
-def stick_breaking_has_no_mode(method: str) -> UserError:
-    """The error of a posterior-mode backend asked to fit the stick-breaking weight prior."""
-    return UserError(
-        f"model.hyperparameters.weight_prior: {method} needs the posterior mode, but found "
-        "'dirichlet_process', whose mode lies on the boundary of the sticks' space (or does not "
-        "exist). Use the vb or svi backend, or set model.hyperparameters.weight_prior: dirichlet."
-    )
+def reg_covar(model: LatentModel, value: float | None) -> float:
+    """The reg_covar an M-step of ``model`` uses for the option's ``value`` (unset: the model's
+    default; models without covariances take none)."""
+    return value if value is not None else model.backend_fields.get("reg_covar", 0.0)
+
+
+def needs_closed_form(model: LatentModel, backend: str) -> ClosedFormEM:
+    """``model`` as a ``ClosedFormEM``, or the ``UserError`` of a backend that needs one."""
+    if not isinstance(model, ClosedFormEM):
+        raise UserError(
+            f"backends.{backend}: expected a model with a closed-form EM, but model {model.name!r} has "
+            "none. Use the map, svi or mcmc backend, which need only the Pyro declaration."
+        )
+    return model
+
+
+def add_stats(stats: Stats, other: Stats) -> None:
+    """Add the statistics ``other`` to ``stats`` in place."""
+    for name, value in stats.items():
+        value.add_(other[name])
 
 
 def e_step(model: LatentModel, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
@@ -109,15 +126,7 @@ class EM(Backend):
     options = EMOptions
 
     def check(self, model: LatentModel, options: EMOptions) -> None:
-        prior = getattr(model, "prior", None)
-        if prior is not None and prior.stick_breaking:
-            raise stick_breaking_has_no_mode("MAP-EM")
-        if prior is not None and prior.weight_concentration < 1:
-            raise UserError(
-                "model.hyperparameters.weight_concentration: MAP-EM needs a Dirichlet "
-                f"concentration of at least 1 for the weights' mode to exist, but found "
-                f"{prior.weight_concentration}. Try 1.0."
-            )
+        needs_closed_form(model, self.name).check_em("MAP-EM")
 
     def total_steps(self, options: EMOptions) -> int:
         return options.max_iter
@@ -125,11 +134,12 @@ class EM(Backend):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: EMOptions, report: Report
     ) -> FitResult:
+        assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         params = {name: value.to(x) for name, value in init.items()}
         threads = options.threads or torch.get_num_threads()
         block_rows = options.block_rows or block_rows_for(model, x)
-        shift = x[:block_rows].mean(0)  # second moments about a typical point keep their digits
+        center = model.em_center(x[:block_rows])
         start = time.perf_counter()
         previous: float | None = None
         converged = False
@@ -144,7 +154,7 @@ class EM(Backend):
             with _kernel_threads(1) if lanes > 1 else nullcontext():
                 for step in range(options.max_iter + 1):
                     try:
-                        total, stats = _e_pass(model, x, params, shift, block_rows, threads)
+                        total, stats = _e_pass(model, x, params, center, block_rows, threads)
                     except torch.linalg.LinAlgError:
                         raise not_positive_definite(step, self.name, x.dtype) from None
                     try:
@@ -155,8 +165,7 @@ class EM(Backend):
                     objective = log_likelihood + log_prior / n
                     if not math.isfinite(objective):
                         raise FitError(
-                            f"step {step}: the objective is {objective}. Increase backends.em.reg_covar "
-                            "or set data.standardize: true."
+                            f"step {step}: the objective is {objective}. {fixes(model, self.name)}"
                         )
                     report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
                     if previous is not None and abs(objective - previous) < options.tol:
@@ -164,7 +173,7 @@ class EM(Backend):
                         break
                     if step == options.max_iter:
                         break
-                    params = model.m_step_stats(stats, options.reg_covar)
+                    params = model.m_step_stats(stats, center, reg_covar(model, options.reg_covar))
                     previous = objective
                     # with a prior the M-step is the posterior mode, which the prior alone defines for a
                     # component without points: a surplus component may empty out, as in VB
@@ -176,8 +185,7 @@ class EM(Backend):
                                 raise FitError(
                                     f"step {step}: component {component} lost all its points again after "
                                     f"{MAX_RESEEDS} re-seeds: the data do not support model.k={model.k} "
-                                    "components. Lower model.k, increase backends.em.reg_covar, or set "
-                                    "data.standardize: true."
+                                    f"components. Lower model.k. {fixes(model, self.name)}"
                                 )
                         try:
                             params = model.reseed(params, empty, x)
@@ -198,25 +206,25 @@ class EM(Backend):
 
 
 def _e_pass(
-    model: LatentModel, x: Tensor, params: Params, shift: Tensor, block_rows: int, threads: int = 1
-) -> tuple[float, Any]:
+    model: ClosedFormEM, x: Tensor, params: Params, center: Tensor | None, block_rows: int, threads: int = 1
+) -> tuple[float, Stats]:
     """One pass over row blocks: the summed log-likelihood at θ and the M-step's statistics.
 
     With ``threads`` > 1 (CPU), lane i of ``threads`` worker threads takes blocks i, i + threads,
     ..., with single-threaded kernels and its own buffers and statistics; the lanes' results are
     added in lane order, so a pass is deterministic for a given thread count. On this problem's
     GEMM shapes (K outputs) lanes scale better than the kernels' own threads."""
-    prepared = model.prepare(params, shift)
+    prepared = model.prepare(params, center)
     n = x.shape[0]
     lanes = _lanes(x, block_rows, threads)
     block_rows = lane_block_rows(n, block_rows, lanes)
     blocks = x.split(block_rows)
     if lanes <= 1:
-        return _e_lane(model, blocks, prepared, shift, None)
+        return _e_lane(model, blocks, prepared, center, None)
     stop = threading.Event()
     with _kernel_threads(1):
         futures = [
-            _pool(lanes).submit(_e_lane, model, blocks[lane::lanes], prepared, shift, stop)
+            _pool(lanes).submit(_e_lane, model, blocks[lane::lanes], prepared, center, stop)
             for lane in range(lanes)
         ]
         try:
@@ -227,17 +235,17 @@ def _e_pass(
     total, stats = parts[0]
     for more, theirs in parts[1:]:
         total += more
-        model.add_stats(stats, theirs)
+        add_stats(stats, theirs)
     return total, stats
 
 
 def _e_lane(
-    model: LatentModel,
+    model: ClosedFormEM,
     blocks: Sequence[Tensor],
     prepared: Any,
-    shift: Tensor,
+    center: Tensor | None,
     stop: threading.Event | None,
-) -> tuple[float, Any]:
+) -> tuple[float, Stats]:
     """The E-step and statistics of some row blocks (see ``_e_pass``).
 
     The log-sum-exp and the responsibilities share one exponential, floored at the smallest
@@ -245,7 +253,7 @@ def _e_lane(
     are normalized by multiplying with the reciprocal of their sum: a broadcast division ran
     2-8× slower (float32 worst)."""
     like = blocks[0]  # the first block is the widest
-    stats = model.new_stats(shift)
+    stats = model.new_stats(like)
     design_buffer = model.design_buffer(like, like.shape[0])
     joint_buffer = like.new_empty(model.k * like.shape[0])
     joints: dict[int, Tensor] = {}  # the (K, B) view of joint_buffer for each block size B
@@ -254,7 +262,7 @@ def _e_lane(
     for rows in blocks:
         if stop is not None and stop.is_set():
             break
-        design = model.design(rows, shift, design_buffer)
+        design = model.design(rows, center, design_buffer)
         log_joint = joints.get(rows.shape[0])
         if log_joint is None:
             log_joint = joints[rows.shape[0]] = joint_buffer[: model.k * rows.shape[0]].view(model.k, -1)
@@ -306,6 +314,13 @@ def _kernel_threads(count: int) -> Iterator[None]:
     finally:
         if before != count:
             torch.set_num_threads(before)
+
+
+def fixes(model: LatentModel, backend: str) -> str:
+    """What to change when a fit of ``model`` goes non-finite."""
+    if "reg_covar" in model.backend_fields:
+        return f"Increase backends.{backend}.reg_covar or set data.standardize: true."
+    return "Lower model.k, or start elsewhere (init.method, seed)."
 
 
 def not_positive_definite(step: int, backend: str, dtype: torch.dtype) -> FitError:

@@ -8,7 +8,7 @@ the free energy, a lower bound on the log-likelihood (+ log prior) that each ste
     F(q, θ) = Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) + Σ_n H(r_n) (+ log p(θ)),
 
 with r the responsibilities of each block's last E-step. The first term is linear in the
-statistics (``expected_log_joint``); the entropies are kept per block from their E-steps. A first
+statistics (the model's ``expected_log_joint``); the entropies are kept per block from their E-steps. A first
 full pass at the initial θ fills every block. Stops as batch EM does, on the change of the exact
 train log-likelihood (+ log prior) per point over one epoch; that evaluation, one extra pass per
 epoch, is left out of the timings like the other backends' evaluations.
@@ -21,20 +21,10 @@ import math
 from pydantic import Field
 from torch import Tensor
 
-from ..models.base import LatentModel, Params
-from ..models.gmm import SufficientStats
+from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
-from .em import EM, EMOptions
-from .partial_em import (
-    CHUNK_ROWS,
-    Clock,
-    check_gaussian,
-    check_not_empty,
-    e_step_rows,
-    expected_log_joint,
-    log_prior,
-    prepare,
-)
+from .em import EM, EMOptions, add_stats, fixes, needs_closed_form, reg_covar
+from .partial_em import CHUNK_ROWS, Clock, check_not_empty, e_step_rows, log_prior, prepare
 
 __all__ = ["IncrementalEM", "IncrementalEMOptions"]
 
@@ -43,7 +33,8 @@ class IncrementalEMOptions(Options):
     blocks: int = Field(10, ge=1)  # fixed blocks; one M-step after each block's E-step
     max_epochs: int = Field(100, ge=1)  # passes over the data at most
     tol: float = Field(1e-6, ge=0)  # on the change of the per-point objective over one epoch
-    reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
+    # gmm only: added to covariance diagonals in each M-step (null: 1e-6); refused by other models
+    reg_covar: float | None = Field(None, ge=0)
 
 
 @BACKENDS.register("incremental_em")
@@ -52,7 +43,7 @@ class IncrementalEM(Backend):
     options = IncrementalEMOptions
 
     def check(self, model: LatentModel, options: IncrementalEMOptions) -> None:
-        check_gaussian(model, self.name)
+        needs_closed_form(model, self.name)
         EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
 
     def total_steps(self, options: IncrementalEMOptions) -> int:
@@ -61,10 +52,12 @@ class IncrementalEM(Backend):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: IncrementalEMOptions, report: Report
     ) -> FitResult:
+        assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         parts = x.tensor_split(min(options.blocks, n))
         params = {name: value.to(x) for name, value in init.items()}
-        shift = x[:CHUNK_ROWS].mean(0)  # second moments about a typical point keep their digits
+        center = model.em_center(x[:CHUNK_ROWS])
+        regularization = reg_covar(model, options.reg_covar)
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         clock = Clock()
 
@@ -74,46 +67,46 @@ class IncrementalEM(Backend):
                 prior = log_prior(model, params, step, self.name) if model.has_prior else 0.0
             value = (log_density + prior) / n
             if not math.isfinite(value):
-                raise FitError(
-                    f"step {step}: the objective is {value}. Increase "
-                    f"backends.{self.name}.reg_covar or set data.standardize: true."
-                )
+                raise FitError(f"step {step}: the objective is {value}. {fixes(model, self.name)}")
             return value
 
         step = 0
-        prepared = prepare(model, params, shift, step, self.name)
-        stats = [model.new_stats(shift) for _ in parts]
-        passes = [e_step_rows(model, rows, prepared, s, buffer) for rows, s in zip(parts, stats, strict=True)]
+        prepared = prepare(model, params, center, step, self.name)
+        stats = [model.new_stats(x) for _ in parts]
+        passes = [
+            e_step_rows(model, rows, prepared, center, s, buffer)
+            for rows, s in zip(parts, stats, strict=True)
+        ]
         entropies = [p.entropy for p in passes]
         log_likelihood = math.fsum(p.log_likelihood for p in passes)
         total = _sum(model, stats)
         seconds = clock.seconds()
         with clock.aside():  # F(q, θ) = log p(x | θ) right after a full E-step, up to rounding
-            bound = _free_energy(model, total, params) + math.fsum(entropies)
+            bound = _free_energy(model, total, params, center) + math.fsum(entropies)
         report(StepInfo(step, seconds, objective(bound), log_likelihood / n))
         previous = objective(log_likelihood)
         fix = "Lower model.k, set data.standardize: true, or use em, which re-seeds empty components."
         check_not_empty(model, total, step, fix)
-        params = model.m_step_stats(total, options.reg_covar)
-        prepared = prepare(model, params, shift, step, self.name)
+        params = model.m_step_stats(total, center, regularization)
+        prepared = prepare(model, params, center, step, self.name)
         converged = False
         for _ in range(options.max_epochs):
             for b, rows in enumerate(parts):
                 step += 1
-                fresh = model.new_stats(shift)
-                entropies[b] = e_step_rows(model, rows, prepared, fresh, buffer).entropy
-                for mine, new, old in zip(total[1:], fresh[1:], stats[b][1:], strict=True):
-                    mine.add_(new - old)
+                fresh = model.new_stats(x)
+                entropies[b] = e_step_rows(model, rows, prepared, center, fresh, buffer).entropy
+                for name, mine in total.items():
+                    mine.add_(fresh[name] - stats[b][name])
                 stats[b] = fresh
                 check_not_empty(model, total, step, fix)
-                params = model.m_step_stats(total, options.reg_covar)
-                prepared = prepare(model, params, shift, step, self.name)
+                params = model.m_step_stats(total, center, regularization)
+                prepared = prepare(model, params, center, step, self.name)
                 seconds = clock.seconds()
                 at_end = b == len(parts) - 1
                 with clock.aside():
-                    bound = _free_energy(model, total, params) + math.fsum(entropies)
+                    bound = _free_energy(model, total, params, center) + math.fsum(entropies)
                     if at_end:
-                        log_likelihood = e_step_rows(model, x, prepared, None, buffer).log_likelihood
+                        log_likelihood = e_step_rows(model, x, prepared, center, None, buffer).log_likelihood
                 report(StepInfo(step, seconds, objective(bound), log_likelihood / n if at_end else None))
             current = objective(log_likelihood)
             if abs(current - previous) < options.tol:
@@ -131,17 +124,18 @@ class IncrementalEM(Backend):
         )
 
 
-def _free_energy(model: LatentModel, total: SufficientStats, params: Params) -> float:
+def _free_energy(model: ClosedFormEM, total: Stats, params: Params, center: Tensor | None) -> float:
     """Σ_n Σ_k r_nk log p(x_n, z_n = k | θ), evaluated in float64 so that a float32 fit's bound
     shows its progress rather than rounding noise (cheap: statistics and θ only)."""
     exact = {name: value.double() for name, value in params.items()}
-    stats = SufficientStats(*(value.double() for value in total))
-    return float(expected_log_joint(stats, model.prepare(exact, stats.shift)))
+    stats = {name: value.double() for name, value in total.items()}
+    center = None if center is None else center.double()
+    return float(model.expected_log_joint(stats, model.prepare(exact, center)))
 
 
-def _sum(model: LatentModel, stats: list[SufficientStats]) -> SufficientStats:
+def _sum(model: ClosedFormEM, stats: list[Stats]) -> Stats:
     """The blocks' statistics added up, in new tensors."""
-    total = model.new_stats(stats[0].shift)
-    for block in stats:
-        model.add_stats(total, block)
+    total = {name: value.clone() for name, value in stats[0].items()}
+    for block in stats[1:]:
+        add_stats(total, block)
     return total

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitResult, Report
-from .em import stick_breaking_has_no_mode
 from .pyro_svi import SVIOptions, run_svi
 
 __all__ = ["MAP", "MAPOptions"]
@@ -27,9 +26,7 @@ class MAP(Backend):
     options = MAPOptions
 
     def check(self, model: LatentModel, options: MAPOptions) -> None:
-        prior = getattr(model, "prior", None)
-        if prior is not None and prior.stick_breaking:
-            raise stick_breaking_has_no_mode("MAP")
+        model.check_mode("MAP")
 
     def total_steps(self, options: MAPOptions) -> int:
         return options.steps

@@ -3,7 +3,8 @@ declaration, with the assignments summed out exactly (the model is ``@config_enu
 
 Chains run one after another in this process, each from the shared initial parameters and each
 drawing from the global RNG, so ``pyro.set_rng_seed`` makes a run reproducible. Each draw is
-relabelled to a pivot (the initial means) by Hungarian matching, so label switching neither blurs
+relabelled to a pivot (the initial parameters) by Hungarian matching on the model's
+pivot, so label switching neither blurs
 the posterior summaries nor fakes a convergence failure; R-hat and the effective sample size are
 computed on the relabelled draws.
 """
@@ -24,7 +25,7 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from torch import Tensor
 
 from ..errors import UserError
-from ..evaluate import match_components, posterior_moments
+from ..evaluate import posterior_moments, relabel
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo, one_line
 
@@ -35,7 +36,6 @@ __all__ = [
     "OnDraw",
     "R_HAT_CONVERGED",
     "convergence",
-    "relabel",
     "run_nuts",
 ]
 
@@ -124,16 +124,6 @@ def run_nuts(
     return NUTSChains(samples, divergences, sum(accept_probs) / len(accept_probs))
 
 
-def relabel(draws: list[Params], pivot: Tensor) -> list[Params]:
-    """Each draw's components permuted to best match ``pivot`` (K, D) means (Hungarian matching on
-    squared distances); every tensor of a draw has the components first (K, ...)."""
-    relabelled = []
-    for draw in draws:
-        perm = torch.as_tensor(match_components(pivot, draw["means"]))
-        relabelled.append({name: value[perm] for name, value in draw.items()})
-    return relabelled
-
-
 def convergence(stacked: Mapping[str, Tensor]) -> tuple[float | None, float | None]:
     """(largest split R-hat, smallest effective sample size) over every entry of every tensor
     (chains, draws, ...); None when there are too few draws to estimate them.
@@ -218,28 +208,24 @@ class MCMCBackend(Backend):
         # one point estimate per draw; the model maps single draws, not batches, to parameters
         n_chains, n_draws = options.num_chains, options.num_samples
         flat_sites = {name: value.flatten(0, 1) for name, value in chains.samples.items()}
-        pivot = init["means"].detach().to("cpu", torch.float64)
-        draws = relabel(
-            [
+        pivot = {name: value.detach().to("cpu", torch.float64) for name, value in init.items()}
+        draws = [
+            relabel(
+                model,
+                pivot,
                 {
                     name: value.detach().to("cpu", torch.float64)
                     for name, value in model.from_sites({s: v[i] for s, v in flat_sites.items()}).items()
-                }
-                for i in range(n_chains * n_draws)
-            ],
-            pivot,
-        )
+                },
+            )
+            for i in range(n_chains * n_draws)
+        ]
         flat = {name: torch.stack([draw[name] for draw in draws]) for name in draws[0]}
         r_hat_max, ess_min = convergence(
             {name: value.reshape(n_chains, n_draws, *value.shape[1:]) for name, value in flat.items()}
         )
-        posterior = posterior_moments(draws, pivot)
-        weights = posterior["weights.mean"]
-        params = {
-            "weights": weights / weights.sum(),
-            "means": posterior["means.mean"],
-            "covariances": posterior["covariances.mean"],
-        }
+        posterior = posterior_moments(model, draws, pivot)
+        params = model.project({name: posterior[f"{name}.mean"] for name in model.param_shapes()})
         return FitResult(
             params=params,
             n_steps=self.total_steps(options),

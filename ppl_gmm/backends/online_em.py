@@ -18,13 +18,12 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..models.base import LatentModel, Params
+from ..models.base import ClosedFormEM, LatentModel, Params
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
-from .em import EM, EMOptions
+from .em import EM, EMOptions, fixes, needs_closed_form, reg_covar
 from .partial_em import (
     CHUNK_ROWS,
     Clock,
-    check_gaussian,
     check_not_empty,
     combine,
     e_step_rows,
@@ -42,7 +41,8 @@ class OnlineEMOptions(Options):
     # 10M points, D = K = 16 (0.6 forgets too fast; 0.9 keeps the early, poor statistics too long)
     step_power: float = Field(0.7, gt=0.5, le=1.0)
     step_offset: float = Field(2.0, ge=0)  # t0: damps the first steps after the warm start
-    reg_covar: float = Field(1e-6, ge=0)  # added to covariance diagonals in each M-step
+    # gmm only: added to covariance diagonals in each M-step (null: 1e-6); refused by other models
+    reg_covar: float | None = Field(None, ge=0)
     shuffle: bool = True  # a fresh random order each epoch (False: rows in file order)
     eval_every: int = Field(50, ge=1)  # exact train log-likelihood every so many mini-batches
 
@@ -58,17 +58,19 @@ class OnlineEM(Backend):
     options = OnlineEMOptions
 
     def check(self, model: LatentModel, options: OnlineEMOptions) -> None:
-        check_gaussian(model, self.name)
+        needs_closed_form(model, self.name)
         EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
 
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: OnlineEMOptions, report: Report
     ) -> FitResult:
+        assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         size = min(options.batch_size, n)
         last = options.epochs * math.ceil(n / size)
         params = {name: value.to(x) for name, value in init.items()}
-        shift = x[:size].mean(0)  # second moments about a typical point keep their digits
+        center = model.em_center(x[:size])
+        regularization = reg_covar(model, options.reg_covar)
         # drawn from torch's global generator, so that pyro.set_rng_seed fixes the order
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
@@ -84,9 +86,9 @@ class OnlineEM(Backend):
                     if order is None
                     else x.index_select(0, order[start : start + size])
                 )
-                prepared = prepare(model, params, shift, step, self.name)
-                batch = model.new_stats(shift)
-                seen = e_step_rows(model, rows, prepared, batch, buffer)
+                prepared = prepare(model, params, center, step, self.name)
+                batch = model.new_stats(x)
+                seen = e_step_rows(model, rows, prepared, center, batch, buffer)
                 scale = n / rows.shape[0]
                 gamma = step_size(step, options.step_power, options.step_offset)
                 stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * scale)
@@ -102,17 +104,14 @@ class OnlineEM(Backend):
                     with clock.aside():
                         objective += log_prior(model, params, step, self.name) / n
                 if not math.isfinite(objective):
-                    raise FitError(
-                        f"step {step}: the objective is {objective}. Increase "
-                        f"backends.{self.name}.reg_covar or set data.standardize: true."
-                    )
-                params = model.m_step_stats(stats, options.reg_covar)
+                    raise FitError(f"step {step}: the objective is {objective}. {fixes(model, self.name)}")
+                params = model.m_step_stats(stats, center, regularization)
                 seconds = clock.seconds()
                 log_likelihood = None
                 if step % options.eval_every == 0 or step == last:
                     with clock.aside():
-                        done = prepare(model, params, shift, step, self.name)
-                        log_likelihood = e_step_rows(model, x, done, None, buffer).log_likelihood / n
+                        done = prepare(model, params, center, step, self.name)
+                        log_likelihood = e_step_rows(model, x, done, center, None, buffer).log_likelihood / n
                 report(StepInfo(step, seconds, objective, log_likelihood))
         return FitResult(
             params=params,

@@ -9,14 +9,12 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from ..models.base import LatentModel, Params
-from ..models.gmm import DesignBuffer, GaussianMixture, Prepared, SufficientStats
+from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import FitError
 from .em import empty_components, not_positive_definite
 
@@ -24,11 +22,9 @@ __all__ = [
     "CHUNK_ROWS",
     "Clock",
     "PartialEStep",
-    "check_gaussian",
     "check_not_empty",
     "combine",
     "e_step_rows",
-    "expected_log_joint",
     "log_prior",
     "prepare",
 ]
@@ -44,20 +40,13 @@ class PartialEStep(NamedTuple):
     entropy: float
 
 
-def check_gaussian(model: LatentModel, backend: str) -> None:
-    """These variants combine the Gaussian mixture's own statistics; other models have none yet."""
-    if not isinstance(model, GaussianMixture):
-        raise UserError(
-            f"backends.{backend}: expected the gmm model, but found {model.name!r}. Use the em backend."
-        )
-
-
-def prepare(model: LatentModel, params: Params, shift: Tensor, step: int, backend: str) -> Prepared:
+def prepare(model: ClosedFormEM, params: Params, center: Tensor | None, step: int, backend: str) -> Any:
     """``model.prepare``, with a singular covariance reported as a ``FitError`` at ``step``."""
     try:
-        return model.prepare(params, shift)
+        return model.prepare(params, center)
     except torch.linalg.LinAlgError:
-        raise not_positive_definite(step, backend, shift.dtype) from None
+        dtype = next(iter(params.values())).dtype
+        raise not_positive_definite(step, backend, dtype) from None
 
 
 def log_prior(model: LatentModel, params: Params, step: int, backend: str) -> float:
@@ -66,15 +55,15 @@ def log_prior(model: LatentModel, params: Params, step: int, backend: str) -> fl
     try:
         return float(model.log_prior(params))
     except (torch.linalg.LinAlgError, ValueError):
-        raise not_positive_definite(step, backend, params["means"].dtype) from None
+        raise not_positive_definite(step, backend, next(iter(params.values())).dtype) from None
 
 
-def check_not_empty(model: LatentModel, stats: SufficientStats, step: int, fix: str) -> None:
+def check_not_empty(model: ClosedFormEM, stats: Stats, step: int, fix: str) -> None:
     """A ``FitError`` at ``step`` when, without a prior, a component of ``stats`` has lost all its
     points (see ``empty_components``): its M-step estimates would be the guard's doing. These
     variants keep statistics of past E-steps, which a re-seeded θ would contradict, so they stop;
     ``fix`` says what to change. With a prior the M-step's mode is defined without points."""
-    if model.has_prior:
+    if getattr(model, "has_prior", False):
         return
     empty = empty_components(model.component_mass(stats))
     if empty:
@@ -82,27 +71,28 @@ def check_not_empty(model: LatentModel, stats: SufficientStats, step: int, fix: 
 
 
 def e_step_rows(
-    model: LatentModel,
+    model: ClosedFormEM,
     rows: Tensor,
-    prepared: Prepared,
-    stats: SufficientStats | None = None,
-    buffer: DesignBuffer | None = None,
+    prepared: Any,
+    center: Tensor | None,
+    stats: Stats | None = None,
+    buffer: Any = None,
 ) -> PartialEStep:
     """The E-step on rows (B, D) at the θ of ``prepared``, in chunks of ``CHUNK_ROWS``.
 
-    Adds the rows' statistics to ``stats`` (measured from ``prepared.shift``) when given, and
-    writes the designs into ``buffer`` (flat, ≥ R · min(B, CHUNK_ROWS)) when given. As batch EM's pass:
+    Adds the rows' statistics to ``stats`` (points measured from ``center``) when given, and
+    writes the designs into ``buffer`` (``design_buffer`` of ≥ min(B, CHUNK_ROWS) rows) when given.
+    As batch EM's pass:
     one exponential, floored at the smallest normal number; with s_k = log p(x, k) - max_j log p(x, j)
     and r = softmax(s), the entropy is -Σ_k r_k log r_k = log Σ_k e^{s_k} - Σ_k r_k s_k.
     """
-    shift = prepared.shift
     floor = math.log(torch.finfo(rows.dtype).tiny) + 1.0
     if buffer is None:
         buffer = model.design_buffer(rows, min(CHUNK_ROWS, rows.shape[0]))
     log_likelihood = rows.new_zeros((), dtype=torch.float64)
     entropy = rows.new_zeros((), dtype=torch.float64)
     for chunk in rows.split(CHUNK_ROWS):
-        design = model.design(chunk, shift, buffer)
+        design = model.design(chunk, center, buffer)
         shifted = model.block_log_joint(design, prepared)
         peak = shifted.amax(0)
         shifted.sub_(peak).clamp_(min=floor)
@@ -117,30 +107,9 @@ def e_step_rows(
     return PartialEStep(float(log_likelihood), float(entropy))
 
 
-def expected_log_joint(stats: SufficientStats, prepared: Prepared) -> Tensor:
-    """Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) from the statistics of the responsibilities r alone.
-
-    ``block_log_joint`` is affine in a point's features: log p(x, k | θ) = log_norm_k
-    - ½ (matrix_k · φ(x) - 2 linear_k · x + const_k), with x and the means measured from the
-    shift that ``stats`` and ``prepared`` share; so its r-weighted sum needs only Σ_n r_nk φ(x_n)
-    (``second``), Σ_n r_nk x_n (``sums``) and Σ_n r_nk (``nk``). Returns a scalar.
-    """
-    if stats.second.dim() == 1:  # tied: Σ_n φ(x_n) unweighted; one precision, and Σ_k r_nk = 1
-        quadratic = prepared.matrix[0] @ stats.second
-    else:
-        quadratic = (prepared.matrix * stats.second).sum()
-    per_count = (prepared.log_norm - 0.5 * prepared.const).squeeze(1)
-    return stats.nk @ per_count + (prepared.linear * stats.sums).sum() - 0.5 * quadratic
-
-
-def combine(a: SufficientStats, b: SufficientStats, weight_a: float, weight_b: float) -> SufficientStats:
-    """weight_a · a + weight_b · b, for statistics about the same shift."""
-    return SufficientStats(
-        a.shift,
-        weight_a * a.nk + weight_b * b.nk,
-        weight_a * a.sums + weight_b * b.sums,
-        weight_a * a.second + weight_b * b.second,
-    )
+def combine(a: Stats, b: Stats, weight_a: float, weight_b: float) -> Stats:
+    """weight_a · a + weight_b · b, in new tensors."""
+    return {name: weight_a * value + weight_b * b[name] for name, value in a.items()}
 
 
 class Clock:

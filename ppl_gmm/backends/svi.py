@@ -99,7 +99,7 @@ class SVIBackend(Backend):
                 else:
                     means = {name: torch.stack([d[name] for d in draws]).mean(0) for name in sites}
                     params = model.from_sites(means)
-                moments = posterior_moments([model.from_sites(d) for d in draws], init["means"])
+                moments = posterior_moments(model, [model.from_sites(d) for d in draws], init)
                 began = time.perf_counter()
                 loss = make_elbo(model, options, options.elbo_particles).loss(model.model, guide, x)
                 elbo_seconds = time.perf_counter() - began

@@ -533,5 +533,5 @@ class VB(Backend):
             point_estimate="posterior_mean",
             elbo=fit.elbo,
             extras={"effective_k": model.k - len(pruned), "pruned": pruned},
-            tensors={"posterior": posterior_moments(draws, init["means"])},
+            tensors={"posterior": posterior_moments(model, draws, init)},
         )

@@ -1,6 +1,25 @@
-"""Latent models, found by name in ``MODELS``; importing this package registers them all."""
+"""Latent models, found by name in ``MODELS``.
 
-from . import gmm
-from .base import MODELS, LatentModel, Params
+Every module of this package registers its models when imported, and importing the package
+imports them all: adding a model is adding a file. A model in another package registers through
+the entry-point group ``ppl_gmm.models`` (see the README's "Adding a model").
+"""
 
-__all__ = ["MODELS", "LatentModel", "Params", "gmm"]
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+from .base import MODELS, ClosedFormEM, LatentModel, Params, Stats
+
+__all__ = ["ENTRY_POINT_GROUP", "MODELS", "ClosedFormEM", "LatentModel", "Params", "Stats"]
+
+ENTRY_POINT_GROUP = "ppl_gmm.models"
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+for _entry in entry_points(group=ENTRY_POINT_GROUP):
+    _model = _entry.load()
+    if isinstance(_model, type) and issubclass(_model, LatentModel) and _model.name not in MODELS:
+        MODELS.register(_model.name)(_model)

@@ -23,47 +23,81 @@ follows scikit-learn's BayesianGaussianMixture, as do the data-based defaults.
 
 Point estimates hold float64 ``weights`` (K), ``means`` (K, D) and ``covariances`` (K, D, D):
 full matrices whatever the covariance type, and consistent with it.
+
+Exact EM uses the design kernel of ``_gmm_em.py`` behind the ``ClosedFormEM`` hooks: its
+statistics are one matrix of Σ_n r_nk (φ(x_n), 1, x_n) (key ``moments``, or ``moments_t``
+transposed), plus, for tied, Σ_n φ(x_n) (key ``second``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pydantic import Field
 from pyro.infer import config_enumerate
 from pyro.ops.indexing import Vindex
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..config import HyperConfig, ModelConfig
+from ..config import ModelOptions, Strict
 from ..errors import UserError
 from . import transforms  # noqa: F401  (registers biject_to(positive_definite) for guides)
-from .base import MODELS, LatentModel, Params
+from ._gmm_em import (
+    DesignBuffer,
+    Prepared,
+    block_design,
+    block_log_joint,
+    moments_by_rows,
+    phi_count,
+    prepare_gaussians,
+    unvech,
+)
+from .base import MODELS, ClosedFormEM, Flat, LatentModel, Params, Stats
 
 __all__ = [
+    "COVARIANCE_TYPES",
     "ConjugatePrior",
     "Flat",
+    "GMMHyperparameters",
+    "GMMOptions",
     "GaussianMixture",
     "gaussian_log_prob",
+    "make_synthetic",
     "precision_cholesky",
     "stick_breaking_log_weights",
     "sticks_from_weights",
 ]
 
 
-class Flat(dist.ImproperUniform):
-    """The improper flat prior of maximum likelihood; its zero log density takes the value's dtype
-    (Pyro's ImproperUniform returns the default dtype, which breaks float64 ELBOs)."""
+class GMMHyperparameters(Strict):
+    """Conjugate prior hyperparameters; null means the data-based default (as scikit-learn's
+    BayesianGaussianMixture). Used only with ``model.prior: conjugate``."""
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        batch_shape = value.shape[: value.dim() - self.event_dim]
-        return value.new_zeros(()).expand(torch.broadcast_shapes(batch_shape, self.batch_shape))
+    # dirichlet: π ~ Dirichlet(γ); dirichlet_process: scikit-learn's truncated stick-breaking,
+    # K sticks v_k ~ Beta(1, γ) (posterior inference only: its mode lies on the boundary)
+    weight_prior: Literal["dirichlet", "dirichlet_process"] = "dirichlet"
+    # γ per component; default 1.0 for the Dirichlet (flat: keeps MAP weights inside the
+    # simplex), 1/K for the dirichlet_process (scikit-learn's default)
+    weight_concentration: float | None = Field(None, gt=0)
+    mean_precision: float = Field(1.0, gt=0)  # beta_0: prior strength on the means
+    mean_prior: list[float] | None = None  # m_0 (D); default: the train mean
+    degrees_of_freedom: float | None = Field(None, gt=0)  # nu_0; default: D
+    # the Wishart's inverse scale W_0^-1: a number, a (D) diagonal or a (D, D) matrix;
+    # default: the train covariance, projected on the covariance type
+    covariance_prior: float | list[float] | list[list[float]] | None = None
+
+
+class GMMOptions(ModelOptions):
+    name: Literal["gmm"] = "gmm"
+    covariance: Literal["full", "diag", "tied", "spherical"] = "full"
+    hyperparameters: GMMHyperparameters = GMMHyperparameters()
 
 
 @dataclass(frozen=True)
@@ -87,11 +121,21 @@ class ConjugatePrior:
         return self.weight_prior == "dirichlet_process"
 
 
+class Moments(NamedTuple):
+    """The statistics the M-step reads, of points measured from the fit's center: nk (K,)
+    Σ r_nk; sums (K, D) Σ r_nk x_n; second: full (K, D(D+1)/2) Σ r_nk φ(x_n), tied (D(D+1)/2,)
+    Σ φ(x_n), diag and spherical (K, D) Σ r_nk x_n², with φ in ``_gmm_em``'s order."""
+
+    nk: Tensor
+    sums: Tensor
+    second: Tensor
+
+
 @dataclass(frozen=True)
 class _CovarianceType:
     """How one covariance type stores, estimates and expands its covariances.
 
-    Statistics and kernels for blocked EM are described at ``SufficientStats`` and ``Prepared``.
+    Statistics and kernels for blocked EM are described at ``Moments`` and ``Prepared``.
 
     scatter(x, resp, nk, means, xtx) -> Σ_n resp[n,k] (x_n - means_k)(...)^T in native shape
     ml_count(nk, n, d) -> the maximum-likelihood divisor of the scatter
@@ -111,88 +155,22 @@ class _CovarianceType:
     # "quadratic" or "diag" picks the features φ of the E-step and the statistics
     second_shape: Callable[[int, int], tuple[int, ...]]
     weighted_second: bool
-    scatter_stats: Callable[[SufficientStats, Tensor], Tensor]
+    scatter_stats: Callable[[Moments, Tensor], Tensor]
     kernel: str
 
 
-class SufficientStats(NamedTuple):
-    """What the M-step needs from the data and the responsibilities, summed over row blocks.
-
-    Everything is of x - shift (a fixed vector, e.g. the data mean, so that second moments do not
-    lose digits to large offsets): nk (K,) Σ r_nk; sums (K, D) Σ r_nk (x_n - shift); second: full
-    (K, D, D) Σ r_nk (x - shift)(x - shift)^T, tied (D, D) Σ (x - shift)(x - shift)^T, diag and
-    spherical (K, D) Σ r_nk (x - shift)²; full keeps each pair i <= j once, (K, D(D+1)/2), and tied
-    (D(D+1)/2,), in the order of the features φ(x) (``_offsets``; ``unvech`` lays them out).
-    """
-
-    shift: Tensor
-    nk: Tensor
-    sums: Tensor
-    second: Tensor
-
-
-class _MomentStats(SufficientStats):
-    """Statistics whose nk, sums and second are views of one matrix ``raw``, Σ_n r_nk (φ(x_n), 1,
-    x_n) in ``weighted_moments``' orientation, so that ``accumulate`` adds a block to all three
-    with one GEMM (``new_stats`` makes them for full, diag and spherical). Everything else sees
-    plain statistics; those made from them by arithmetic are plain."""
-
-    raw: Tensor
-
-
-def _offsets(d: int) -> tuple[int, int]:
-    """The order of φ(x), the D(D+1)/2 products x_i x_j, i <= j, of a point of dimension D: for
-    each offset o = 0, ..., ``spans`` - 1 the D products x_i x_{(i + o) mod D}, i = 0, ..., D - 1,
-    then (D even) the ``half`` = D/2 products x_i x_{i + D/2}, i < D/2. Each pair comes once, and
-    whole offsets make the features a few large products (``_BlockViews``)."""
-    return ((d + 1) // 2, 0) if d % 2 else (d // 2, d // 2)
-
-
-@functools.cache
-def _pairs(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The (i, j) of each feature of φ(x), in its order (see ``_offsets``); built once per D and
-    device (each EM iteration asks twice), so never to be written to."""
-    spans, half = _offsets(d)
-    index = torch.arange(d, device=device)
-    rows = torch.cat([index.repeat(spans), index[:half]])
-    cols = torch.cat([(index + offset) % d for offset in range(spans)] + [index[:half] + half])
-    return rows, cols
-
-
-def wrap_rows(kernel: str, d: int) -> int:
-    """How many rows of scratch a design needs after it: the first ``spans`` - 1 coordinates
-    again, so that the products of each offset are one strided view (see ``_BlockViews``)."""
-    return 0 if kernel == "diag" else _offsets(d)[0] - 1
-
-
-def unvech(v: Tensor, d: int) -> Tensor:
-    """Symmetric (..., D, D) matrices from their features (..., D(D+1)/2), in φ(x)'s order."""
-    rows, cols = _pairs(d, v.device)
-    out = v.new_zeros(*v.shape[:-1], d, d)
-    out[..., rows, cols] = v
-    out[..., cols, rows] = v
-    return out
-
-
-def _quadratic_weights(precisions: Tensor) -> Tensor:
-    """Λ (K, D, D) → (K, D(D+1)/2) such that it @ φ(x) = x^T Λ_k x."""
-    d = precisions.shape[-1]
-    rows, cols = _pairs(d, precisions.device)
-    return (precisions[:, rows, cols] * torch.where(rows == cols, 1.0, 2.0).to(precisions)).contiguous()
-
-
-def _scatter_stats_full(stats: SufficientStats, means: Tensor) -> Tensor:
+def _scatter_stats_full(stats: Moments, means: Tensor) -> Tensor:
     second = unvech(stats.second, means.shape[1])
     cross = means[:, :, None] * stats.sums[:, None, :]
     return second - cross - cross.mT + stats.nk[:, None, None] * means[:, :, None] * means[:, None, :]
 
 
-def _scatter_stats_tied(stats: SufficientStats, means: Tensor) -> Tensor:
+def _scatter_stats_tied(stats: Moments, means: Tensor) -> Tensor:
     cross = means.T @ stats.sums
     return unvech(stats.second, means.shape[1]) - cross - cross.T + (stats.nk[:, None] * means).T @ means
 
 
-def _scatter_stats_diag(stats: SufficientStats, means: Tensor) -> Tensor:
+def _scatter_stats_diag(stats: Moments, means: Tensor) -> Tensor:
     return stats.second - 2.0 * means * stats.sums + stats.nk[:, None] * means**2
 
 
@@ -293,160 +271,15 @@ def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
     return -0.5 * (d * math.log(2 * math.pi) + (y * y).sum(-1)) + log_det
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """Per-iteration constants of the E-step, so that a row block's log-joint is one GEMM:
-    (x - μ)^T Λ (x - μ) = φ(x) · q(Λ) - 2 x · Λμ + μ^T Λ μ, with φ the row's features, so
-    log p(x, k | θ) = coefficients_k · (φ(x), 1, x) (see ``block_design``).
-
-    kernel "quadratic" (full, tied): φ(x) the products x_i x_j, i <= j (in ``_offsets``' order),
-    matrix (K, D(D+1)/2); kernel "diag" (diag, spherical): φ(x) = x², matrix (K, D) the precisions.
-    linear (K, D) the Λ_k μ_k; const (K, 1) the μ_k^T Λ_k μ_k; log_norm (K, 1) log π_k + ½ log|Λ_k|
-    - D/2 log 2π; coefficients (K, F + 1 + D) the rows (-½ matrix_k, log_norm_k - ½ const_k,
-    linear_k). Points and means are measured from ``shift`` (D,), so that the expansion keeps its
-    digits.
-    """
-
-    kernel: str
-    shift: Tensor
-    matrix: Tensor
-    linear: Tensor
-    const: Tensor
-    log_norm: Tensor
-    coefficients: Tensor
-
-
-def prepare_gaussians(
-    weights: Tensor, means: Tensor, covariances: Tensor, kernel: str, shift: Tensor
-) -> Prepared:
-    """The E-step constants for weights (K,), means (K, D), covariances (K, D, D)."""
-    d = means.shape[1]
-    centered = means - shift
-    chol = torch.linalg.cholesky(covariances)
-    log_det = -2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    if kernel == "diag":
-        precisions = 1.0 / torch.diagonal(covariances, dim1=-2, dim2=-1)
-        linear = centered * precisions
-        matrix = precisions.contiguous()
-    else:
-        full = torch.cholesky_inverse(chol)
-        linear = (full @ centered[:, :, None]).squeeze(-1)
-        matrix = _quadratic_weights(full)
-    const = (linear * centered).sum(-1)[:, None]
-    log_norm = (torch.log(weights) + 0.5 * log_det - 0.5 * d * math.log(2 * math.pi))[:, None]
-    coefficients = torch.cat([-0.5 * matrix, log_norm - 0.5 * const, linear], dim=1)
-    return Prepared(kernel, shift, matrix, linear.contiguous(), const, log_norm, coefficients)
-
-
-def phi_count(kernel: str, d: int) -> int:
-    """How many features φ(x) a point of dimension ``d`` has under ``kernel``."""
-    return d if kernel == "diag" else d * (d + 1) // 2
-
-
-class _BlockViews:
-    """The views of a flat buffer that the design of a block of ``b`` points needs, made once:
-    the design (F + 1 + D, B) holds φ(x) (F rows), 1 and x (D rows), then come ``wrap_rows`` of
-    scratch. φ(x) takes two or three kernels whatever D (see ``_offsets``): with the views ready,
-    a block costs five or six calls into torch, which keeps the worker lanes of a pass from
-    queueing for the interpreter."""
-
-    def __init__(self, buffer: Tensor, shift: Tensor, kernel: str, d: int, b: int) -> None:
-        f = phi_count(kernel, d)
-        lines = f + 1 + d + wrap_rows(kernel, d)
-        grid = buffer[: lines * b].view(lines, b)
-        self.shift = shift
-        self.column = shift[:, None]
-        self.design = grid[: f + 1 + d]
-        self.x = grid[f + 1 : f + 1 + d]
-        self.ones = grid[f]
-        self.wrap: tuple[Tensor, Tensor] | None = None  # (source, copy)
-        self.products: list[tuple[Tensor, Tensor, Tensor]] = []  # torch.mul's (left, right, out)
-        if kernel == "diag":
-            self.products.append((self.x, self.x, grid[:f]))
-            return
-        spans, half = _offsets(d)
-        wrapped = grid[f + 1 :]  # x, then its first spans - 1 rows again
-        if spans > 1:
-            self.wrap = (wrapped[: spans - 1], wrapped[d:])
-        windows = wrapped.as_strided((spans, d, b), (b, b, 1))  # offset o: rows o, ..., o + D - 1
-        self.products.append((windows, self.x, grid[: spans * d].view(spans, d, b)))
-        if half:
-            self.products.append((self.x[:half], self.x[half:], grid[spans * d : f]))
-
-    def fill(self, rows: Tensor, ones: bool) -> Tensor:
-        """The design of rows (B, D); ``ones``: whether to write its row of ones, which stays in
-        place until a block of another size uses the buffer."""
-        torch.sub(rows.T, self.column, out=self.x)
-        if self.wrap is not None:
-            self.wrap[1].copy_(self.wrap[0])
-        for left, right, out in self.products:
-            torch.mul(left, right, out=out)
-        if ones:
-            self.ones.fill_(1.0)
-        return self.design
-
-
-class DesignBuffer:
-    """A flat buffer for the designs of blocks of up to ``rows`` points (``block_design``), with
-    the views of the block sizes it has served, so that each block pays for its kernels only."""
-
-    def __init__(self, like: Tensor, kernel: str, d: int, rows: int) -> None:
-        self.kernel, self.d = kernel, d
-        self.flat = like.new_empty((phi_count(kernel, d) + 1 + d + wrap_rows(kernel, d)) * rows)
-        self._views: dict[int, _BlockViews] = {}
-        self._last: _BlockViews | None = None  # whose layout the buffer holds
-
-    def design(self, rows: Tensor, shift: Tensor) -> Tensor:
-        """The design of rows (B, D) measured from ``shift``, in this buffer."""
-        b = rows.shape[0]
-        views = self._views.get(b)
-        if views is None or views.shift is not shift:
-            if len(self._views) >= 4:  # a pass has at most two block sizes per lane
-                self._views.clear()
-            views = self._views[b] = _BlockViews(self.flat, shift, self.kernel, self.d, b)
-        design = views.fill(rows, ones=views is not self._last)
-        self._last = views
-        return design
-
-
-def block_design(rows: Tensor, shift: Tensor, kernel: str, out: DesignBuffer | None = None) -> Tensor:
-    """The design of points rows (B, D) measured from ``shift`` (D,): (F + 1 + D, B), one point per
-    column, holding φ(x) (F rows), 1 and x (D rows). It is laid out transposed, points along
-    columns, so that both GEMMs of a block (the log-joint and the statistics) have long rows.
-    ``out``: a buffer for at least B points, reused (its views too) from block to block."""
-    b, d = rows.shape
-    if out is None:
-        out = DesignBuffer(rows, kernel, d, b)
-    return out.design(rows, shift)
-
-
-def weighted_moments(design: Tensor, resp: Tensor) -> Tensor:
-    """Σ_n design[:, n] resp[:, n]^T for a design (R, B) and responsibilities (K, B): (R, K).
-
-    Both orientations of the GEMM give the same sums up to rounding, but not at the same speed.
-    Measured with torch 2.13's MKL on one core (GFLOP/s of the two GEMMs alone, B = 2048-16384,
-    the designs of D = 8 and 16): in float64 resp @ design^T was never slower and often much
-    faster (R = 153, K = 16: 29-36 against 20-26; K = 8: 19-31 against 9-14; R = 17, K = 8: 21
-    against 14); in float32 it was faster up to K = 8 (R = 153: 47-56 against 37-44), and
-    design @ resp^T faster at K = 16 (R = 45: 66-72 against 50-52). Those figures are from the
-    Intel machine of the README's earlier runs; on the 2-vCPU AMD EPYC of its latest runs (one
-    core, best of 5, B = 4096-25000) the same choice won: float64 17-22 against 13-19, float32
-    K = 8 35-41 against 31-32, K = 16 53-64 against 41-50. The choice depends on shapes and dtype
-    only, so results stay reproducible."""
-    if _moments_by_rows(design.dtype, resp.shape[0]):
-        return torch.mm(design, resp.T)
-    return torch.mm(resp, design.T).T
-
-
-def _moments_by_rows(dtype: torch.dtype, k: int) -> bool:
-    """Whether ``weighted_moments`` computes design @ resp^T, (R, K), rather than resp @ design^T."""
-    return dtype == torch.float32 and k > 8
-
-
-def block_log_joint(design: Tensor, prepared: Prepared, out: Tensor | None = None) -> Tensor:
-    """log π_k + log N(x_n | μ_k, Σ_k) for a block's design (F + 1 + D, B) (``block_design``):
-    (K, B), written into ``out`` (K, B) when given."""
-    return torch.mm(prepared.coefficients, design, out=out)
+def make_synthetic(
+    n: int, dim: int, k: int, separation: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """n points (n, D), their labels (n,) and the truth of a random K-component full-covariance
+    mixture (``GaussianMixture.sample_truth``)."""
+    model = GaussianMixture(k, dim, "full", None)
+    truth = model.sample_truth(rng, separation)
+    x, labels = model.simulate(truth, n, rng)
+    return x.numpy(), labels.numpy(), {name: value.numpy() for name, value in truth.items()}
 
 
 def stick_breaking_log_weights(sticks: Tensor) -> Tensor:
@@ -467,7 +300,7 @@ def sticks_from_weights(weights: Tensor) -> Tensor:
     return torch.clamp(weights / remaining, eps, 1.0 - eps)
 
 
-def _default_prior(cfg: HyperConfig, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
+def _default_prior(cfg: GMMHyperparameters, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
     """scikit-learn's BayesianGaussianMixture defaults, from the train data x (N, D)."""
     x = x.to(torch.float64)
     d = x.shape[1]
@@ -543,10 +376,14 @@ def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
 
 
 @MODELS.register("gmm")
-class GaussianMixture(LatentModel):
+class GaussianMixture(LatentModel, ClosedFormEM):
     """K-component Gaussian mixture with a covariance type and an optional conjugate prior."""
 
     name = "gmm"
+    options = GMMOptions
+    component_axes = {"weights": (0,), "means": (0,), "covariances": (0,)}
+    pivot = "means"
+    backend_fields = {"reg_covar": 1e-6}
 
     def __init__(self, k: int, dim: int, covariance: str, prior: ConjugatePrior | None) -> None:
         self.k = k
@@ -556,11 +393,47 @@ class GaussianMixture(LatentModel):
         self._type = COVARIANCE_TYPES[covariance]
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, x: Tensor) -> GaussianMixture:
+    def from_config(cls, cfg: ModelOptions, x: Tensor) -> GaussianMixture:
+        assert isinstance(cfg, GMMOptions)
         prior = None
         if cfg.prior == "conjugate":
             prior = _default_prior(cfg.hyperparameters, cfg.covariance, cfg.k, x)
         return cls(cfg.k, int(x.shape[1]), cfg.covariance, prior)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        k, d = self.k, self.dim
+        return {"weights": (k,), "means": (k, d), "covariances": (k, d, d)}
+
+    def sample_truth(self, rng: np.random.Generator, separation: float) -> dict[str, Tensor]:
+        """Weights from Dirichlet(10), means at least ``separation`` apart where the space allows
+        it, covariances with eigenvalues in [0.5, 1.5] (full whatever the covariance type)."""
+        k, dim = self.k, self.dim
+        weights = rng.dirichlet(np.full(k, 10.0))
+        radius = separation * max(1.0, k ** (1.0 / dim))
+        means = np.empty((k, dim))
+        for j in range(k):
+            candidates = rng.uniform(-radius, radius, size=(256, dim))
+            if j == 0:
+                means[j] = candidates[0]
+                continue
+            gaps = np.linalg.norm(candidates[:, None, :] - means[None, :j], axis=-1).min(axis=1)
+            ok = np.flatnonzero(gaps >= separation)
+            means[j] = candidates[ok[0] if ok.size else int(np.argmax(gaps))]
+        rotations = np.linalg.qr(rng.standard_normal((k, dim, dim)))[0]
+        eigen = rng.uniform(0.5, 1.5, size=(k, dim))
+        covariances = np.einsum("kij,kj,klj->kil", rotations, eigen, rotations)
+        truth = {"weights": weights, "means": means, "covariances": covariances}
+        return {name: torch.from_numpy(value) for name, value in truth.items()}
+
+    def simulate(self, params: Params, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        """n points of the mixture at θ, drawn in NumPy (faster than the declaration at large n,
+        and the same distribution)."""
+        weights, means, covariances = (params[name].numpy() for name in ("weights", "means", "covariances"))
+        labels = rng.choice(self.k, size=n, p=weights / weights.sum())
+        noise = np.einsum(
+            "nij,nj->ni", np.linalg.cholesky(covariances)[labels], rng.standard_normal((n, self.dim))
+        )
+        return torch.from_numpy(means[labels] + noise), torch.from_numpy(labels)
 
     @property
     def has_prior(self) -> bool:
@@ -666,11 +539,35 @@ class GaussianMixture(LatentModel):
 
     block_rows: int = 4096  # rows per block: large enough for fast GEMMs, small enough for cache
 
-    def prepare(self, params: Params, shift: Tensor | None = None) -> Prepared:
+    def check_mode(self, method: str) -> None:
+        if self.stick_breaking:
+            raise UserError(
+                f"model.hyperparameters.weight_prior: {method} needs the posterior mode, but found "
+                "'dirichlet_process', whose mode lies on the boundary of the sticks' space (or does "
+                "not exist). Use the vb or svi backend, or set model.hyperparameters.weight_prior: "
+                "dirichlet."
+            )
+
+    def check_em(self, method: str) -> None:
+        self.check_mode(method)
+        prior = self.prior
+        if prior is not None and prior.weight_concentration < 1:
+            raise UserError(
+                f"model.hyperparameters.weight_concentration: {method} needs a Dirichlet "
+                f"concentration of at least 1 for the weights' mode to exist, but found "
+                f"{prior.weight_concentration}. Try 1.0."
+            )
+
+    def em_center(self, x: Tensor) -> Tensor:
+        """Points are measured from the mean of x: second moments about a typical point keep
+        their digits."""
+        return x.mean(0)
+
+    def prepare(self, params: Params, center: Tensor | None = None) -> Prepared:
         """The E-step's per-iteration constants for θ (see ``Prepared``)."""
         means = params["means"]
-        shift = means.new_zeros(means.shape[1]) if shift is None else shift
-        return prepare_gaussians(params["weights"], means, params["covariances"], self._type.kernel, shift)
+        center = means.new_zeros(means.shape[1]) if center is None else center
+        return prepare_gaussians(params["weights"], means, params["covariances"], self._type.kernel, center)
 
     def design_rows(self) -> int:
         """How many rows a point's design (φ(x), 1, x) has (see ``block_design``)."""
@@ -680,10 +577,11 @@ class GaussianMixture(LatentModel):
         """A buffer, in like's dtype and device, for the designs of blocks of up to ``rows``."""
         return DesignBuffer(like, self._type.kernel, self.dim, rows)
 
-    def design(self, rows: Tensor, shift: Tensor, out: DesignBuffer | None = None) -> Tensor:
-        """The design (F + 1 + D, B) of points rows (B, D) measured from ``shift``, shared by the
+    def design(self, rows: Tensor, center: Tensor | None = None, out: DesignBuffer | None = None) -> Tensor:
+        """The design (F + 1 + D, B) of points rows (B, D) measured from ``center``, shared by the
         E-step and the statistics; ``out`` from ``design_buffer`` (see ``block_design``)."""
-        return block_design(rows, shift, self._type.kernel, out)
+        center = rows.new_zeros(self.dim) if center is None else center
+        return block_design(rows, center, self._type.kernel, out)
 
     def block_log_joint(self, design: Tensor, prepared: Prepared, out: Tensor | None = None) -> Tensor:
         """log p(x_n, z_n = k | θ) for a block's design; returns (K, B)."""
@@ -695,45 +593,51 @@ class GaussianMixture(LatentModel):
         blocks = [block_log_joint(self.design(rows, shift), prepared).T for rows in x.split(self.block_rows)]
         return torch.cat(blocks) if len(blocks) != 1 else blocks[0]
 
-    def new_stats(self, shift: Tensor) -> SufficientStats:
-        """Zero statistics about ``shift`` (D,), in its dtype and device."""
+    def new_stats(self, like: Tensor) -> Stats:
+        """Zero statistics in like's dtype and device (see the module's docstring)."""
         k, d = self.k, self.dim
-        zeros = shift.new_zeros
-        if not self._type.weighted_second:
-            return SufficientStats(shift, zeros(k), zeros(k, d), zeros(self._type.second_shape(k, d)))
         f = phi_count(self._type.kernel, d)
-        if _moments_by_rows(shift.dtype, k):
-            raw = zeros(f + 1 + d, k)
-            stats = _MomentStats(shift, raw[f], raw[f + 1 :].T, raw[:f].T)
-        else:
-            raw = zeros(k, f + 1 + d)
-            stats = _MomentStats(shift, raw[:, f], raw[:, f + 1 :], raw[:, :f])
-        stats.raw = raw
+        rows = f + 1 + d if self._type.weighted_second else 1 + d
+        stats = (
+            {"moments_t": like.new_zeros(rows, k)}
+            if moments_by_rows(like.dtype, k)
+            else {"moments": like.new_zeros(k, rows)}
+        )
+        if not self._type.weighted_second:
+            stats["second"] = like.new_zeros(f)
         return stats
 
-    def accumulate(self, stats: SufficientStats, design: Tensor, resp: Tensor) -> None:
-        """Add points with design (F + 1 + D, B) (measured from stats.shift) and responsibilities
-        resp (K, B) to ``stats``, in place: one GEMM gives Σ_n r_nk (φ(x_n), 1, x_n)."""
-        raw = getattr(stats, "raw", None)
-        if raw is not None:  # see _MomentStats
-            if _moments_by_rows(raw.dtype, self.k):
-                raw.addmm_(design, resp.T)
-            else:
-                raw.addmm_(resp, design.T)
-            return
-        f = design.shape[0] - self.dim - 1
-        if self._type.weighted_second:
-            moments = weighted_moments(design, resp)
-            stats.second.add_(moments[:f].T)
+    def accumulate(self, stats: Stats, design: Tensor, resp: Tensor) -> None:
+        """Add points with design (F + 1 + D, B) (measured from the fit's center) and
+        responsibilities resp (K, B) to ``stats``, in place: one GEMM adds Σ_n r_nk (φ(x_n), 1,
+        x_n) (tied: Σ_n r_nk (1, x_n), and Σ_n φ(x_n) unweighted)."""
+        if "second" in stats:
+            f = design.shape[0] - self.dim - 1
+            stats["second"].add_(design[:f].sum(1))
+            design = design[f:]
+        if "moments_t" in stats:
+            stats["moments_t"].addmm_(design, resp.T)
         else:
-            moments = weighted_moments(design[f:], resp)
-            stats.second.add_(design[:f].sum(1))
-        stats.nk.add_(moments[-self.dim - 1])
-        stats.sums.add_(moments[-self.dim :].T)
+            stats["moments"].addmm_(resp, design.T)
 
-    def add_stats(self, stats: SufficientStats, other: SufficientStats) -> None:
-        for mine, theirs in zip(stats[1:], other[1:], strict=True):
-            mine.add_(theirs)
+    def moments(self, stats: Stats) -> Moments:
+        """The views nk, sums and second of the statistics (see ``Moments``)."""
+        f = 0 if "second" in stats else phi_count(self._type.kernel, self.dim)
+        raw = stats["moments_t"].T if "moments_t" in stats else stats["moments"]
+        second = stats["second"] if "second" in stats else raw[:, :f]
+        return Moments(raw[:, f], raw[:, f + 1 :], second)
+
+    def expected_log_joint(self, stats: Stats, prepared: Prepared) -> Tensor:
+        """Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) from the statistics alone: ``block_log_joint`` is
+        affine in a point's features, log p(x, k | θ) = log_norm_k - ½ (matrix_k · φ(x)
+        - 2 linear_k · x + const_k), with x and the means measured from the same center."""
+        nk, sums, second = self.moments(stats)
+        if second.dim() == 1:  # tied: Σ_n φ(x_n) unweighted; one precision, and Σ_k r_nk = 1
+            quadratic = prepared.matrix[0] @ second
+        else:
+            quadratic = (prepared.matrix * second).sum()
+        per_count = (prepared.log_norm - 0.5 * prepared.const).squeeze(1)
+        return nk @ per_count + (prepared.linear * sums).sum() - 0.5 * quadratic
 
     def log_prior(self, params: Params) -> Tensor:
         weights = params["weights"]
@@ -747,17 +651,22 @@ class GaussianMixture(LatentModel):
             + self.locs_prior(full_precision).log_prob(sites["locs"]).sum()
         )
 
-    def m_step(self, x: Tensor, resp: Tensor, reg_covar: float, use_prior: bool = True) -> Params:
-        stats = self.new_stats(x.mean(0))
+    def m_step(self, x: Tensor, resp: Tensor, reg_covar: float = 0.0, use_prior: bool = True) -> Params:
+        center = x.mean(0)
+        stats = self.new_stats(x)
         for rows, block_resp in zip(x.split(self.block_rows), resp.split(self.block_rows), strict=True):
-            self.accumulate(stats, self.design(rows, stats.shift), block_resp.T)
-        return self.m_step_stats(stats, reg_covar, use_prior)
+            self.accumulate(stats, self.design(rows, center), block_resp.T)
+        return self.m_step_stats(stats, center, reg_covar, use_prior)
 
-    def m_step_stats(self, stats: SufficientStats, reg_covar: float, use_prior: bool = True) -> Params:
+    def m_step_stats(
+        self, stats: Stats, center: Tensor | None = None, reg_covar: float = 0.0, use_prior: bool = True
+    ) -> Params:
         """The M-step from sufficient statistics alone (see ``m_step``)."""
         d = self.dim
-        like = stats.sums
-        nk = stats.nk + 10 * torch.finfo(like.dtype).eps
+        moments = self.moments(stats)
+        like = moments.sums
+        shift = like.new_zeros(d) if center is None else center
+        nk = moments.nk + 10 * torch.finfo(like.dtype).eps
         n = nk.sum()
         kind = self._type
         prior = self.prior if use_prior else None
@@ -768,23 +677,23 @@ class GaussianMixture(LatentModel):
             )
         if prior is None:
             weights = nk / n
-            centered_means = stats.sums / nk[:, None]
-            cov = kind.scatter_stats(stats, centered_means) / kind.ml_count(nk, n, d)
+            centered_means = moments.sums / nk[:, None]
+            cov = kind.scatter_stats(moments, centered_means) / kind.ml_count(nk, n, d)
         else:
             raw = nk + prior.weight_concentration - 1.0
             weights = raw / raw.sum()
             beta0 = prior.mean_precision
-            m0 = prior.mean_prior.to(like) - stats.shift
-            centered_means = (beta0 * m0 + stats.sums) / (beta0 + nk)[:, None]
+            m0 = prior.mean_prior.to(like) - shift
+            centered_means = (beta0 * m0 + moments.sums) / (beta0 + nk)[:, None]
             scale = kind.native(self._prior_scale(like)[None])
-            numerator = scale + kind.scatter_stats(stats, centered_means)
+            numerator = scale + kind.scatter_stats(moments, centered_means)
             numerator = numerator + beta0 * kind.mean_deviation(centered_means - m0)
             cov = numerator / kind.map_count(nk, n, d, self.k, prior.degrees_of_freedom)
         covariances = kind.to_full(cov, self.k, d) + reg_covar * _eye_like(d, like)
-        return {"weights": weights, "means": centered_means + stats.shift, "covariances": covariances}
+        return {"weights": weights, "means": centered_means + shift, "covariances": covariances}
 
-    def component_mass(self, stats: SufficientStats) -> Tensor:
-        return stats.nk
+    def component_mass(self, stats: Stats) -> Tensor:
+        return self.moments(stats).nk
 
     def reseed(self, params: Params, components: Sequence[int], x: Tensor) -> Params:
         """Each of ``components`` restarted in turn at the point of x (N, D) that the live
@@ -863,29 +772,17 @@ class GaussianMixture(LatentModel):
             "covariances": 0.5 * (covariances + covariances.mT),
         }
 
-    def check_params(self, params: Params, where: str) -> Params:
+    def project(self, params: Params) -> Params:
+        """Covariances projected on the covariance type (tied: their weighted average), weights
+        normalized."""
         k, d = self.k, self.dim
-        expected = {"weights": (k,), "means": (k, d), "covariances": (k, d, d)}
-        for name, shape in expected.items():
-            if name not in params:
-                raise UserError(
-                    f"{where}: has no tensor {name!r}; a Gaussian mixture needs {sorted(expected)}."
-                )
-            found = tuple(params[name].shape)
-            if found != shape:
-                what = "model.k" if found[:1] != shape[:1] else "the data's dimension"
-                raise UserError(
-                    f"{where}: {name} has shape {found}, but {what} needs {shape} "
-                    f"(k={k}, dim={d}). Start from a run with the same k and features."
-                )
-        weights = params["weights"].to(torch.float64)
-        covariances = params["covariances"].to(torch.float64)
+        weights = params["weights"]
+        covariances = params["covariances"]
         native = self._type.native(covariances)
         if self.covariance == "tied":
             native = (weights[:, None, None] * covariances).sum(0)
-        covariances = self._type.to_full(native, k, d)
         return {
             "weights": weights / weights.sum(),
-            "means": params["means"].to(torch.float64),
-            "covariances": covariances,
+            "means": params["means"],
+            "covariances": self._type.to_full(native, k, d),
         }
