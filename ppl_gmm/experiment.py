@@ -133,8 +133,8 @@ def _model_fields(options: M, model_cls: type[LatentModel], where: str) -> M:
         elif value is not None:
             users = ", ".join(name for name in MODELS if field in MODELS.get(name).backend_fields)
             raise UserError(
-                f"{where}.{field}: model {model_cls.name!r} has no use for {field}; remove it "
-                f"(only {users} take it)."
+                f"{where}.{field}: model {model_cls.name!r} has no use for {field} (an option of "
+                f"{users}); remove it."
             )
     return options.model_copy(update=update) if update else options
 

@@ -4,6 +4,7 @@ that names the field or file, no traceback, nothing written. Plus the good path'
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -551,3 +552,57 @@ def test_debug_shows_the_traceback(
     assert "Traceback" in err and "UserError" in err
     assert err.splitlines()[-1].startswith("error: model.k"), err
     assert not (work / "runs").exists()
+
+
+# ---- the count and binary models: their data, and options that belong to another model ---------
+
+COUNTS = "a,b\n1,2\n3,0\n5,6\n7,8\n9,1\n"
+BINARY = "a,b\n1,0\n0,0\n1,1\n0,1\n1,0\n"
+
+
+@pytest.mark.parametrize(
+    ("model", "text", "extra", "names"),
+    [
+        ("poisson_mixture", "a,b\n1,2\n3,-1\n5,6\n7,8\n9,1\n", [], ["data.csv", "counts"]),
+        ("poisson_mixture", "a,b\n1,2\n3,0.5\n5,6\n7,8\n9,1\n", [], ["data.csv", "counts"]),
+        ("bernoulli_mixture", "a,b\n1,0\n0,2\n1,1\n0,1\n1,0\n", [], ["data.csv", "binary"]),
+        ("bernoulli_mixture", "a,b\n1,0\n0,-1\n1,1\n0,1\n1,0\n", [], ["data.csv", "binary"]),
+        ("poisson_mixture", COUNTS, ["model.covariance=diag"], ["model.covariance"]),
+        ("bernoulli_mixture", BINARY, ["model.hyperparameters.covariance_prior=1.0"], ["covariance_prior"]),
+        ("poisson_mixture", COUNTS, ["backends.em.reg_covar=0.001"], ["backends.em.reg_covar"]),
+        ("bernoulli_mixture", BINARY, ["init.reg_covar=0.001"], ["init.reg_covar"]),
+        ("poisson_mixture", COUNTS, ["data.standardize=true"], ["data.standardize"]),
+        (
+            "poisson_mixture",
+            COUNTS,
+            ["model.prior=conjugate", "model.hyperparameters.rate_shape=0.5"],
+            ["rate_shape"],
+        ),
+    ],
+    ids=[
+        "negative-count",
+        "fractional-count",
+        "two-in-binary",
+        "negative-in-binary",
+        "gaussian-covariance",
+        "gaussian-hyperparameter",
+        "gaussian-reg-covar",
+        "gaussian-init-reg-covar",
+        "standardized-counts",
+        "map-em-without-a-mode",
+    ],
+)
+def test_bad_input_for_count_and_binary_models(
+    work: Path, capsys: pytest.CaptureFixture[str], model: str, text: str, extra: list[str], names: list[str]
+) -> None:
+    path = _csv(work, "data.csv", text)
+    argv = [
+        "run",
+        "inputs/tiny.yaml",
+        "data.source=csv",
+        f"data.path={path}",
+        "model.k=2",
+        f"model.name={model}",
+    ]
+    line = _expect_error(work, [*argv, "data.test_fraction=0", *extra], names, capsys)
+    assert re.search(r"\b(Try|Use|use|Set|remove|Binarize|Known fields)\b", line), line  # and the fix

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ppl_gmm.backends import BACKENDS
 from ppl_gmm.cli import main
 from ppl_gmm.config import Config, load_config
+from ppl_gmm.models import MODELS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -101,20 +102,23 @@ def test_config_runs_end_to_end(
         key, _, value = item.partition("=")
         _, name, option = key.split(".")
         assert resolved.backends[name][option] == int(value)
-    # init.reg_covar, unset, takes the model's default (the gmm's 1e-6)
+    # init.reg_covar, unset, takes the model's default (the gmm's 1e-6; other models have none)
     unchanged = {"backends": True, "init": {"reg_covar"}}
     assert resolved.model_dump(exclude=unchanged) == original.model_dump(exclude=unchanged)
-    assert resolved.init.reg_covar == (original.init.reg_covar or 1e-6)
+    default = MODELS.get(original.model.name).backend_fields.get("reg_covar")
+    assert resolved.init.reg_covar == (original.init.reg_covar or default)
 
     described = json.loads((path / "data.json").read_text(encoding="utf-8"))
     for key in ["source", "n_train", "n_test", "dim", "has_labels", "sha256"]:
         assert key in described, key
     assert described["source"] == original.data.source
-    k, d = original.model.k, described["dim"]
+    d = described["dim"]
 
+    model = MODELS.get(original.model.name).from_config(original.model, torch.rand(50, d).round())
+    shapes = model.param_shapes()
     init = load_file(str(path / "init.safetensors"))
-    assert init["weights"].shape == (k,) and init["means"].shape == (k, d)
-    assert init["covariances"].shape == (k, d, d)
+    first = {name: tuple(value.shape) for name, value in init.items() if not name.startswith("restart")}
+    assert first == shapes
 
     comparison = pd.read_csv(path / "comparison.csv")
     assert list(comparison["backend"]) == list(original.backends)
@@ -162,13 +166,14 @@ def test_config_runs_end_to_end(
         assert metrics["log_likelihood"].notna().any()
 
         params = load_file(str(out_dir / "params.safetensors"))
-        expected = {"weights": (k,), "means": (k, d), "covariances": (k, d, d)}
-        for key, shape in expected.items():
+        for key, shape in shapes.items():
             assert key in params, key
             assert params[key].dtype == torch.float64, key
             assert tuple(params[key].shape) == shape, key
             assert torch.isfinite(params[key]).all(), key
         assert torch.isclose(params["weights"].sum(), torch.tensor(1.0, dtype=torch.float64))
-        cov = params["covariances"]
-        assert torch.allclose(cov, cov.mT)
-        assert (torch.linalg.eigvalsh(cov) > 0).all()
+        checked = model.check_params(params, "params")  # on the model's parameter space already
+        for key, value in params.items():
+            torch.testing.assert_close(checked[key], value, rtol=1e-9, atol=1e-12)
+        if "covariances" in params:
+            assert (torch.linalg.eigvalsh(params["covariances"]) > 0).all()

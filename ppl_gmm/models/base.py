@@ -130,8 +130,8 @@ class LatentModel(ABC):
 
     def to_sites(self, params: Params) -> dict[str, Tensor]:
         """The values of the Pyro model's global sites for a point estimate (copies: guides
-        initialized from them may update them in place). Default: the same names."""
-        return {name: value.detach().clone() for name, value in params.items()}
+        initialized from them may update them in place; differentiable). Default: the same names."""
+        return {name: value.clone() for name, value in params.items()}
 
     def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
         """The point estimate for values of the global sites."""

@@ -749,14 +749,14 @@ class GaussianMixture(LatentModel, ClosedFormEM):
     def to_sites(self, params: Params) -> dict[str, Tensor]:
         precision = torch.linalg.inv(params["covariances"])
         precision = 0.5 * (precision + precision.mT)
-        weights = params["weights"].detach()
+        weights = params["weights"]
         if self.stick_breaking:
             weights = sticks_from_weights(weights / weights.sum())
         # copies: guides initialized from these values may update them in place
         return {
             self.weight_site: weights.clone(),
-            "locs": params["means"].detach().clone(),
-            "precision": self._type.native(precision).detach().clone(),
+            "locs": params["means"].clone(),
+            "precision": self._type.native(precision).clone(),
         }
 
     def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
