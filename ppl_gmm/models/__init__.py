@@ -9,9 +9,18 @@ import importlib
 import pkgutil
 from importlib.metadata import entry_points
 
-from .base import MODELS, ClosedFormEM, LatentModel, Params, Stats
+from .base import MODELS, ClosedFormEM, ExpFamilyEM, Flat, LatentModel, Params, Stats
 
-__all__ = ["ENTRY_POINT_GROUP", "MODELS", "ClosedFormEM", "LatentModel", "Params", "Stats"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MODELS",
+    "ClosedFormEM",
+    "ExpFamilyEM",
+    "Flat",
+    "LatentModel",
+    "Params",
+    "Stats",
+]
 
 ENTRY_POINT_GROUP = "ppl_gmm.models"
 
