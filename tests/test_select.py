@@ -53,3 +53,23 @@ def test_select_bad_input_writes_nothing(args, needle, capsys, tmp_path) -> None
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("model", ["poisson_mixture", "bernoulli_mixture"])
+def test_select_finds_the_simulated_number_of_components_of_other_models(model, capsys, tmp_path) -> None:
+    """Data drawn from a 3-component mixture of the model itself; BIC over K = 1..5 picks 3."""
+    config = tmp_path / "select.yaml"
+    config.write_text(
+        "experiment: select-count\n"
+        "data: {source: synthetic, n: 1500, dim: 12, k: 3, test_fraction: 0}\n"
+        f"model: {{name: {model}, k: 3}}\n"
+        "init: {n_init: 3}\n"
+        "backends: {em: {max_iter: 300, tol: 1.0e-8}}\n",
+        encoding="utf-8",
+    )
+    code = main(["select", str(config), "--k", "1..5", "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    table = pd.read_csv(Path(out[-1]) / "selection.csv")
+    assert (table["status"] == "completed").all()
+    assert int(table.loc[table["bic"].idxmin(), "k"]) == 3
