@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -13,7 +15,17 @@ from torch import Tensor
 from ..models.base import LatentModel, Params
 from ..registry import Registry
 
-__all__ = ["BACKENDS", "Backend", "FitError", "FitResult", "Options", "Report", "StepInfo", "one_line"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Clock",
+    "FitError",
+    "FitResult",
+    "Options",
+    "Report",
+    "StepInfo",
+    "one_line",
+]
 
 
 class Options(BaseModel):
@@ -77,6 +89,26 @@ class Backend(ABC):
     @abstractmethod
     def fit(self, model: LatentModel, x: Tensor, init: Params, options: Options, report: Report) -> FitResult:
         """Fit from ``init`` on x (N, D); call ``report`` once per step."""
+
+
+class Clock:
+    """Wall time since start, less the time spent on evaluations that are not the algorithm's
+    (``with clock.aside(): ...``): the one clock of every backend's ``fit_seconds``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
 
 
 BACKENDS: Registry[type[Backend]] = Registry("backend")

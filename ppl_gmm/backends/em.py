@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import Field
@@ -33,8 +33,10 @@ __all__ = [
     "EM",
     "EMOptions",
     "MAX_RESEEDS",
+    "PartialEStep",
     "add_stats",
     "e_step",
+    "e_step_blocks",
     "empty_components",
     "fixes",
     "needs_closed_form",
@@ -246,33 +248,67 @@ def _e_lane(
     center: Tensor | None,
     stop: threading.Event | None,
 ) -> tuple[float, Stats]:
-    """The E-step and statistics of some row blocks (see ``_e_pass``).
+    """The E-step and statistics of some row blocks (see ``_e_pass``)."""
+    stats = model.new_stats(blocks[0])
+    return e_step_blocks(model, blocks, prepared, center, stats, stop=stop).log_likelihood, stats
 
-    The log-sum-exp and the responsibilities share one exponential, floored at the smallest
-    normal number: subnormal results are ~40× slower on CPUs and weigh nothing. Responsibilities
-    are normalized by multiplying with the reciprocal of their sum: a broadcast division ran
-    2-8× slower (float32 worst)."""
-    like = blocks[0]  # the first block is the widest
-    stats = model.new_stats(like)
-    design_buffer = model.design_buffer(like, like.shape[0])
+
+class PartialEStep(NamedTuple):
+    """Sums over the rows of one E-step at θ: Σ_n log p(x_n | θ) and, when asked for, the
+    entropy Σ_n H(p(z_n | x_n, θ)) of the responsibilities."""
+
+    log_likelihood: float
+    entropy: float
+
+
+def e_step_blocks(
+    model: ClosedFormEM,
+    blocks: Sequence[Tensor],
+    prepared: Any,
+    center: Tensor | None,
+    stats: Stats | None = None,
+    buffer: Any = None,
+    stop: threading.Event | None = None,
+    entropy: bool = False,
+) -> PartialEStep:
+    """The E-step of row blocks (B, D) at the θ of ``prepared``, the widest block first: the one
+    E-step of every EM backend.
+
+    Adds the blocks' statistics to ``stats`` when given; writes the designs into ``buffer``
+    (``design_buffer`` for the widest block) when given; stops early when ``stop`` is set. The
+    log-sum-exp and the responsibilities share one exponential, floored at the smallest normal
+    number: subnormal results are ~40× slower on CPUs and weigh nothing. Responsibilities are
+    normalized by multiplying with the reciprocal of their sum: a broadcast division ran 2-8×
+    slower (float32 worst). With s_k = log p(x, k) - max_j log p(x, j) and r = softmax(s), the
+    entropy is -Σ_k r_k log r_k = log Σ_k e^{s_k} - Σ_k r_k s_k."""
+    like = blocks[0]
+    if buffer is None:
+        buffer = model.design_buffer(like, like.shape[0])
     joint_buffer = like.new_empty(model.k * like.shape[0])
     joints: dict[int, Tensor] = {}  # the (K, B) view of joint_buffer for each block size B
     floor = math.log(torch.finfo(like.dtype).tiny) + 1.0
     total = like.new_zeros((), dtype=torch.float64)
+    spread = like.new_zeros((), dtype=torch.float64)
     for rows in blocks:
         if stop is not None and stop.is_set():
             break
-        design = model.design(rows, center, design_buffer)
+        design = model.design(rows, center, buffer)
         log_joint = joints.get(rows.shape[0])
         if log_joint is None:
             log_joint = joints[rows.shape[0]] = joint_buffer[: model.k * rows.shape[0]].view(model.k, -1)
         model.block_log_joint(design, prepared, log_joint)
         peak = log_joint.amax(0)
-        resp = log_joint.sub_(peak).clamp_(min=floor).exp_()
+        shifted = log_joint.sub_(peak).clamp_(min=floor)
+        resp = shifted.exp() if entropy else shifted.exp_()
         norm = resp.sum(0)
-        total += (peak + norm.log()).sum()
-        model.accumulate(stats, design, resp.mul_(norm.reciprocal()))
-    return float(total), stats
+        log_norm = norm.log()
+        total += (peak + log_norm).sum()
+        resp.mul_(norm.reciprocal())
+        if entropy:
+            spread += log_norm.sum() - torch.dot(resp.view(-1), shifted.view(-1))
+        if stats is not None:
+            model.accumulate(stats, design, resp)
+    return PartialEStep(float(total), float(spread))
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -22,9 +22,9 @@ from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
-from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
 from .em import EM, EMOptions, add_stats, fixes, needs_closed_form, reg_covar
-from .partial_em import CHUNK_ROWS, Clock, check_not_empty, e_step_rows, log_prior, prepare
+from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows, log_prior, prepare
 
 __all__ = ["IncrementalEM", "IncrementalEMOptions"]
 

@@ -12,7 +12,6 @@ computed on the relabelled draws.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -27,7 +26,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..evaluate import posterior_moments, relabel
 from ..models.base import LatentModel, Params
-from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo, one_line
+from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo, one_line
 
 __all__ = [
     "MCMCBackend",
@@ -171,20 +170,17 @@ class MCMCBackend(Backend):
         self, model: LatentModel, x: Tensor, init: Params, options: MCMCOptions, report: Report
     ) -> FitResult:
         n = x.shape[0]
-        started = time.perf_counter()
-        aside = 0.0  # seconds spent on progress scores, kept out of the sampling time
+        clock = Clock()  # progress scores are kept out of the sampling time
 
         def progress(step: int, params: Params) -> None:
             # the log joint log p(x, θ) per point, assignments summed out (under stick-breaking,
             # of the draw's point estimate, whose weights are normalized). It costs about 5% of a
             # NUTS iteration at N=200, K=3, D=2 (less at larger N), and is kept out of fit_seconds.
-            nonlocal aside
-            began = time.perf_counter()
-            with torch.no_grad():
+            seconds = clock.seconds()
+            with clock.aside(), torch.no_grad():
                 log_likelihood = float(model.log_likelihood(x, params).sum())
                 log_joint = log_likelihood + float(model.log_prior(params))
-            report(StepInfo(step, began - started - aside, log_joint / n, log_likelihood / n))
-            aside += time.perf_counter() - began
+                report(StepInfo(step, seconds, log_joint / n, log_likelihood / n))
 
         progress(0, init)
         last = 0
@@ -203,7 +199,7 @@ class MCMCBackend(Backend):
                 f"step {last}: NUTS cannot go on ({one_line(exc)}). Set data.standardize: true, use dtype: "
                 "float64, or raise backends.mcmc.target_accept_prob."
             ) from None
-        seconds = time.perf_counter() - started - aside
+        seconds = clock.seconds()
 
         # one point estimate per draw; the model maps single draws, not batches, to parameters
         n_chains, n_draws = options.num_chains, options.num_samples

@@ -19,11 +19,10 @@ from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params
-from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
 from .em import EM, EMOptions, fixes, needs_closed_form, reg_covar
 from .partial_em import (
     CHUNK_ROWS,
-    Clock,
     check_not_empty,
     combine,
     e_step_rows,

@@ -8,7 +8,6 @@ log-likelihood of the current point estimate (its cost is kept out of the timing
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -22,7 +21,7 @@ from pyro.infer.elbo import ELBO
 from torch import Tensor
 
 from ..models.base import LatentModel, Params
-from .base import FitError, Options, Report, StepInfo, one_line
+from .base import Clock, FitError, Options, Report, StepInfo, one_line
 
 __all__ = ["SVIOptions", "make_elbo", "make_optimizer", "run_svi"]
 
@@ -60,23 +59,6 @@ def make_elbo(model: LatentModel, options: SVIOptions, num_particles: int | None
 def make_optimizer(options: SVIOptions) -> pyro.optim.PyroOptim:
     cls = {"adam": pyro.optim.Adam, "clipped_adam": pyro.optim.ClippedAdam}[options.optimizer]
     return cls({"lr": options.lr})
-
-
-class _Clock:
-    """Wall time since start, less the time spent on evaluations that are not the algorithm's."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.excluded = 0.0
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start - self.excluded
-
-    def aside(self, fn: Callable[[], float]) -> float:
-        began = time.perf_counter()
-        value = fn()
-        self.excluded += time.perf_counter() - began
-        return value
 
 
 def run_svi(
@@ -124,9 +106,11 @@ def run_svi(
     with warnings.catch_warnings():
         # torch deprecates jit.trace, which JitTraceEnum_ELBO is built on; the option still works
         warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
-        clock = _Clock()
-        previous = clock.aside(initial_loss)
-        report(StepInfo(0, 0.0, -previous / n, clock.aside(exact_log_likelihood)))
+        clock = Clock()
+        with clock.aside():
+            previous = initial_loss()
+            log_likelihood = exact_log_likelihood()
+        report(StepInfo(0, 0.0, -previous / n, log_likelihood))
         calm, converged = 0, False
         for step in range(1, options.steps + 1):
             loss = checked(lambda: svi.step(x, batch_size=options.batch_size), "loss")
@@ -135,7 +119,10 @@ def run_svi(
                 converged = calm >= options.patience
             seconds = clock.seconds()
             evaluate = converged or step == options.steps or step % options.eval_every == 0
-            log_likelihood = clock.aside(exact_log_likelihood) if evaluate else None
+            log_likelihood = None
+            if evaluate:
+                with clock.aside():
+                    log_likelihood = exact_log_likelihood()
             report(StepInfo(step, seconds, -loss / n, log_likelihood))
             if converged:
                 break
