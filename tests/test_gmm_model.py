@@ -12,7 +12,8 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from torch.distributions import transform_to
 
 from ppl_gmm.models import MODELS
-from ppl_gmm.models.gmm import GaussianMixture, GMMHyperparameters, GMMOptions, unvech
+from ppl_gmm.models._gmm_em import unvech
+from ppl_gmm.models.gmm import GaussianMixture, GMMHyperparameters, GMMOptions
 
 CASES = list(itertools.product(["full", "tied", "diag", "spherical"], ["none", "conjugate"]))
 

@@ -32,9 +32,9 @@ transposed), plus, for tied, Σ_n φ(x_n) (key ``second``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import pyro
@@ -49,6 +49,7 @@ from torch.distributions import constraints
 from ..config import ModelOptions, Strict
 from ..errors import UserError
 from . import transforms  # noqa: F401  (registers biject_to(positive_definite) for guides)
+from ._covariance import COVARIANCE_TYPES, Moments
 from ._gmm_em import (
     DesignBuffer,
     Prepared,
@@ -57,7 +58,6 @@ from ._gmm_em import (
     moments_by_rows,
     phi_count,
     prepare_gaussians,
-    unvech,
 )
 from .base import MODELS, ClosedFormEM, Flat, LatentModel, Params, Stats
 
@@ -121,139 +121,8 @@ class ConjugatePrior:
         return self.weight_prior == "dirichlet_process"
 
 
-class Moments(NamedTuple):
-    """The statistics the M-step reads, of points measured from the fit's center: nk (K,)
-    Σ r_nk; sums (K, D) Σ r_nk x_n; second: full (K, D(D+1)/2) Σ r_nk φ(x_n), tied (D(D+1)/2,)
-    Σ φ(x_n), diag and spherical (K, D) Σ r_nk x_n², with φ in ``_gmm_em``'s order."""
-
-    nk: Tensor
-    sums: Tensor
-    second: Tensor
-
-
-@dataclass(frozen=True)
-class _CovarianceType:
-    """How one covariance type stores, estimates and expands its covariances.
-
-    Statistics and kernels for blocked EM are described at ``Moments`` and ``Prepared``.
-
-    scatter(x, resp, nk, means, xtx) -> Σ_n resp[n,k] (x_n - means_k)(...)^T in native shape
-    ml_count(nk, n, d) -> the maximum-likelihood divisor of the scatter
-    map_count(nk, n, d, k, nu0) -> the posterior-mode divisor (derived in the module docs)
-    native(cov_full) -> the native shape of full covariances; to_full: the inverse
-    """
-
-    scatter: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-    ml_count: Callable[[Tensor, int, int], Tensor]
-    map_count: Callable[[Tensor, int, int, int, float], Tensor]
-    native: Callable[[Tensor], Tensor]
-    to_full: Callable[[Tensor, int, int], Tensor]
-    n_cov_params: Callable[[int, int], int]
-    mean_deviation: Callable[[Tensor], Tensor]
-    # blocked EM: the second-moment statistic, whether it is weighted by the responsibilities
-    # (tied sums φ(x) unweighted), and the scatter about any means from the statistics alone;
-    # "quadratic" or "diag" picks the features φ of the E-step and the statistics
-    second_shape: Callable[[int, int], tuple[int, ...]]
-    weighted_second: bool
-    scatter_stats: Callable[[Moments, Tensor], Tensor]
-    kernel: str
-
-
-def _scatter_stats_full(stats: Moments, means: Tensor) -> Tensor:
-    second = unvech(stats.second, means.shape[1])
-    cross = means[:, :, None] * stats.sums[:, None, :]
-    return second - cross - cross.mT + stats.nk[:, None, None] * means[:, :, None] * means[:, None, :]
-
-
-def _scatter_stats_tied(stats: Moments, means: Tensor) -> Tensor:
-    cross = means.T @ stats.sums
-    return unvech(stats.second, means.shape[1]) - cross - cross.T + (stats.nk[:, None] * means).T @ means
-
-
-def _scatter_stats_diag(stats: Moments, means: Tensor) -> Tensor:
-    return stats.second - 2.0 * means * stats.sums + stats.nk[:, None] * means**2
-
-
-def _scatter_full(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
-    out = torch.empty(means.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    for k in range(means.shape[0]):
-        diff = x - means[k]
-        out[k] = (resp[:, k, None] * diff).T @ diff
-    return out
-
-
-def _scatter_diag(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
-    return resp.T @ (x * x) - 2.0 * means * (resp.T @ x) + nk[:, None] * means**2
-
-
-def _scatter_spherical(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
-    return _scatter_diag(x, resp, nk, means, xtx).sum(dim=1)
-
-
-def _scatter_tied(x: Tensor, resp: Tensor, nk: Tensor, means: Tensor, xtx: Tensor) -> Tensor:
-    sums = resp.T @ x
-    cross = means.T @ sums
-    return xtx - cross - cross.T + (nk[:, None] * means).T @ means
-
-
 def _eye_like(d: int, ref: Tensor) -> Tensor:
     return torch.eye(d, dtype=ref.dtype, device=ref.device)
-
-
-COVARIANCE_TYPES: dict[str, _CovarianceType] = {
-    "full": _CovarianceType(
-        scatter=_scatter_full,
-        ml_count=lambda nk, n, d: nk[:, None, None],
-        map_count=lambda nk, n, d, k, nu0: (nu0 - d + nk)[:, None, None],
-        native=lambda cov: cov,
-        to_full=lambda c, k, d: c,
-        n_cov_params=lambda k, d: k * d * (d + 1) // 2,
-        mean_deviation=lambda dev: dev[:, :, None] * dev[:, None, :],
-        second_shape=lambda k, d: (k, d * (d + 1) // 2),
-        weighted_second=True,
-        scatter_stats=_scatter_stats_full,
-        kernel="quadratic",
-    ),
-    "tied": _CovarianceType(
-        scatter=_scatter_tied,
-        ml_count=lambda nk, n, d: nk.sum(),
-        map_count=lambda nk, n, d, k, nu0: nu0 - d - 1 + k + nk.sum(),
-        native=lambda cov: cov[0],
-        to_full=lambda c, k, d: c.expand(k, d, d).clone(),
-        n_cov_params=lambda k, d: d * (d + 1) // 2,
-        mean_deviation=lambda dev: dev.T @ dev,
-        second_shape=lambda k, d: (d * (d + 1) // 2,),
-        weighted_second=False,
-        scatter_stats=_scatter_stats_tied,
-        kernel="quadratic",
-    ),
-    "diag": _CovarianceType(
-        scatter=_scatter_diag,
-        ml_count=lambda nk, n, d: nk[:, None],
-        map_count=lambda nk, n, d, k, nu0: (nu0 - 1 + nk)[:, None],
-        native=lambda cov: torch.diagonal(cov, dim1=-2, dim2=-1),
-        to_full=lambda c, k, d: torch.diag_embed(c),
-        n_cov_params=lambda k, d: k * d,
-        mean_deviation=lambda dev: dev**2,
-        second_shape=lambda k, d: (k, d),
-        weighted_second=True,
-        scatter_stats=_scatter_stats_diag,
-        kernel="diag",
-    ),
-    "spherical": _CovarianceType(
-        scatter=_scatter_spherical,
-        ml_count=lambda nk, n, d: nk * d,
-        map_count=lambda nk, n, d, k, nu0: d * (nu0 + 1 + nk) - 2,
-        native=lambda cov: torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1),
-        to_full=lambda c, k, d: c[:, None, None] * _eye_like(d, c),
-        n_cov_params=lambda k, d: k,
-        mean_deviation=lambda dev: (dev**2).sum(-1),
-        second_shape=lambda k, d: (k, d),
-        weighted_second=True,
-        scatter_stats=lambda stats, means: _scatter_stats_diag(stats, means).sum(-1),
-        kernel="diag",
-    ),
-}
 
 
 def precision_cholesky(covariances: Tensor) -> Tensor:
@@ -305,12 +174,8 @@ def _default_prior(cfg: GMMHyperparameters, covariance: str, k: int, x: Tensor) 
     x = x.to(torch.float64)
     d = x.shape[1]
     empirical = torch.atleast_2d(torch.cov(x.T)) if x.shape[0] > 1 else torch.eye(d, dtype=x.dtype)
-    native_default = {
-        "full": empirical,
-        "tied": empirical,
-        "diag": torch.diagonal(empirical).clone(),
-        "spherical": torch.diagonal(empirical).mean(),
-    }[covariance]
+    kind = COVARIANCE_TYPES[covariance]
+    native_default = kind.default_scale(empirical)
     if cfg.covariance_prior is None:
         cov_prior = native_default
         if not _positive_definite(native_default):
@@ -332,11 +197,9 @@ def _default_prior(cfg: GMMHyperparameters, covariance: str, k: int, x: Tensor) 
                 f"but found {mean_prior.numel()}."
             )
     nu0 = float(d) if cfg.degrees_of_freedom is None else cfg.degrees_of_freedom
-    if covariance in ("full", "tied") and nu0 <= d - 1:
-        raise UserError(
-            f"model.hyperparameters.degrees_of_freedom: a Wishart prior needs more than D - 1 = "
-            f"{d - 1}, but found {nu0}. Try {d}."
-        )
+    problem = kind.check_degrees_of_freedom(nu0, d)
+    if problem:
+        raise UserError(f"model.hyperparameters.degrees_of_freedom: {problem}, but found {nu0}. Try {d}.")
     if cfg.weight_concentration is not None:
         alpha0 = cfg.weight_concentration
     else:
@@ -371,8 +234,9 @@ def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
         raise UserError(f"{field}: expected a {d}×{d} matrix, but found shape {tuple(tensor.shape)}.")
     if not torch.allclose(tensor, tensor.T) or torch.linalg.eigvalsh(tensor).min() <= 0:
         raise UserError(f"{field}: must be symmetric positive definite.")
-    native = COVARIANCE_TYPES[covariance].native(tensor[None])
-    return native if covariance == "tied" else native[0]
+    kind = COVARIANCE_TYPES[covariance]
+    native = kind.native(tensor[None])
+    return native if kind.shared else native[0]
 
 
 @MODELS.register("gmm")
@@ -466,24 +330,12 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         return dist.Dirichlet(concentration)
 
     def precision_prior(self, like: Tensor) -> dist.TorchDistribution:
-        """The prior of the ``precision`` site, batch (K,) except for tied."""
-        k, d, p = self.k, self.dim, self.prior
-        batch = () if self.covariance == "tied" else (k,)
-        if p is None:
-            support, event = {
-                "full": (constraints.positive_definite, (d, d)),
-                "tied": (constraints.positive_definite, (d, d)),
-                "diag": (constraints.positive, (d,)),
-                "spherical": (constraints.positive, ()),
-            }[self.covariance]
-            return Flat(support, batch, event)
-        c0 = self._prior_tensor(p.covariance_prior, like)
-        nu0 = torch.tensor(p.degrees_of_freedom, dtype=like.dtype, device=like.device)
-        if self.covariance in ("full", "tied"):
-            return dist.Wishart(nu0, precision_matrix=c0).expand(batch)
-        if self.covariance == "diag":
-            return dist.Gamma(nu0 / 2, c0 / 2).expand((k, d)).to_event(1)
-        return dist.Gamma(d * nu0 / 2, d * c0 / 2).expand((k,))
+        """The prior of the ``precision`` site, batch (K,) except for a shared (tied) one."""
+        if self.prior is None:
+            return self._type.flat_prior(self.k, self.dim)
+        c0 = self._prior_tensor(self.prior.covariance_prior, like)
+        nu0 = torch.tensor(self.prior.degrees_of_freedom, dtype=like.dtype, device=like.device)
+        return self._type.precision_prior(nu0, c0, self.k, self.dim)
 
     def locs_prior(self, full_precision: Tensor) -> dist.TorchDistribution:
         """The prior of the ``locs`` site given (K, D, D) precisions, batch (K,)."""
@@ -506,12 +358,12 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         # global variables
         if not self.stick_breaking:
             weights = pyro.sample("weights", self.weights_prior(like))
-        if self.covariance == "tied":
+        if self._type.shared:
             precision = pyro.sample("precision", self.precision_prior(like))
         with pyro.plate("components", self.k):
             if self.stick_breaking:
                 sticks = pyro.sample("sticks", self.weights_prior(like))
-            if self.covariance != "tied":
+            if not self._type.shared:
                 precision = pyro.sample("precision", self.precision_prior(like))
             full_precision = self.full_precision(precision)
             locs = pyro.sample("locs", self.locs_prior(full_precision))
@@ -704,7 +556,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         weights, means, covariances = (params[name].clone() for name in ("weights", "means", "covariances"))
         live = torch.ones(self.k, dtype=torch.bool, device=weights.device)
         live[list(components)] = False
-        if self.covariance == "tied":
+        if self._type.shared:
             pooled = covariances[live][0]  # exactly the shared matrix, not a rounded average
         else:
             share = weights[live] / weights[live].sum()
@@ -734,13 +586,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
     def _prior_scale(self, like: Tensor) -> Tensor:
         """W0^-1 as a full (D, D) matrix."""
         assert self.prior is not None
-        c0 = self.prior.covariance_prior.to(like)
-        if self.covariance in ("full", "tied"):
-            return c0
-        if self.covariance == "diag":
-            return torch.diag(c0)
-        # spherical: the Gamma(D ν0/2, D c0/2) prior adds D c0 to the summed squared deviations
-        return self.dim * c0 * _eye_like(self.dim, like)
+        return self._type.prior_scale(self.prior.covariance_prior.to(like), self.dim)
 
     def n_params(self) -> int:
         k, d = self.k, self.dim
@@ -779,7 +625,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         weights = params["weights"]
         covariances = params["covariances"]
         native = self._type.native(covariances)
-        if self.covariance == "tied":
+        if self._type.shared:
             native = (weights[:, None, None] * covariances).sum(0)
         return {
             "weights": weights / weights.sum(),
