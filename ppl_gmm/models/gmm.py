@@ -121,124 +121,6 @@ class ConjugatePrior:
         return self.weight_prior == "dirichlet_process"
 
 
-def _eye_like(d: int, ref: Tensor) -> Tensor:
-    return torch.eye(d, dtype=ref.dtype, device=ref.device)
-
-
-def precision_cholesky(covariances: Tensor) -> Tensor:
-    """Upper-triangular U with U U^T = Σ^-1, for covariances (..., D, D)."""
-    chol = torch.linalg.cholesky(covariances)
-    eye = _eye_like(covariances.shape[-1], covariances).expand_as(covariances)
-    return torch.linalg.solve_triangular(chol, eye, upper=False).mT
-
-
-def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
-    """log N(x_n | means_k, Σ_k) for x (N, D), means (K, D), prec_chol (K, D, D); returns (N, K)."""
-    d = x.shape[1]
-    y = torch.einsum("nd,kde->nke", x, prec_chol) - torch.einsum("kd,kde->ke", means, prec_chol)
-    log_det = torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (d * math.log(2 * math.pi) + (y * y).sum(-1)) + log_det
-
-
-def make_synthetic(
-    n: int, dim: int, k: int, separation: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """n points (n, D), their labels (n,) and the truth of a random K-component full-covariance
-    mixture (``GaussianMixture.sample_truth``)."""
-    model = GaussianMixture(k, dim, "full", None)
-    truth = model.sample_truth(rng, separation)
-    x, labels = model.simulate(truth, n, rng)
-    return x.numpy(), labels.numpy(), {name: value.numpy() for name, value in truth.items()}
-
-
-def stick_breaking_log_weights(sticks: Tensor) -> Tensor:
-    """log π_k = log v_k + Σ_{j<k} log(1 - v_j) for sticks (..., K); returns (..., K)."""
-    log_rest = torch.log1p(-sticks)
-    before = torch.nn.functional.pad(torch.cumsum(log_rest, dim=-1)[..., :-1], (1, 0))
-    return torch.log(sticks) + before
-
-
-def sticks_from_weights(weights: Tensor) -> Tensor:
-    """v_k = π_k / (1 - Σ_{j<k} π_j) for weights (K,) on the simplex, clamped inside (0, 1).
-
-    The remaining mass is summed from the tail, which stays accurate for small late weights;
-    the last stick would be exactly one, which Beta(1, γ) gives zero or infinite density.
-    """
-    remaining = torch.flip(torch.cumsum(torch.flip(weights, (-1,)), dim=-1), (-1,))
-    eps = torch.finfo(weights.dtype).eps
-    return torch.clamp(weights / remaining, eps, 1.0 - eps)
-
-
-def _default_prior(cfg: GMMHyperparameters, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
-    """scikit-learn's BayesianGaussianMixture defaults, from the train data x (N, D)."""
-    x = x.to(torch.float64)
-    d = x.shape[1]
-    empirical = torch.atleast_2d(torch.cov(x.T)) if x.shape[0] > 1 else torch.eye(d, dtype=x.dtype)
-    kind = COVARIANCE_TYPES[covariance]
-    native_default = kind.default_scale(empirical)
-    if cfg.covariance_prior is None:
-        cov_prior = native_default
-        if not _positive_definite(native_default):
-            raise UserError(
-                "model.hyperparameters.covariance_prior: its default, the train data's covariance, "
-                "is singular or overflows (a feature is constant, a linear combination of others, or "
-                "near float64's limits), so it cannot scale the precisions' prior. Drop or rescale "
-                "that feature, or set model.hyperparameters.covariance_prior, e.g. 1.0."
-            )
-    else:
-        cov_prior = _native_covariance_prior(cfg.covariance_prior, covariance, d)
-    if cfg.mean_prior is None:
-        mean_prior = x.mean(0)
-    else:
-        mean_prior = torch.tensor(cfg.mean_prior, dtype=torch.float64)
-        if mean_prior.shape != (d,):
-            raise UserError(
-                f"model.hyperparameters.mean_prior: expected {d} numbers (one per feature), "
-                f"but found {mean_prior.numel()}."
-            )
-    nu0 = float(d) if cfg.degrees_of_freedom is None else cfg.degrees_of_freedom
-    problem = kind.check_degrees_of_freedom(nu0, d)
-    if problem:
-        raise UserError(f"model.hyperparameters.degrees_of_freedom: {problem}, but found {nu0}. Try {d}.")
-    if cfg.weight_concentration is not None:
-        alpha0 = cfg.weight_concentration
-    else:
-        alpha0 = 1.0 / k if cfg.weight_prior == "dirichlet_process" else 1.0
-    return ConjugatePrior(alpha0, cfg.mean_precision, mean_prior, nu0, cov_prior, cfg.weight_prior)
-
-
-def _positive_definite(native: Tensor) -> bool:
-    """Whether a covariance in its native shape ((D, D) matrix, (D,) diagonal or () scale) is."""
-    if not torch.isfinite(native).all():
-        return False
-    if native.ndim < 2:
-        return bool((native > 0).all())
-    return int(torch.linalg.cholesky_ex(native).info) == 0
-
-
-def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
-    field = "model.hyperparameters.covariance_prior"
-    try:
-        tensor = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError):  # ragged rows
-        raise UserError(
-            f"{field}: expected a number, {d} diagonal entries or a {d}×{d} matrix, but found {value!r}."
-        ) from None
-    if tensor.ndim == 0:
-        tensor = tensor * torch.eye(d, dtype=torch.float64)
-    elif tensor.ndim == 1:
-        if tensor.shape != (d,):
-            raise UserError(f"{field}: expected {d} diagonal entries, but found {tensor.numel()}.")
-        tensor = torch.diag(tensor)
-    if tensor.shape != (d, d):
-        raise UserError(f"{field}: expected a {d}×{d} matrix, but found shape {tuple(tensor.shape)}.")
-    if not torch.allclose(tensor, tensor.T) or torch.linalg.eigvalsh(tensor).min() <= 0:
-        raise UserError(f"{field}: must be symmetric positive definite.")
-    kind = COVARIANCE_TYPES[covariance]
-    native = kind.native(tensor[None])
-    return native if kind.shared else native[0]
-
-
 @MODELS.register("gmm")
 class GaussianMixture(LatentModel, ClosedFormEM):
     """K-component Gaussian mixture with a covariance type and an optional conjugate prior."""
@@ -632,3 +514,124 @@ class GaussianMixture(LatentModel, ClosedFormEM):
             "means": params["means"],
             "covariances": self._type.to_full(native, k, d),
         }
+
+
+# ---- helpers: Gaussian densities, stick-breaking, the prior from the config ------------------
+
+
+def _eye_like(d: int, ref: Tensor) -> Tensor:
+    return torch.eye(d, dtype=ref.dtype, device=ref.device)
+
+
+def precision_cholesky(covariances: Tensor) -> Tensor:
+    """Upper-triangular U with U U^T = Σ^-1, for covariances (..., D, D)."""
+    chol = torch.linalg.cholesky(covariances)
+    eye = _eye_like(covariances.shape[-1], covariances).expand_as(covariances)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).mT
+
+
+def gaussian_log_prob(x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
+    """log N(x_n | means_k, Σ_k) for x (N, D), means (K, D), prec_chol (K, D, D); returns (N, K)."""
+    d = x.shape[1]
+    y = torch.einsum("nd,kde->nke", x, prec_chol) - torch.einsum("kd,kde->ke", means, prec_chol)
+    log_det = torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (d * math.log(2 * math.pi) + (y * y).sum(-1)) + log_det
+
+
+def make_synthetic(
+    n: int, dim: int, k: int, separation: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """n points (n, D), their labels (n,) and the truth of a random K-component full-covariance
+    mixture (``GaussianMixture.sample_truth``)."""
+    model = GaussianMixture(k, dim, "full", None)
+    truth = model.sample_truth(rng, separation)
+    x, labels = model.simulate(truth, n, rng)
+    return x.numpy(), labels.numpy(), {name: value.numpy() for name, value in truth.items()}
+
+
+def stick_breaking_log_weights(sticks: Tensor) -> Tensor:
+    """log π_k = log v_k + Σ_{j<k} log(1 - v_j) for sticks (..., K); returns (..., K)."""
+    log_rest = torch.log1p(-sticks)
+    before = torch.nn.functional.pad(torch.cumsum(log_rest, dim=-1)[..., :-1], (1, 0))
+    return torch.log(sticks) + before
+
+
+def sticks_from_weights(weights: Tensor) -> Tensor:
+    """v_k = π_k / (1 - Σ_{j<k} π_j) for weights (K,) on the simplex, clamped inside (0, 1).
+
+    The remaining mass is summed from the tail, which stays accurate for small late weights;
+    the last stick would be exactly one, which Beta(1, γ) gives zero or infinite density.
+    """
+    remaining = torch.flip(torch.cumsum(torch.flip(weights, (-1,)), dim=-1), (-1,))
+    eps = torch.finfo(weights.dtype).eps
+    return torch.clamp(weights / remaining, eps, 1.0 - eps)
+
+
+def _default_prior(cfg: GMMHyperparameters, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
+    """scikit-learn's BayesianGaussianMixture defaults, from the train data x (N, D)."""
+    x = x.to(torch.float64)
+    d = x.shape[1]
+    empirical = torch.atleast_2d(torch.cov(x.T)) if x.shape[0] > 1 else torch.eye(d, dtype=x.dtype)
+    kind = COVARIANCE_TYPES[covariance]
+    native_default = kind.default_scale(empirical)
+    if cfg.covariance_prior is None:
+        cov_prior = native_default
+        if not _positive_definite(native_default):
+            raise UserError(
+                "model.hyperparameters.covariance_prior: its default, the train data's covariance, "
+                "is singular or overflows (a feature is constant, a linear combination of others, or "
+                "near float64's limits), so it cannot scale the precisions' prior. Drop or rescale "
+                "that feature, or set model.hyperparameters.covariance_prior, e.g. 1.0."
+            )
+    else:
+        cov_prior = _native_covariance_prior(cfg.covariance_prior, covariance, d)
+    if cfg.mean_prior is None:
+        mean_prior = x.mean(0)
+    else:
+        mean_prior = torch.tensor(cfg.mean_prior, dtype=torch.float64)
+        if mean_prior.shape != (d,):
+            raise UserError(
+                f"model.hyperparameters.mean_prior: expected {d} numbers (one per feature), "
+                f"but found {mean_prior.numel()}."
+            )
+    nu0 = float(d) if cfg.degrees_of_freedom is None else cfg.degrees_of_freedom
+    problem = kind.check_degrees_of_freedom(nu0, d)
+    if problem:
+        raise UserError(f"model.hyperparameters.degrees_of_freedom: {problem}, but found {nu0}. Try {d}.")
+    if cfg.weight_concentration is not None:
+        alpha0 = cfg.weight_concentration
+    else:
+        alpha0 = 1.0 / k if cfg.weight_prior == "dirichlet_process" else 1.0
+    return ConjugatePrior(alpha0, cfg.mean_precision, mean_prior, nu0, cov_prior, cfg.weight_prior)
+
+
+def _positive_definite(native: Tensor) -> bool:
+    """Whether a covariance in its native shape ((D, D) matrix, (D,) diagonal or () scale) is."""
+    if not torch.isfinite(native).all():
+        return False
+    if native.ndim < 2:
+        return bool((native > 0).all())
+    return int(torch.linalg.cholesky_ex(native).info) == 0
+
+
+def _native_covariance_prior(value: object, covariance: str, d: int) -> Tensor:
+    field = "model.hyperparameters.covariance_prior"
+    try:
+        tensor = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):  # ragged rows
+        raise UserError(
+            f"{field}: expected a number, {d} diagonal entries or a {d}×{d} matrix, but found {value!r}."
+        ) from None
+    if tensor.ndim == 0:
+        tensor = tensor * torch.eye(d, dtype=torch.float64)
+    elif tensor.ndim == 1:
+        if tensor.shape != (d,):
+            raise UserError(f"{field}: expected {d} diagonal entries, but found {tensor.numel()}.")
+        tensor = torch.diag(tensor)
+    if tensor.shape != (d, d):
+        raise UserError(f"{field}: expected a {d}×{d} matrix, but found shape {tuple(tensor.shape)}.")
+    if not torch.allclose(tensor, tensor.T) or torch.linalg.eigvalsh(tensor).min() <= 0:
+        raise UserError(f"{field}: must be symmetric positive definite.")
+    kind = COVARIANCE_TYPES[covariance]
+    native = kind.native(tensor[None])
+    return native if kind.shared else native[0]
