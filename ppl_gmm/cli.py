@@ -99,12 +99,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lines.append(
             [
                 name,
-                s["status"],
-                _format(s["n_steps"]),
-                _format(s["converged"]),
-                _format(s["train_log_likelihood"]),
-                _format(s["test_log_likelihood"]),
-                _format(s["fit_seconds"], 3),
+                s.status,
+                _format(s.n_steps),
+                _format(s.converged),
+                _format(s.train_log_likelihood),
+                _format(s.test_log_likelihood),
+                _format(s.fit_seconds, 3),
             ]
         )
     _print_rows(lines)

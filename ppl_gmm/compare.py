@@ -24,7 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .evaluate import match_components, permute  # noqa: E402
 from .models import MODELS, LatentModel  # noqa: E402
-from .runs import read_summary, write_bytes, write_csv  # noqa: E402
+from .runs import Files, read_summary, write_bytes, write_csv  # noqa: E402
 
 __all__ = [
     "Comparison",
@@ -61,7 +61,7 @@ class Comparison:
 
 
 def _is_experiment(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "data.json").is_file()
+    return (path / Files.CONFIG).is_file() or (path / Files.DATA).is_file()
 
 
 def find_experiments(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
@@ -120,7 +120,7 @@ def posterior_errors(experiment_rows: pd.DataFrame) -> pd.DataFrame:
         loaded = {}
         for _, row in runs.iterrows():
             try:
-                loaded[row["backend"]] = load_file(str(Path(row["path"]) / "posterior.safetensors"))
+                loaded[row["backend"]] = load_file(str(Path(row["path"]) / Files.POSTERIOR))
             except Exception:  # no posterior kept by this backend
                 continue
         reference = loaded.pop("mcmc", None)
@@ -168,7 +168,7 @@ def _cell(value: object) -> str:
 
 def _metrics(backend_dir: Path) -> pd.DataFrame | None:
     try:
-        frame = pd.read_csv(backend_dir / "metrics.csv")
+        frame = pd.read_csv(backend_dir / Files.METRICS)
     except (OSError, ValueError, pd.errors.ParserError):
         return None
     needed = {"step", "wall_seconds", "objective", "log_likelihood"}
@@ -243,12 +243,12 @@ def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path
     standard deviations (on the first two principal components when there are more than two
     features); for other models, a heat map of the pivot parameter (components × features)."""
     panels = []
-    if (experiment_dir / "truth.safetensors").is_file():
-        truth = load_file(str(experiment_dir / "truth.safetensors"))
+    if (experiment_dir / Files.TRUTH).is_file():
+        truth = load_file(str(experiment_dir / Files.TRUTH))
         panels.append(("truth (simulated)", truth))
     for _, row in runs.iterrows():
         try:
-            params = load_file(str(Path(row["path"]) / "params.safetensors"))
+            params = load_file(str(Path(row["path"]) / Files.PARAMS))
         except Exception:  # a missing or broken file: that backend has no panel
             continue
         panels.append((row["backend"], params))
@@ -264,7 +264,7 @@ def _plot_ellipses(
     experiment_dir: Path, panels: list[tuple[str, dict[str, torch.Tensor]]], out: Path
 ) -> Path | None:
     try:
-        x = load_file(str(experiment_dir / "sample.safetensors"))["x"].to(torch.float64).numpy()
+        x = load_file(str(experiment_dir / Files.SAMPLE))["x"].to(torch.float64).numpy()
     except Exception:  # a run directory from before the sample was kept
         return None
     center = x.mean(0)
@@ -334,7 +334,7 @@ def compare(paths: Sequence[Path], out: Path) -> Comparison:
     posterior = posterior_errors(table)
     if not posterior.empty:
         table = table.merge(posterior, on=["experiment", "backend"], how="left")
-    write_csv(out / "comparison.csv", table)
+    write_csv(out / Files.COMPARISON, table)
     figures: list[Path] = []
     for experiment in experiments:
         runs = table[(table["experiment_dir"] == str(experiment)) & (table["status"] == "completed")]

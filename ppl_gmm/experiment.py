@@ -11,7 +11,7 @@ import math
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -30,7 +30,16 @@ from .errors import UserError
 from .evaluate import assignments, parameter_errors, score
 from .init import initialize
 from .models import MODELS, LatentModel, Params
-from .runs import create_experiment_dir, save_tensors, write_csv, write_json, write_text
+from .runs import (
+    Files,
+    Summary,
+    create_experiment_dir,
+    save_tensors,
+    write_csv,
+    write_json,
+    write_summary,
+    write_text,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,11 +85,11 @@ class Plan:
 @dataclass(frozen=True)
 class Outcome:
     path: Path
-    summaries: Mapping[str, Mapping[str, Any]]
+    summaries: Mapping[str, Summary]
 
     @property
     def failed(self) -> list[str]:
-        return [name for name, s in self.summaries.items() if s["status"] == "failed"]
+        return [name for name, s in self.summaries.items() if s.status == "failed"]
 
 
 class Interrupted(Exception):
@@ -263,7 +272,7 @@ def _init_tensors(inits: tuple[Params, ...]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class _BackendRun:
-    summary: dict[str, Any]
+    summary: Summary
     metrics: pd.DataFrame
     params: Params | None
 
@@ -273,12 +282,12 @@ def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Out
     progress = progress or _Silent()
     cfg = plan.config
     path = create_experiment_dir(runs_dir, cfg.experiment)
-    write_text(path / "config.yaml", dump_config(cfg))
-    write_json(path / "data.json", plan.data.describe())
-    save_tensors(path / "init.safetensors", _init_tensors(plan.inits))
+    write_text(path / Files.CONFIG, dump_config(cfg))
+    write_json(path / Files.DATA, plan.data.describe())
+    save_tensors(path / Files.INIT, _init_tensors(plan.inits))
     if plan.data.truth is not None:
-        save_tensors(path / "truth.safetensors", plan.data.truth)
-    save_tensors(path / "sample.safetensors", {"x": _figure_sample(plan.data.train, cfg.seed)})
+        save_tensors(path / Files.TRUTH, plan.data.truth)
+    save_tensors(path / Files.SAMPLE, {"x": _figure_sample(plan.data.train, cfg.seed)})
     common = {
         "model": plan.model.name,
         "seed": cfg.seed,
@@ -305,7 +314,7 @@ def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -
     and parameter errors against the truth and the first completed backend, after matching."""
     done = {name: run for name, run in runs.items() if run.params is not None}
     samplers = {name for name, backend, _ in plan.backends if backend.samples}
-    reached = [run.summary["train_log_likelihood"] for run in done.values()]
+    reached = [run.summary.train_log_likelihood for run in done.values()]
     for name, run in done.items():
         if name not in samplers:  # step 0 is the shared start, not something a backend reached
             reached += [float(v) for v in run.metrics.loc[run.metrics["step"] > 0, "log_likelihood"].dropna()]
@@ -324,9 +333,9 @@ def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -
         if reference is not None:
             errors = parameter_errors(plan.model, done[reference].params, run.params)
             extra.update({f"{key}_error_vs_reference": value for key, value in errors.items()})
-        run.summary.update(extra)
-        write_json(path / name / "summary.json", run.summary)
-    write_csv(path / "comparison.csv", pd.json_normalize([run.summary for run in runs.values()]))
+        run.summary = replace(run.summary, extras={**run.summary.extras, **extra})
+        write_summary(path / name, run.summary)
+    write_csv(path / Files.COMPARISON, pd.json_normalize([run.summary.to_json() for run in runs.values()]))
 
 
 def _seconds_to_reach(run: _BackendRun, target: float) -> float | None:
@@ -335,6 +344,17 @@ def _seconds_to_reach(run: _BackendRun, target: float) -> float | None:
         metrics = metrics[metrics["restart"] == run.summary.get("restart", 0)]
     hits = metrics[metrics["log_likelihood"] >= target]
     return float(hits["wall_seconds"].iloc[0]) if len(hits) else None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a backend's fits ended, before scoring: its status and what it reported."""
+
+    status: str
+    error: str | None
+    fit_seconds: float
+    result: FitResult | None = None
+    restart: int = 0
 
 
 def _run_backend(
@@ -350,9 +370,8 @@ def _run_backend(
     out.mkdir()
     rows: list[dict[str, Any]] = []
     x = plan.data.train.to(plan.device, plan.dtype)
-    best: tuple[float, int, FitResult] | None = None
+    best: tuple[Any, int, FitResult] | None = None
     fit_seconds = 0.0
-    summary: dict[str, Any] = {"backend": name, "status": "completed", "error": None}
     try:
         for restart, init in enumerate(plan.inits):
             pyro.clear_param_store()
@@ -377,16 +396,17 @@ def _run_backend(
             if best is None or train > best[0]:
                 best = (train, restart, result)
     except KeyboardInterrupt:
-        summary.update(status="interrupted", error="interrupted by the user")
         stop = Interrupted(path)
         stop.backend = name
-        stop.run = _write_backend(out, summary, common, rows, None, plan, fit_seconds, options)
+        ended = _Outcome("interrupted", "interrupted by the user", fit_seconds)
+        stop.run = _write_backend(out, name, ended, common, rows, plan, options)
         raise stop from None
     except Exception as exc:  # a failing backend must not take the others down
         message = " ".join(str(exc).split()) or type(exc).__name__
-        summary.update(status="failed", error=message)
         progress.message(f"warning: {name} failed: {message}")
-        return _write_backend(out, summary, common, rows, None, plan, fit_seconds, options)
+        return _write_backend(
+            out, name, _Outcome("failed", message, fit_seconds), common, rows, plan, options
+        )
     assert best is not None
     _, restart, result = best
     if not result.converged:
@@ -395,57 +415,46 @@ def _run_backend(
             f"backends.{name}.max_iter (or steps) or its tolerance."
         )
     for stem, tensors in result.tensors.items():
-        save_tensors(out / f"{stem}.safetensors", tensors)
-    summary.update(
-        n_steps=result.n_steps,
-        converged=result.converged,
-        point_estimate=result.point_estimate,
-        elbo=result.elbo,
-        restart=restart,
-        **dict(result.extras),
-    )
-    return _write_backend(out, summary, common, rows, result.params, plan, fit_seconds, options)
+        save_tensors(out / Files.tensors(stem), tensors)
+    ended = _Outcome("completed", None, fit_seconds, result, restart)
+    return _write_backend(out, name, ended, common, rows, plan, options)
 
 
 def _write_backend(
     out: Path,
-    summary: dict[str, Any],
+    name: str,
+    ended: _Outcome,
     common: Mapping[str, Any],
     rows: list[dict[str, Any]],
-    params: Params | None,
     plan: Plan,
-    fit_seconds: float,
     options: Options,
 ) -> _BackendRun:
     metrics = pd.DataFrame(rows, columns=["restart", "step", "wall_seconds", "objective", "log_likelihood"])
     if len(plan.inits) == 1:
         metrics = metrics.drop(columns="restart")
-    write_csv(out / "metrics.csv", metrics)
-    scores: dict[str, Any] = dict.fromkeys(
-        ["train_log_likelihood", "test_log_likelihood", "bic", "aic", "icl", "n_params", "ari", "nmi"]
-    )
-    if params is not None:
-        params = {key: value.detach().to("cpu", torch.float64) for key, value in params.items()}
-        save_tensors(out / "params.safetensors", params)
+    write_csv(out / Files.METRICS, metrics)
+    result, params, scores = ended.result, None, {}
+    if result is not None:
+        params = {key: value.detach().to("cpu", torch.float64) for key, value in result.params.items()}
+        save_tensors(out / Files.PARAMS, params)
         scores = score(plan.model, params, plan.data)
         if options.save_assignments:
-            write_csv(out / "assignments.csv", assignments(plan.model, params, plan.data))
-    full = {
-        "backend": summary["backend"],
-        "model": common["model"],
-        "status": summary["status"],
-        "error": summary["error"],
-        "n_steps": summary.get("n_steps", int(metrics["step"].max()) if len(metrics) else 0),
-        "converged": summary.get("converged", False),
-        "fit_seconds": fit_seconds,
-        **scores,
-        "point_estimate": summary.get("point_estimate"),
-        "elbo": summary.get("elbo"),
-        **{key: value for key, value in summary.items() if key not in ("backend", "status", "error")},
-        **{key: value for key, value in common.items() if key != "model"},
-    }
-    write_json(out / "summary.json", full)
-    return _BackendRun(full, metrics, params)
+            write_csv(out / Files.ASSIGNMENTS, assignments(plan.model, params, plan.data))
+    summary = Summary(
+        backend=name,
+        status=ended.status,
+        error=ended.error,
+        n_steps=result.n_steps if result else int(metrics["step"].max()) if len(metrics) else 0,
+        converged=result.converged if result else False,
+        fit_seconds=ended.fit_seconds,
+        point_estimate=result.point_estimate if result else None,
+        elbo=result.elbo if result else None,
+        extras={"restart": ended.restart, **dict(result.extras)} if result else {},
+        **scores,  # type: ignore[arg-type]
+        **common,
+    )
+    write_summary(out, summary)
+    return _BackendRun(summary, metrics, params)
 
 
 def run(cfg: Config, runs_dir: Path, progress: Progress | None = None) -> Outcome:

@@ -17,7 +17,7 @@ from torch import Tensor
 from .config import InitConfig
 from .errors import UserError
 from .models.base import ClosedFormEM, LatentModel, Params
-from .runs import best_backend_dir
+from .runs import Files, best_backend_dir
 
 __all__ = ["kmeans_plusplus", "lloyd", "initialize", "load_run_params"]
 
@@ -87,7 +87,7 @@ def load_run_params(model: LatentModel, run: str) -> Params:
     path = Path(run)
     if not path.exists():
         raise UserError(f"init.run: {path} does not exist.")
-    if path.is_dir() and not (path / "params.safetensors").is_file():
+    if path.is_dir() and not (path / Files.PARAMS).is_file():
         found = best_backend_dir(path)
         if found is None:
             raise UserError(
@@ -95,7 +95,7 @@ def load_run_params(model: LatentModel, run: str) -> Params:
                 "Name a backend directory such as runs/<experiment>/em."
             )
         path = found
-    file = path / "params.safetensors" if path.is_dir() else path
+    file = path / Files.PARAMS if path.is_dir() else path
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 __all__ = [
+    "Files",
+    "Summary",
     "best_backend_dir",
     "create_experiment_dir",
     "read_summary",
@@ -25,8 +28,72 @@ __all__ = [
     "write_bytes",
     "write_csv",
     "write_json",
+    "write_summary",
     "write_text",
 ]
+
+
+class Files:
+    """The names in an experiment directory (SPEC.md): its own files, then each backend folder's."""
+
+    CONFIG = "config.yaml"  # the resolved config
+    DATA = "data.json"  # what the data were
+    INIT = "init.safetensors"  # the initial parameters every backend started from
+    TRUTH = "truth.safetensors"  # simulated data: the generating parameters
+    SAMPLE = "sample.safetensors"  # x: up to 5000 train points, for figures
+    COMPARISON = "comparison.csv"
+    SUMMARY = "summary.json"
+    METRICS = "metrics.csv"
+    PARAMS = "params.safetensors"
+    ASSIGNMENTS = "assignments.csv"
+    POSTERIOR = "posterior.safetensors"  # <name>.mean and <name>.std of a posterior
+
+    @staticmethod
+    def tensors(stem: str) -> str:
+        return f"{stem}.safetensors"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A backend run's ``summary.json``: the fields of the interface contract, then ``extras``
+    (the backend's own fields, and the comparison's once every backend has run)."""
+
+    backend: str
+    model: str
+    status: str  # completed | failed | interrupted
+    error: str | None
+    n_steps: int
+    converged: bool
+    fit_seconds: float
+    train_log_likelihood: float | None = None
+    test_log_likelihood: float | None = None
+    bic: float | None = None
+    aic: float | None = None
+    icl: float | None = None
+    n_params: int | None = None
+    ari: float | None = None
+    nmi: float | None = None
+    point_estimate: str | None = None  # mle | map | posterior_mean | posterior_median
+    elbo: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+    versions: Mapping[str, str] = field(default_factory=dict)
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A contract field or an extra by name."""
+        if name != "extras" and name in self.__dataclass_fields__:
+            return getattr(self, name)
+        return self.extras.get(name, default)
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extras"}
+        return {**fields, **self.extras}
+
+
+def write_summary(backend_dir: Path, summary: Summary) -> None:
+    write_json(backend_dir / Files.SUMMARY, summary.to_json())
 
 
 def create_experiment_dir(runs_dir: Path, experiment: str) -> Path:
@@ -90,7 +157,7 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
 def read_summary(backend_dir: Path) -> dict[str, Any] | None:
     """The summary of a backend directory, or None when missing or unreadable."""
     try:
-        value = json.loads((backend_dir / "summary.json").read_text(encoding="utf-8"))
+        value = json.loads((backend_dir / Files.SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -104,7 +171,7 @@ def best_backend_dir(experiment_dir: Path) -> Path | None:
         if not summary or summary.get("status") != "completed":
             continue
         score = summary.get("train_log_likelihood")
-        if not isinstance(score, int | float) or not (child / "params.safetensors").is_file():
+        if not isinstance(score, int | float) or not (child / Files.PARAMS).is_file():
             continue
         if best is None or score > best[0]:
             best = (float(score), child)

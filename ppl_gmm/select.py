@@ -73,7 +73,7 @@ def select(
                 **{name: summary.get(name) for name in CRITERIA},
                 "effective_k": summary.get("effective_k"),
                 "train_log_likelihood": summary.get("train_log_likelihood"),
-                "status": summary["status"],
+                "status": summary.status,
                 "experiment": outcome.path.name,
             }
         )
