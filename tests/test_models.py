@@ -145,7 +145,7 @@ SHORT = {
     "mcmc": {"num_samples": 4, "warmup_steps": 4},
 }
 # what each new model must support (the gmm's backends are tested in their own files)
-EXPECTED = {"em", "online_em", "incremental_em", "map", "svi", "mcmc"}
+EXPECTED = {"em", "online_em", "incremental_em", "map", "svi", "mcmc", "vb"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -162,6 +162,6 @@ def test_every_backend_the_model_supports_completes(name: str, tmp_path: Path) -
     plan = prepare(parse_config(_small_config(name, supported)))
     outcome = execute(plan, tmp_path)
     for backend, summary in outcome.summaries.items():
-        assert summary["status"] == "completed", (backend, summary["error"])
-        assert np.isfinite(summary["train_log_likelihood"]), backend
-        assert summary["n_params"] == plan.model.n_params()
+        assert summary.status == "completed", (backend, summary.error)
+        assert summary.train_log_likelihood is not None and np.isfinite(summary.train_log_likelihood)
+        assert summary.n_params == plan.model.n_params()

@@ -15,6 +15,10 @@ are not the CAVI updates of this model, and this module follows the model.
 
 The ELBO is the full one, every constant included, E_q[log p(X, Z, π, μ, Λ)] - E_q[log q]:
 the quantity Pyro's ``TraceEnum_ELBO`` estimates for the declared model with these guide families.
+
+The same loop runs CAVI for any other mixture with conjugate priors (``ConjugateVB`` in
+``models/conjugate.py``: the Poisson and Bernoulli mixtures): q(π) Dirichlet, each component
+parameter in its prior's family (Gamma, Beta), q(z_n) categorical, through the model's hooks.
 """
 
 from __future__ import annotations
@@ -32,11 +36,19 @@ import torch
 from pydantic import Field
 from pyro import poutine
 from torch import Tensor
-from torch.distributions import Beta, Dirichlet, Gamma, kl_divergence
+from torch.distributions import Beta, Gamma, kl_divergence
 
 from ..errors import UserError
 from ..evaluate import posterior_moments
-from ..models.base import LatentModel, Params
+from ..models.base import MODELS, LatentModel, Params
+from ..models.conjugate import (
+    ConjugatePosterior,
+    ConjugateVB,
+    dirichlet_expected_log,
+    dirichlet_kl,
+    dirichlet_mean,
+    dirichlet_posterior,
+)
 from ..models.gmm import (
     COVARIANCE_TYPES,
     ConjugatePrior,
@@ -45,17 +57,20 @@ from ..models.gmm import (
     precision_cholesky,
 )
 from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo, one_line
-from .em import e_step
+from .em import e_step, fixes, reg_covar
 
 __all__ = [
     "CAVIFit",
     "CAVIState",
     "PRECISION_FAMILIES",
+    "Posterior",
     "VB",
     "VBOptions",
     "Variational",
     "WEIGHT_FAMILIES",
     "cavi_update",
+    "conjugate_elbo",
+    "conjugate_update",
     "elbo",
     "elbo_global",
     "expected_log_joint",
@@ -71,9 +86,10 @@ __all__ = [
 class VBOptions(Options):
     max_iter: int = Field(500, ge=0)  # CAVI sweeps at most
     tol: float = Field(1e-6, ge=0)  # on the change of the ELBO per point, as EM's rule
-    # added to each component's empirical covariance S_k, as scikit-learn does; any value > 0 makes
-    # the q(θ) update slightly suboptimal, so the ELBO is monotone only with 0
-    reg_covar: float = Field(1e-6, ge=0)
+    # gmm only (null: its 1e-6), refused by other models: added to each component's empirical
+    # covariance S_k, as scikit-learn does; any value > 0 makes the q(θ) update slightly
+    # suboptimal, so the ELBO is monotone only with 0
+    reg_covar: float | None = Field(None, ge=0)
     prune_threshold: float = Field(1e-2, ge=0, lt=1)  # E[π_k] below it: reported as pruned
     posterior_samples: int = Field(500, ge=2)  # q(θ) draws for the posterior sd kept for compare
 
@@ -97,6 +113,10 @@ class Variational:
     means: Tensor
     degrees_of_freedom: Tensor
     covariances: Tensor
+
+
+Posterior = Variational | ConjugatePosterior
+"""q(θ): the gmm's, or that of a mixture with conjugate priors (``ConjugateVB``)."""
 
 
 # ---- q(π) ------------------------------------------------------------------------------------
@@ -139,12 +159,7 @@ def _stick_expected(wc: Tensor) -> Tensor:
 
 
 WEIGHT_FAMILIES: dict[str, _WeightFamily] = {
-    "dirichlet": _WeightFamily(
-        posterior=lambda nk, alpha0: alpha0 + nk,
-        expected_log=lambda wc: torch.digamma(wc) - torch.digamma(wc.sum()),
-        expected=lambda wc: wc / wc.sum(),
-        kl=lambda wc, alpha0: kl_divergence(Dirichlet(wc), Dirichlet(torch.full_like(wc, alpha0))),
-    ),
+    "dirichlet": _WeightFamily(dirichlet_posterior, dirichlet_expected_log, dirichlet_mean, dirichlet_kl),
     "dirichlet_process": _WeightFamily(
         posterior=_stick_posterior,
         expected_log=_stick_expected_log,
@@ -346,7 +361,7 @@ def elbo(x: Tensor, log_resp: Tensor, q: Variational, prior: ConjugatePrior) -> 
 class CAVIState(NamedTuple):
     """What carries across sweeps: q(θ) and the expectations of the next E-step."""
 
-    posterior: Variational
+    posterior: Posterior
     log_rho: Tensor  # (N, K): E_q[log p(x_n, z_n = k | θ)]; its softmax over k is the next q(z)
 
 
@@ -365,6 +380,26 @@ def cavi_update(
     return CAVIState(posterior, log_rho), _elbo_local(log_resp, log_rho) + elbo_global(posterior, prior)
 
 
+# ---- mixtures with conjugate priors: the same two updates through the model's hooks -------------
+
+
+def conjugate_elbo(model: ConjugateVB, x: Tensor, log_resp: Tensor, q: ConjugatePosterior) -> Tensor:
+    """The ELBO in nats, summed over x (N, D), of any q(z) = exp(log_resp) (N, K) and q(π) q(θ) = q:
+    E_q[log p(X, Z, π, θ)] - E_q[log q(Z, π, θ)], every constant included."""
+    return _elbo_local(log_resp, model.variational_log_joint(x, q)) - model.variational_kl(q)
+
+
+def conjugate_update(model: ConjugateVB, x: Tensor, log_resp: Tensor) -> tuple[CAVIState, Tensor]:
+    """q(π) q(θ) ← its optimum given q(z) = exp(log_resp) (N, K); returns the new state and the
+    ELBO of (q(z), q(π) q(θ)) in nats, summed over points."""
+    posterior = model.variational_update(x, log_resp.exp())
+    log_rho = model.variational_log_joint(x, posterior)
+    return CAVIState(posterior, log_rho), _elbo_local(log_resp, log_rho) - model.variational_kl(posterior)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
 def point_estimate(q: Variational) -> Params:
     """weights E[π] (normalized: the truncated sticks leave mass off the K components), means
     E[μ_k] = m_k, and covariances E[Λ_k]^-1 = (ν_k W_k)^-1 (scikit-learn's ``covariances_``;
@@ -373,44 +408,66 @@ def point_estimate(q: Variational) -> Params:
     return {"weights": weights / weights.sum(), "means": q.means, "covariances": _full_covariances(q)}
 
 
+def _point_estimate(model: LatentModel, q: Posterior) -> Params:
+    if isinstance(model, ConjugateVB):
+        assert isinstance(q, ConjugatePosterior)
+        return model.posterior_mean(q)
+    assert isinstance(q, Variational)
+    return point_estimate(q)
+
+
 @dataclass(frozen=True)
 class CAVIFit:
-    posterior: Variational
+    posterior: Posterior
     elbo: float  # per point, every constant included
     n_steps: int
     converged: bool
 
 
-def run_cavi(
-    model: GaussianMixture,
-    x: Tensor,
-    init: Params,
-    options: VBOptions,
-    on_step: Callable[[int, Variational, float], None] = lambda step, q, elbo: None,
-) -> CAVIFit:
-    """CAVI from the responsibilities of ``init`` under the model, until the ELBO per point
-    changes by less than ``tol`` or after ``max_iter`` sweeps; ``on_step`` sees each q(θ) and its
-    ELBO per point (step 0: q(θ) fitted to the initial responsibilities)."""
-    assert model.prior is not None
-    n = x.shape[0]
-    params = {name: value.to(x) for name, value in init.items()}
-    log_resp = e_step(model, x, params)[1]
-    previous: float | None = None
-    converged = False
-    for step in range(options.max_iter + 1):
+Update = Callable[[int, Tensor], tuple[CAVIState, Tensor]]
+"""(step, log q(z) (N, K)) -> the state of q(θ) optimal given q(z), and the ELBO summed over points."""
+
+
+def _update(model: LatentModel, x: Tensor, regularization: float) -> Update:
+    if isinstance(model, ConjugateVB):
+        return lambda step, log_resp: conjugate_update(model, x, log_resp)
+    assert isinstance(model, GaussianMixture) and model.prior is not None
+    prior = model.prior
+
+    def update(step: int, log_resp: Tensor) -> tuple[CAVIState, Tensor]:
         try:
-            state, total = cavi_update(x, log_resp, model.prior, model.covariance, options.reg_covar)
+            return cavi_update(x, log_resp, prior, model.covariance, regularization)
         except torch.linalg.LinAlgError:
             raise FitError(
                 f"step {step}: a covariance matrix is not positive definite. Increase "
                 "backends.vb.reg_covar, set data.standardize: true, or lower model.k."
             ) from None
+
+    return update
+
+
+def run_cavi(
+    model: LatentModel,
+    x: Tensor,
+    init: Params,
+    options: VBOptions,
+    on_step: Callable[[int, Posterior, float], None] = lambda step, q, elbo: None,
+) -> CAVIFit:
+    """CAVI for a gmm or a ``ConjugateVB`` model with a prior, from the responsibilities of
+    ``init`` under the model, until the ELBO per point changes by less than ``tol`` or after
+    ``max_iter`` sweeps; ``on_step`` sees each q(θ) and its ELBO per point (step 0: q(θ) fitted
+    to the initial responsibilities)."""
+    n = x.shape[0]
+    params = {name: value.to(x) for name, value in init.items()}
+    log_resp = e_step(model, x, params)[1]
+    update = _update(model, x, reg_covar(model, options.reg_covar))
+    previous: float | None = None
+    converged = False
+    for step in range(options.max_iter + 1):
+        state, total = update(step, log_resp)
         per_point = float(total) / n
         if not math.isfinite(per_point):
-            raise FitError(
-                f"step {step}: the ELBO is {per_point}. Increase backends.vb.reg_covar or set "
-                "data.standardize: true."
-            )
+            raise FitError(f"step {step}: the ELBO is {per_point}. {fixes(model, 'vb')}")
         on_step(step, state.posterior, per_point)
         if previous is not None and abs(per_point - previous) < options.tol:
             converged = True
@@ -420,12 +477,8 @@ def run_cavi(
     return CAVIFit(state.posterior, per_point, step, converged)
 
 
-def variational_guide(
-    model: GaussianMixture, q: Variational, resp: Tensor | None = None
-) -> Callable[..., None]:
-    """A Pyro guide of exactly the CAVI families, fixed at q(θ) = q and, when given, q(z) = resp
-    (N, K) enumerated: with it Pyro's ``TraceEnum_ELBO`` estimates the same ELBO, and its draws
-    are draws from the variational posterior."""
+def _sample_gmm_posterior(model: GaussianMixture, q: Variational) -> None:
+    """The gmm's global sites drawn from q(π) q(μ, Λ) with ``pyro.sample``."""
     k = q.means.shape[0]
     d = q.means.shape[1]
     nu = q.degrees_of_freedom
@@ -440,19 +493,32 @@ def variational_guide(
         shape = d * nu / 2
         return dist.Gamma(shape, shape * q.covariances)
 
+    if not model.stick_breaking:
+        pyro.sample("weights", dist.Dirichlet(q.weight_concentration))
+    if q.covariance == "tied":
+        precision = pyro.sample("precision", precision_posterior())
+    with pyro.plate("components", k):
+        if model.stick_breaking:
+            pyro.sample("sticks", dist.Beta(q.weight_concentration[0], q.weight_concentration[1]))
+        if q.covariance != "tied":
+            precision = pyro.sample("precision", precision_posterior())
+        full_precision = q.mean_precision[:, None, None] * model.full_precision(precision)
+        pyro.sample("locs", dist.MultivariateNormal(q.means, precision_matrix=full_precision))
+
+
+def variational_guide(model: LatentModel, q: Posterior, resp: Tensor | None = None) -> Callable[..., None]:
+    """A Pyro guide of exactly the CAVI families of a gmm or a ``ConjugateVB`` model, fixed at
+    q(θ) = q and, when given, q(z) = resp (N, K) enumerated: with it Pyro's ``TraceEnum_ELBO``
+    estimates the same ELBO, and its draws are draws from the variational posterior."""
+
     def guide(x: Tensor | None = None) -> None:
         # global variables
-        if not model.stick_breaking:
-            pyro.sample("weights", dist.Dirichlet(q.weight_concentration))
-        if q.covariance == "tied":
-            precision = pyro.sample("precision", precision_posterior())
-        with pyro.plate("components", k):
-            if model.stick_breaking:
-                pyro.sample("sticks", dist.Beta(q.weight_concentration[0], q.weight_concentration[1]))
-            if q.covariance != "tied":
-                precision = pyro.sample("precision", precision_posterior())
-            full_precision = q.mean_precision[:, None, None] * model.full_precision(precision)
-            pyro.sample("locs", dist.MultivariateNormal(q.means, precision_matrix=full_precision))
+        if isinstance(model, ConjugateVB):
+            assert isinstance(q, ConjugatePosterior)
+            model.sample_posterior(q)
+        else:
+            assert isinstance(model, GaussianMixture) and isinstance(q, Variational)
+            _sample_gmm_posterior(model, q)
 
         # local variables
         if resp is not None and x is not None:
@@ -462,7 +528,7 @@ def variational_guide(
     return guide
 
 
-def posterior_draws(model: GaussianMixture, q: Variational, num: int) -> list[Params]:
+def posterior_draws(model: LatentModel, q: Posterior, num: int) -> list[Params]:
     """``num`` parameter draws from the variational posterior q(θ)."""
     guide = variational_guide(model, q)
     draws = []
@@ -478,18 +544,22 @@ def posterior_draws(model: GaussianMixture, q: Variational, num: int) -> list[Pa
     return draws
 
 
+VB_MODELS = (GaussianMixture, ConjugateVB)  # the models whose CAVI updates are derived here
+
+
 @BACKENDS.register("vb")
 class VB(Backend):
     name = "vb"
     options = VBOptions
 
     def check(self, model: LatentModel, options: VBOptions) -> None:
-        if not isinstance(model, GaussianMixture):
+        if not isinstance(model, VB_MODELS):
+            derived = ", ".join(name for name in MODELS if issubclass(MODELS.get(name), VB_MODELS))
             raise UserError(
-                f"backends.vb: coordinate-ascent VB is derived for the conjugate Gaussian mixture, "
-                f"but model.name is {model.name!r}. Use model.name: gmm, or the svi backend."
+                f"backends.vb: coordinate-ascent VB is derived for mixtures with conjugate priors "
+                f"({derived}), but model.name is {model.name!r}. Use one of them, or the svi backend."
             )
-        if model.prior is None:
+        if not model.has_prior:
             raise UserError(
                 "backends.vb: variational Bayes approximates a posterior, which needs a proper "
                 "prior over the parameters; with model.prior: none the prior is flat and improper. "
@@ -502,28 +572,28 @@ class VB(Backend):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: VBOptions, report: Report
     ) -> FitResult:
-        assert isinstance(model, GaussianMixture)
         start = time.perf_counter()
         scoring = 0.0  # the exact log-likelihood of each step's estimate is not the algorithm's cost
 
-        def on_step(step: int, q: Variational, elbo: float) -> None:
+        def on_step(step: int, q: Posterior, elbo: float) -> None:
             nonlocal scoring
             began = time.perf_counter()
             seconds = began - start - scoring
-            log_likelihood = float(model.log_likelihood(x, point_estimate(q)).mean())
+            log_likelihood = float(model.log_likelihood(x, _point_estimate(model, q)).mean())
             scoring += time.perf_counter() - began
             report(StepInfo(step, seconds, elbo, log_likelihood))
 
         fit = run_cavi(model, x, init, options, on_step)
         seconds = time.perf_counter() - start - scoring
-        params = point_estimate(fit.posterior)
+        params = _point_estimate(model, fit.posterior)
         pruned = [k for k, w in enumerate(params["weights"].tolist()) if w < options.prune_threshold]
         try:
             draws = posterior_draws(model, fit.posterior, options.posterior_samples)
         except (ValueError, torch.linalg.LinAlgError) as exc:  # Pyro's checks of q(θ)'s parameters
+            gmm = ", increase backends.vb.reg_covar, or set data.standardize: true"
             raise FitError(
                 f"step {fit.n_steps}: the variational posterior cannot be sampled ({one_line(exc)}). "
-                "Use dtype: float64, increase backends.vb.reg_covar, or set data.standardize: true."
+                f"Use dtype: float64{gmm if 'reg_covar' in model.backend_fields else ''}."
             ) from None
         return FitResult(
             params=params,

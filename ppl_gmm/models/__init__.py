@@ -10,11 +10,14 @@ import pkgutil
 from importlib.metadata import entry_points
 
 from .base import MODELS, ClosedFormEM, ExpFamilyEM, Flat, LatentModel, Params, Stats
+from .conjugate import ConjugatePosterior, ConjugateVB
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "MODELS",
     "ClosedFormEM",
+    "ConjugatePosterior",
+    "ConjugateVB",
     "ExpFamilyEM",
     "Flat",
     "LatentModel",

@@ -12,7 +12,8 @@ Optional capabilities, which backends check with ``isinstance``:
 - ``ClosedFormEM``: exact EM through a per-point design, whose log-joint and sufficient
   statistics are GEMMs; statistics are plain dicts of tensors (``stats``), so the EM variants
   add, scale and combine them without knowing the model.
-- ``ConjugateVB`` (``backends/vb.py``): coordinate-ascent variational Bayes.
+- ``ConjugateVB`` (``conjugate.py``): coordinate-ascent variational Bayes for a mixture with
+  conjugate priors (the gmm's own CAVI lives in ``backends/vb.py``).
 """
 
 from __future__ import annotations

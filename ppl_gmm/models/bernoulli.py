@@ -22,6 +22,7 @@ from torch.distributions import constraints
 from ..config import ModelOptions, Strict
 from ..errors import UserError
 from .base import MODELS, ExpFamilyEM, Flat, LatentModel, Params
+from .conjugate import ConjugatePosterior, ConjugateVB
 
 __all__ = ["BernoulliMixture", "BernoulliOptions"]
 
@@ -42,11 +43,12 @@ class BernoulliOptions(ModelOptions):
 
 
 @MODELS.register("bernoulli_mixture")
-class BernoulliMixture(ExpFamilyEM, LatentModel):
+class BernoulliMixture(ExpFamilyEM, ConjugateVB, LatentModel):
     name = "bernoulli_mixture"
     options = BernoulliOptions
     component_axes = {"weights": (0,), "probs": (0,)}
     pivot = "probs"
+    component_site = "probs"  # the global site of q(θ) in variational Bayes
     standardizable = False
 
     def __init__(self, k: int, dim: int, prior: tuple[float, float, float] | None) -> None:
@@ -145,3 +147,23 @@ class BernoulliMixture(ExpFamilyEM, LatentModel):
         weights = nk + alpha0 - 1.0
         probs = (sums + a0 - 1.0) / (nk[:, None] + a0 + b0 - 2.0)
         return {"weights": weights / weights.sum(), "probs": probs}
+
+    # ---- variational Bayes: q(p_kd) = Beta(a_kd, b_kd) ----------------------------------------
+
+    def component_family(self, a: Tensor, b: Tensor) -> dist.TorchDistribution:
+        return dist.Beta(a, b)
+
+    def component_posterior(self, x: Tensor, resp: Tensor) -> tuple[Tensor, Tensor]:
+        """a = a0 + Σ_n r_nk x_nd (ones), b = b0 + Σ_n r_nk (1 - x_nd) (zeros)."""
+        _, a0, b0 = self._prior()
+        return a0 + resp.T @ x, b0 + resp.T @ (1.0 - x)
+
+    def expected_log_density(self, x: Tensor, q: ConjugatePosterior) -> Tensor:
+        """Σ_d x_nd E[log p_kd] + (1 - x_nd) E[log(1 - p_kd)], with E[log p] = ψ(a) - ψ(a + b)
+        and E[log(1 - p)] = ψ(b) - ψ(a + b)."""
+        total = torch.digamma(q.a + q.b)
+        e_log_ones, e_log_zeros = torch.digamma(q.a) - total, torch.digamma(q.b) - total
+        return x @ (e_log_ones - e_log_zeros).T + e_log_zeros.sum(1)
+
+    def component_mean(self, q: ConjugatePosterior) -> Tensor:
+        return q.a / (q.a + q.b)

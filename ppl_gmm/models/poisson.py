@@ -22,6 +22,7 @@ from torch.distributions import constraints
 from ..config import ModelOptions, Strict
 from ..errors import UserError
 from .base import MODELS, ExpFamilyEM, Flat, LatentModel, Params
+from .conjugate import ConjugatePosterior, ConjugateVB
 
 __all__ = ["PoissonMixture", "PoissonOptions"]
 
@@ -41,11 +42,12 @@ class PoissonOptions(ModelOptions):
 
 
 @MODELS.register("poisson_mixture")
-class PoissonMixture(ExpFamilyEM, LatentModel):
+class PoissonMixture(ExpFamilyEM, ConjugateVB, LatentModel):
     name = "poisson_mixture"
     options = PoissonOptions
     component_axes = {"weights": (0,), "rates": (0,)}
     pivot = "rates"
+    component_site = "rates"  # the global site of q(θ) in variational Bayes
     standardizable = False
 
     def __init__(self, k: int, dim: int, prior: tuple[float, float, float] | None) -> None:
@@ -145,3 +147,22 @@ class PoissonMixture(ExpFamilyEM, LatentModel):
         alpha0, a0, b0 = self.prior
         weights = nk + alpha0 - 1.0
         return {"weights": weights / weights.sum(), "rates": (sums + a0 - 1.0) / (nk[:, None] + b0)}
+
+    # ---- variational Bayes: q(λ_kd) = Gamma(a_kd, rate b_kd) ----------------------------------
+
+    def component_family(self, a: Tensor, b: Tensor) -> dist.TorchDistribution:
+        return dist.Gamma(a, b)
+
+    def component_posterior(self, x: Tensor, resp: Tensor) -> tuple[Tensor, Tensor]:
+        """a = a0 + Σ_n r_nk x_nd, b = b0 + Σ_n r_nk (the same for every feature)."""
+        _, a0, b0 = self._prior()
+        rate = (b0 + resp.sum(0))[:, None].expand(self.k, self.dim)
+        return a0 + resp.T @ x, rate.contiguous()
+
+    def expected_log_density(self, x: Tensor, q: ConjugatePosterior) -> Tensor:
+        """Σ_d x_nd E[log λ_kd] - E[λ_kd] - log x_nd!, with E[log λ] = ψ(a) - log b, E[λ] = a / b."""
+        e_log_rates = torch.digamma(q.a) - torch.log(q.b)
+        return x @ e_log_rates.T - (q.a / q.b).sum(1) + self.log_base(x)[:, None]
+
+    def component_mean(self, q: ConjugatePosterior) -> Tensor:
+        return q.a / q.b
