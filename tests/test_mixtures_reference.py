@@ -59,7 +59,8 @@ def test_em_agrees_with_a_numpy_em(name: str, source: str, prior: str) -> None:
     x = data.train
     model = cls.from_config(cls.options(k=6, prior=prior), x)
     init = initialize(model, x, InitConfig(), seed=1)
-    fit = EM().fit(model, x, init, EMOptions(max_iter=ITERATIONS, tol=0.0), lambda info: None)
+    reports: list = []
+    fit = EM().fit(model, x, init, EMOptions(max_iter=ITERATIONS, tol=0.0), reports.append)
     assert fit.n_steps == ITERATIONS
     pivot = model.pivot
     weights, theta, log_likelihood = _numpy_em(
@@ -67,6 +68,8 @@ def test_em_agrees_with_a_numpy_em(name: str, source: str, prior: str) -> None:
     )
     ours = float(model.log_likelihood(x, fit.params).mean())
     assert abs(ours - log_likelihood) < 1e-8 * max(1.0, abs(log_likelihood))
+    # what EM reports at its last step (the base measure added once per fit) is the same number
+    assert abs(reports[-1].log_likelihood - log_likelihood) < 1e-8 * max(1.0, abs(log_likelihood))
     np.testing.assert_allclose(fit.params["weights"].numpy(), weights, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(fit.params[pivot].numpy(), theta, rtol=1e-6, atol=1e-9)
 
@@ -89,5 +92,7 @@ def test_incremental_em_reaches_batch_em(name: str) -> None:
         lambda i: objectives.append(i.objective),
     )
     assert all(b >= a - 1e-9 for a, b in zip(objectives, objectives[1:], strict=False))  # the bound rises
+    # right after the first full E-step the bound touches the log-likelihood
+    assert abs(objectives[0] - float(model.log_likelihood(x, init).mean())) < 1e-10
     for param, value in batch.params.items():
         torch.testing.assert_close(incremental.params[param], value, rtol=1e-4, atol=1e-5)

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_RESEEDS",
     "PartialEStep",
     "add_stats",
+    "data_constant",
     "e_step",
     "e_step_blocks",
     "empty_components",
@@ -108,6 +109,18 @@ def add_stats(stats: Stats, other: Stats) -> None:
         value.add_(other[name])
 
 
+def data_constant(model: ClosedFormEM, x: Tensor, rows: int = 65536) -> float:
+    """Σ_n of the model's ``point_constant`` over x (N, D), in float64, a block of rows at a
+    time: what log-likelihoods add to the E-step's sums (0 for most models)."""
+    total = 0.0
+    for block in x.split(rows):
+        constant = model.point_constant(block)
+        if constant is None:
+            return 0.0
+        total += float(constant.sum(dtype=torch.float64))
+    return total
+
+
 def e_step(model: LatentModel, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
     """log p(x_n | θ) (N,) and log responsibilities log p(z_n = k | x_n, θ) (N, K)."""
     log_joint = model.log_joint(x, params)
@@ -143,6 +156,7 @@ class EM(Backend):
         block_rows = options.block_rows or block_rows_for(model, x)
         center = model.em_center(x[:block_rows])
         start = time.perf_counter()
+        constant = data_constant(model, x)  # the part of log p(x | θ) that θ does not move
         previous: float | None = None
         converged = False
         reseeds = [0] * model.k  # per component
@@ -163,7 +177,7 @@ class EM(Backend):
                         log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
                     except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
                         raise not_positive_definite(step, self.name, x.dtype) from None
-                    log_likelihood = total / n
+                    log_likelihood = (total + constant) / n
                     objective = log_likelihood + log_prior / n
                     if not math.isfinite(objective):
                         raise FitError(

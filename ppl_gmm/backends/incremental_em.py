@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
-from .em import EM, EMOptions, add_stats, fixes, needs_closed_form, reg_covar
+from .em import EM, EMOptions, add_stats, data_constant, fixes, needs_closed_form, reg_covar
 from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows, log_prior, prepare
 
 __all__ = ["IncrementalEM", "IncrementalEMOptions"]
@@ -58,6 +58,7 @@ class IncrementalEM(Backend):
         params = {name: value.to(x) for name, value in init.items()}
         center = model.em_center(x[:CHUNK_ROWS])
         regularization = reg_covar(model, options.reg_covar)
+        constant = data_constant(model, x)  # Σ_n of the terms no statistic holds (a base measure)
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         clock = Clock()
 
@@ -82,7 +83,7 @@ class IncrementalEM(Backend):
         total = _sum(model, stats)
         seconds = clock.seconds()
         with clock.aside():  # F(q, θ) = log p(x | θ) right after a full E-step, up to rounding
-            bound = _free_energy(model, total, params, center) + math.fsum(entropies)
+            bound = _free_energy(model, total, params, center) + math.fsum(entropies) + constant
         report(StepInfo(step, seconds, objective(bound), log_likelihood / n))
         previous = objective(log_likelihood)
         fix = "Lower model.k, set data.standardize: true, or use em, which re-seeds empty components."
@@ -104,7 +105,7 @@ class IncrementalEM(Backend):
                 seconds = clock.seconds()
                 at_end = b == len(parts) - 1
                 with clock.aside():
-                    bound = _free_energy(model, total, params, center) + math.fsum(entropies)
+                    bound = _free_energy(model, total, params, center) + math.fsum(entropies) + constant
                     if at_end:
                         log_likelihood = e_step_rows(model, x, prepared, center, None, buffer).log_likelihood
                 report(StepInfo(step, seconds, objective(bound), log_likelihood / n if at_end else None))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import FitError
-from .em import PartialEStep, e_step_blocks, empty_components, not_positive_definite
+from .em import PartialEStep, data_constant, e_step_blocks, empty_components, not_positive_definite
 
 __all__ = [
     "CHUNK_ROWS",
@@ -65,9 +65,11 @@ def e_step_rows(
     stats: Stats | None = None,
     buffer: Any = None,
 ) -> PartialEStep:
-    """``e_step_blocks`` on rows (B, D) in chunks of ``CHUNK_ROWS``, with the entropy; ``buffer``:
-    a ``design_buffer`` of at least min(B, CHUNK_ROWS) rows."""
-    return e_step_blocks(model, rows.split(CHUNK_ROWS), prepared, center, stats, buffer, entropy=True)
+    """``e_step_blocks`` on rows (B, D) in chunks of ``CHUNK_ROWS``, with the entropy and the
+    log-likelihood's ``point_constant``; ``buffer``: a ``design_buffer`` of at least
+    min(B, CHUNK_ROWS) rows."""
+    result = e_step_blocks(model, rows.split(CHUNK_ROWS), prepared, center, stats, buffer, entropy=True)
+    return result._replace(log_likelihood=result.log_likelihood + data_constant(model, rows))
 
 
 def combine(a: Stats, b: Stats, weight_a: float, weight_b: float) -> Stats:

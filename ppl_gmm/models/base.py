@@ -310,7 +310,14 @@ class ClosedFormEM(ABC):
     @abstractmethod
     def expected_log_joint(self, stats: Stats, prepared: Any) -> Tensor:
         """Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) from the statistics of r and the constants of θ
-        (the same center), a scalar: the first term of incremental EM's free energy."""
+        (the same center), a scalar, less the points' ``point_constant``: the first term of
+        incremental EM's free energy."""
+
+    def point_constant(self, rows: Tensor) -> Tensor | None:
+        """What log p(x_n, z_n = k | θ) adds beyond ``block_log_joint`` for rows (B, D): (B,), the
+        same for every k and θ (a base measure), or None. It does not move the responsibilities,
+        so backends add it to log-likelihoods once per fit rather than once per iteration."""
+        return None
 
     def reseed(self, params: Params, components: Sequence[int], x: Tensor) -> Params:
         """θ with each of ``components`` (which lost their points) restarted on x (N, D), by a
@@ -352,18 +359,19 @@ def _take(value: Tensor, keep: Tensor, axes: tuple[int, ...]) -> Tensor:
 class ExpFamilyEM(ClosedFormEM):
     """Closed-form EM for a mixture whose components are an exponential family:
     log p(x, z = k | θ) = η_k · T(x) + (log π_k - A(η_k)) + log h(x). The design of a point is
-    (T(x), 1, log h(x)) (S + 2 rows), the coefficients of component k (η_k, log π_k - A(η_k), 1),
-    and the statistics Σ_n r_nk (T(x_n), 1, log h(x_n)) (key ``moments``, (K, S + 2)), from which
-    the M-step reads nk = Σ_n r_nk and Σ_n r_nk T(x_n).
+    (T(x), 1) (S + 1 rows), the coefficients of component k (η_k, log π_k - A(η_k)), and the
+    statistics Σ_n r_nk (T(x_n), 1) (key ``moments``, (K, S + 1)), from which the M-step reads
+    nk = Σ_n r_nk and Σ_n r_nk T(x_n). log h(x), the same for every component and every θ, is
+    the ``point_constant``, computed once per fit rather than in every iteration's design.
     """
 
     @abstractmethod
     def sufficient(self, rows: Tensor) -> Tensor:
         """T(x) (B, S) of points rows (B, D)."""
 
-    def log_base(self, rows: Tensor) -> Tensor:
-        """log h(x) (B,) of points rows (B, D); default zero."""
-        return rows.new_zeros(rows.shape[0])
+    def log_base(self, rows: Tensor) -> Tensor | None:
+        """log h(x) (B,) of points rows (B, D); None for h = 1."""
+        return None
 
     @abstractmethod
     def natural(self, params: Params) -> tuple[Tensor, Tensor]:
@@ -373,29 +381,33 @@ class ExpFamilyEM(ClosedFormEM):
     def m_step_moments(self, nk: Tensor, sums: Tensor, use_prior: bool) -> Params:
         """θ from nk (K,) and Σ_n r_nk T(x_n) (K, S)."""
 
+    def point_constant(self, rows: Tensor) -> Tensor | None:
+        return self.log_base(rows)
+
     def design_rows(self) -> int:
-        return self.sufficient(torch.zeros(1, getattr(self, "dim", 1))).shape[1] + 2
+        return self.sufficient(torch.zeros(1, getattr(self, "dim", 1))).shape[1] + 1
 
     def prepare(self, params: Params, center: Tensor | None = None) -> Tensor:
-        """The coefficients (K, S + 2)."""
+        """The coefficients (K, S + 1)."""
         eta, offset = self.natural(params)
-        return torch.cat([eta, offset[:, None], torch.ones_like(offset)[:, None]], dim=1)
+        return torch.cat([eta, offset[:, None]], dim=1)
 
     def design(self, rows: Tensor, center: Tensor | None = None, out: Any = None) -> Tensor:
         sufficient = self.sufficient(rows)
         s, b = sufficient.shape[1], rows.shape[0]
-        design = rows.new_empty((s + 2) * b) if out is None else out[: (s + 2) * b]
-        design = design.view(s + 2, b)
+        design = rows.new_empty((s + 1) * b) if out is None else out[: (s + 1) * b]
+        design = design.view(s + 1, b)
         design[:s] = sufficient.T
         design[s] = 1.0
-        design[s + 1] = self.log_base(rows)
         return design
 
     def block_log_joint(self, design: Tensor, prepared: Tensor, out: Tensor | None = None) -> Tensor:
         return torch.mm(prepared, design, out=out)
 
     def log_joint(self, x: Tensor, params: Params) -> Tensor:
-        return self.block_log_joint(self.design(x), self.prepare(params)).T
+        log_joint = self.block_log_joint(self.design(x), self.prepare(params)).T
+        base = self.log_base(x)
+        return log_joint if base is None else log_joint + base[:, None]
 
     def new_stats(self, like: Tensor) -> Stats:
         return {"moments": like.new_zeros(self.k, self.design_rows())}
@@ -404,7 +416,7 @@ class ExpFamilyEM(ClosedFormEM):
         stats["moments"].addmm_(resp, design.T)
 
     def component_mass(self, stats: Stats) -> Tensor:
-        return stats["moments"][:, -2]
+        return stats["moments"][:, -1]
 
     def expected_log_joint(self, stats: Stats, prepared: Tensor) -> Tensor:
         return (stats["moments"] * prepared).sum()
@@ -413,7 +425,7 @@ class ExpFamilyEM(ClosedFormEM):
         self, stats: Stats, center: Tensor | None = None, reg_covar: float = 0.0, use_prior: bool = True
     ) -> Params:
         moments = stats["moments"]
-        return self.m_step_moments(moments[:, -2], moments[:, :-2], use_prior)
+        return self.m_step_moments(moments[:, -1], moments[:, :-1], use_prior)
 
 
 class Flat(dist.ImproperUniform):
