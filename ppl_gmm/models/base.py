@@ -358,11 +358,12 @@ def _take(value: Tensor, keep: Tensor, axes: tuple[int, ...]) -> Tensor:
 
 class ExpFamilyEM(ClosedFormEM):
     """Closed-form EM for a mixture whose components are an exponential family:
-    log p(x, z = k | θ) = η_k · T(x) + (log π_k - A(η_k)) + log h(x). The design of a point is
-    (T(x), 1) (S + 1 rows), the coefficients of component k (η_k, log π_k - A(η_k)), and the
-    statistics Σ_n r_nk (T(x_n), 1) (key ``moments``, (K, S + 1)), from which the M-step reads
-    nk = Σ_n r_nk and Σ_n r_nk T(x_n). log h(x), the same for every component and every θ, is
-    the ``point_constant``, computed once per fit rather than in every iteration's design.
+    log p(x, z = k | θ) = η_k · T(x) + (log π_k - A(η_k)) + log h(x). The design of a block is
+    T(x) transposed, (S, B) (a view when T(x) = x: nothing is copied), and the prepared
+    constants are η (K, S) and the offsets log π_k - A(η_k) (K,), so a block's log-joint is one
+    GEMM plus a bias; the statistics are nk = Σ_n r_nk (key ``nk``) and Σ_n r_nk T(x_n) (key
+    ``sums``, (K, S)). log h(x), the same for every component and every θ, is the
+    ``point_constant``, computed once per fit rather than in every iteration.
     """
 
     @abstractmethod
@@ -385,24 +386,24 @@ class ExpFamilyEM(ClosedFormEM):
         return self.log_base(rows)
 
     def design_rows(self) -> int:
-        return self.sufficient(torch.zeros(1, getattr(self, "dim", 1))).shape[1] + 1
+        return self.sufficient(torch.zeros(1, getattr(self, "dim", 1))).shape[1]
 
-    def prepare(self, params: Params, center: Tensor | None = None) -> Tensor:
-        """The coefficients (K, S + 1)."""
+    def design_buffer(self, like: Tensor, rows: int) -> None:
+        return None  # the design is T(x)^T, made per block (a view of the rows for T(x) = x)
+
+    def prepare(self, params: Params, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """η (K, S) and the offsets (K, 1)."""
         eta, offset = self.natural(params)
-        return torch.cat([eta, offset[:, None]], dim=1)
+        return eta, offset[:, None]
 
     def design(self, rows: Tensor, center: Tensor | None = None, out: Any = None) -> Tensor:
-        sufficient = self.sufficient(rows)
-        s, b = sufficient.shape[1], rows.shape[0]
-        design = rows.new_empty((s + 1) * b) if out is None else out[: (s + 1) * b]
-        design = design.view(s + 1, b)
-        design[:s] = sufficient.T
-        design[s] = 1.0
-        return design
+        return self.sufficient(rows).T
 
-    def block_log_joint(self, design: Tensor, prepared: Tensor, out: Tensor | None = None) -> Tensor:
-        return torch.mm(prepared, design, out=out)
+    def block_log_joint(
+        self, design: Tensor, prepared: tuple[Tensor, Tensor], out: Tensor | None = None
+    ) -> Tensor:
+        eta, offset = prepared
+        return torch.addmm(offset, eta, design, out=out)
 
     def log_joint(self, x: Tensor, params: Params) -> Tensor:
         log_joint = self.block_log_joint(self.design(x), self.prepare(params)).T
@@ -410,22 +411,23 @@ class ExpFamilyEM(ClosedFormEM):
         return log_joint if base is None else log_joint + base[:, None]
 
     def new_stats(self, like: Tensor) -> Stats:
-        return {"moments": like.new_zeros(self.k, self.design_rows())}
+        return {"nk": like.new_zeros(self.k), "sums": like.new_zeros(self.k, self.design_rows())}
 
     def accumulate(self, stats: Stats, design: Tensor, resp: Tensor) -> None:
-        stats["moments"].addmm_(resp, design.T)
+        stats["nk"].add_(resp.sum(1))
+        stats["sums"].addmm_(resp, design.T)
 
     def component_mass(self, stats: Stats) -> Tensor:
-        return stats["moments"][:, -1]
+        return stats["nk"]
 
-    def expected_log_joint(self, stats: Stats, prepared: Tensor) -> Tensor:
-        return (stats["moments"] * prepared).sum()
+    def expected_log_joint(self, stats: Stats, prepared: tuple[Tensor, Tensor]) -> Tensor:
+        eta, offset = prepared
+        return (stats["sums"] * eta).sum() + stats["nk"] @ offset[:, 0]
 
     def m_step_stats(
         self, stats: Stats, center: Tensor | None = None, reg_covar: float = 0.0, use_prior: bool = True
     ) -> Params:
-        moments = stats["moments"]
-        return self.m_step_moments(moments[:, -1], moments[:, :-1], use_prior)
+        return self.m_step_moments(stats["nk"], stats["sums"], use_prior)
 
 
 class Flat(dist.ImproperUniform):
