@@ -63,7 +63,7 @@ def _is_number(value: object) -> bool:
 
 
 def test_the_spec_configs_exist() -> None:
-    assert "quickstart.yaml" in {path.name for path in CONFIGS}
+    assert {"quickstart.yaml", "compare.yaml"} <= {path.name for path in CONFIGS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])

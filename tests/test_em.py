@@ -11,7 +11,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from ppl_gmm.backends import BACKENDS, FitError
+from ppl_gmm.backends import FitError
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.config import InitConfig
 from ppl_gmm.evaluate import match_components
@@ -152,10 +152,6 @@ def test_map_em_is_pulled_towards_the_prior(blobs) -> None:
         dim=1
     ).min()
     assert steps[-1].objective != steps[-1].log_likelihood
-
-
-def test_em_is_registered() -> None:
-    assert BACKENDS.get("em") is EM
 
 
 # ---- empty components ------------------------------------------------------------------------

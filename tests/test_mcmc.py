@@ -12,7 +12,6 @@ from pyro import poutine
 from pyro.ops.stats import effective_sample_size
 from scipy.stats import norm
 
-from ppl_gmm.backends import BACKENDS
 from ppl_gmm.backends.mcmc import MCMCBackend, MCMCOptions, convergence, run_nuts
 from ppl_gmm.config import InitConfig
 from ppl_gmm.errors import UserError
@@ -216,7 +215,3 @@ def test_mcmc_needs_a_prior_and_names_the_fix() -> None:
     ):
         MCMCBackend().check(model, MCMCOptions())
     MCMCBackend().check(_model(x, 2, "full"), MCMCOptions())
-
-
-def test_mcmc_is_registered() -> None:
-    assert BACKENDS.get("mcmc") is MCMCBackend

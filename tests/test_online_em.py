@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ppl_gmm.backends import BACKENDS, FitError
+from ppl_gmm.backends import FitError
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.backends.incremental_em import IncrementalEM, IncrementalEMOptions
 from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions, step_size
@@ -250,12 +250,7 @@ def test_an_empty_component_fails_the_fit_with_a_fix(blobs, backend, options, st
         _fit(backend, model, x, init, options)
 
 
-# ---- registry and options ----------------------------------------------------------------------
-
-
-def test_both_are_registered() -> None:
-    assert BACKENDS.get("online_em") is OnlineEM
-    assert BACKENDS.get("incremental_em") is IncrementalEM
+# ---- options ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, infer_discrete
 from pyro.infer.autoguide import AutoDelta, init_to_value
 
-from ppl_gmm.backends import BACKENDS
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.backends.map import MAP, MAPOptions
 from ppl_gmm.backends.svi import SVIBackend, SVIBackendOptions
@@ -160,10 +159,6 @@ def test_hard_assignments_match_pyro_infer_discrete() -> None:
     trace = poutine.trace(decoded).get_trace(x)
     ours = torch.argmax(model.log_joint(x, init), dim=1)
     assert torch.equal(trace.nodes["z"]["value"], ours)
-
-
-def test_backends_are_registered() -> None:
-    assert {"em", "map", "svi"} <= set(BACKENDS.names())
 
 
 @pytest.mark.parametrize(
