@@ -606,3 +606,19 @@ def test_bad_input_for_count_and_binary_models(
     ]
     line = _expect_error(work, [*argv, "data.test_fraction=0", *extra], names, capsys)
     assert re.search(r"\b(Try|Use|use|Set|remove|Binarize|Known fields)\b", line), line  # and the fix
+
+
+def test_backend_options_are_checked_before_the_data_are_read(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in a backend option is reported even when the data file does not exist: the whole
+    config is validated before any data are loaded."""
+    argv = [
+        "run",
+        "inputs/tiny.yaml",
+        "data.source=csv",
+        "data.path=inputs/missing.csv",
+        "backends.em.tool=1",
+    ]
+    line = _expect_error(work, argv, ["backends.em.tool"], capsys)
+    assert "missing.csv" not in line
