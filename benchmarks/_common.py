@@ -12,11 +12,26 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Measured", "busy_seconds", "machine", "measure", "wait_until_quiet"]
+__all__ = [
+    "MALLOC_ENV",
+    "Measured",
+    "busy_seconds",
+    "machine",
+    "measure",
+    "reexec_with_malloc_env",
+    "timed_lanes",
+    "wait_until_quiet",
+    "write_results",
+]
+
+# glibc otherwise hands large temporaries back to the OS after each use, and a loop over 1M points
+# pays hundreds of thousands of page faults per iteration
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -81,3 +96,61 @@ def measure(fn: Callable[[], Any]) -> tuple[Measured, Any]:
         # clock ticks are 10 ms: meaningless for very short runs, so clamped to the machine's size
         other = min(max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / seconds, float(os.cpu_count() or 1))
     return Measured(seconds, cpu1 - cpu0, ru1.ru_minflt - ru0.ru_minflt, other), result
+
+
+def reexec_with_malloc_env(module: str, argv: list[str]) -> None:
+    """Re-execute ``python -m module *argv`` with ``MALLOC_ENV`` set, unless it already is: without
+    it, temporaries of a pass over 1M points are mapped and unmapped on every use, and the page faults
+    dominate the timings of implementations that allocate them per call."""
+    if any(os.environ.get(key) != value for key, value in MALLOC_ENV.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], dict(os.environ, **MALLOC_ENV))
+
+
+def write_results(csv_path: Any, rows: list[dict], lines: list[str]) -> None:
+    """``rows`` to ``csv_path`` (columns: every key, in order of first appearance) and ``lines`` to
+    the .txt file of the same name; both overwritten."""
+    import csv
+    from pathlib import Path
+
+    path = Path(csv_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+
+
+def timed_lanes(blocks: Any, lanes: int, make_steps: Callable[[], list], reps: int = 3) -> tuple[float, list]:
+    """Best-of-``reps`` wall seconds of a pass over ``blocks`` by ``lanes`` worker threads (lane i
+    takes blocks i, i + lanes, ...; torch kernels single-threaded, as in ppl_gmm's EM), with lane 0's
+    seconds per step. ``make_steps()`` gives each lane its steps (and so its own buffers): functions
+    called as f(block, the previous step's output; the block for the first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    def lane(mine: Any) -> list[float]:
+        torch.set_num_threads(1)
+        steps = make_steps()
+        spent = [0.0] * len(steps)
+        for block in mine:
+            value, t0 = block, time.perf_counter()
+            for i, step in enumerate(steps):
+                value, t1 = step(block, value), time.perf_counter()
+                spent[i], t0 = spent[i] + (t1 - t0), t1
+        return spent
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best: tuple[float, list] = (math.inf, [])
+    try:
+        for _ in range(reps):
+            began = time.perf_counter()
+            with ThreadPoolExecutor(lanes) as pool:
+                spent = list(pool.map(lane, [blocks[i::lanes] for i in range(lanes)]))[0]
+            best = min(best, (time.perf_counter() - began, spent))
+    finally:
+        torch.set_num_threads(before)
+    return best
