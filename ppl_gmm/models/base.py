@@ -42,8 +42,8 @@ Params = Mapping[str, Tensor]
 """A point estimate: named tensors, listed in each model's documentation."""
 
 Stats = dict[str, Tensor]
-"""Sufficient statistics of an E-step: tensors that sum over points (``stats`` adds, scales and
-combines them)."""
+"""Sufficient statistics of an E-step: tensors that sum over points, which the EM backends add,
+scale and blend key by key without knowing the model."""
 
 DATA_PLATE = "data"  # the plate of the points in every declaration; its sites are local
 
