@@ -90,8 +90,8 @@ class LatentModel(ABC):
 
     @abstractmethod
     def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Any:
-        """The Pyro model, its assignments marked for enumeration and its points in the plate
-        ``"data"``; with ``batch_size`` the plate subsamples that many points and scales their
+        """The Pyro model, its assignments marked for enumeration and its points observed at the
+        site ``"x"`` in the plate ``"data"``; with ``batch_size`` the plate subsamples that many points and scales their
         likelihood up to all of them; without ``x`` it draws ``n`` points."""
 
     @abstractmethod
