@@ -1,16 +1,14 @@
-"""Interleaved A/B of the Gaussian mixture's EM between two commits: ms per iteration.
-
-Two worker processes, one per commit (a git worktree each), take turns on the same data and
-initial parameters, so that the machine's slow spells hit both alike; each figure is the
-difference of two run lengths over the difference of their iterations, median of the repeats.
+"""Interleaved A/B of the Gaussian mixture's EM between two commits: ms per iteration. Method:
+benchmarks/README.md, section "em_ab".
 
     python -m benchmarks.em_ab OLD NEW [--repeats 7] [--large-repeats 3]
+
+Prints one line per case: old and new medians, new/old, and each side's range.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -18,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._common import machine
+from ._common import LineWorker, machine
 
 # N, D, K, covariance, dtype, short and long run lengths
 CASES = [
@@ -63,6 +61,21 @@ def _worktree(ref: str, root: Path) -> Path:
     return path
 
 
+def _worker(tree: Path, cwd: str) -> LineWorker:
+    """A worker running WORKER against the code in ``tree``."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
+    return LineWorker("EM worker", [sys.executable, "-c", WORKER], dict(env, PYTHONPATH=str(tree)), cwd)
+
+
+def _time_case(workers: dict[str, LineWorker], case: list, repeats: int) -> dict[str, list[float]]:
+    """ms per iteration of each worker's ``repeats`` runs of the case, the order alternating."""
+    times: dict[str, list[float]] = {ref: [] for ref in workers}
+    for r in range(repeats):
+        for ref in list(workers)[:: 1 if r % 2 == 0 else -1]:
+            times[ref].append(1e3 * workers[ref].ask(case))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old")
@@ -70,31 +83,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="repeats below 1M points")
     parser.add_argument("--large-repeats", type=int, default=3, help="repeats at 1M points")
     args = parser.parse_args()
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
     with tempfile.TemporaryDirectory() as scratch:
         trees = {ref: _worktree(ref, Path(scratch)) for ref in (args.old, args.new)}
-        workers = {
-            ref: subprocess.Popen(
-                [sys.executable, "-c", WORKER],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=dict(env, PYTHONPATH=str(tree)),
-                cwd=scratch,
-            )
-            for ref, tree in trees.items()
-        }
+        workers = {ref: _worker(tree, scratch) for ref, tree in trees.items()}
         print(f"EM ms per iteration, {args.old} -> {args.new}, interleaved; {machine()}", flush=True)
         try:
             for case in CASES:
-                repeats = args.large_repeats if case[0] >= 1_000_000 else args.repeats
-                times: dict[str, list[float]] = {ref: [] for ref in workers}
-                for r in range(repeats):
-                    for ref in list(workers)[:: 1 if r % 2 == 0 else -1]:
-                        assert workers[ref].stdin and workers[ref].stdout
-                        workers[ref].stdin.write(json.dumps(case) + "\n")
-                        workers[ref].stdin.flush()
-                        times[ref].append(1e3 * json.loads(workers[ref].stdout.readline()))
+                times = _time_case(
+                    workers, case, args.large_repeats if case[0] >= 1_000_000 else args.repeats
+                )
                 old, new = (statistics.median(times[ref]) for ref in (args.old, args.new))
                 n, d, k, cov, dtype = case[:5]
                 spread = {ref: f"{min(t):.2f}-{max(t):.2f}" for ref, t in times.items()}
@@ -105,9 +102,7 @@ def main() -> None:
                 )
         finally:
             for worker in workers.values():
-                if worker.stdin:
-                    worker.stdin.close()
-                worker.wait()
+                worker.close()
             for tree in trees.values():
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False)
 

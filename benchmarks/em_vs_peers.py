@@ -1,75 +1,11 @@
-"""Our EM against its peers: milliseconds per EM iteration from the same data and initial parameters.
+"""Our Gaussian mixture's EM against scikit-learn (numpy and array API) and pomegranate: ms per EM
+iteration from the same data and initial parameters, with the GEMM floor, our peak memory and the
+issue's targets. Method and history: benchmarks/README.md, section "em_vs_peers".
 
-For each size (N, D, K), covariance type (full, diag) and dtype (float64, float32), on the same
-synthetic data (``ppl_gmm.data.make_synthetic``) and from the same initial parameters (k-means++
-seeding on the data, ``ppl_gmm.init.initialize``), this times
-
-  ours                 ``EM().fit(model, x, init, EMOptions(max_iter=n, tol=0))`` with data and init
-                       in the dtype, at torch threads t for each t of ``--threads``
-  sklearn              scikit-learn ``GaussianMixture`` on numpy float64 arrays (float64 only),
-                       started from weights_init / means_init / precisions_init (native shapes of the
-                       covariance type), tol=0, reg_covar=1e-6, max_iter=n, inside
-                       ``threadpoolctl.threadpool_limits(t)`` for each t of ``--peer-threads``
-  sklearn-array-api    the same on torch tensors with ``sklearn.set_config(array_api_dispatch=True)``,
-                       in a separate process started with ``SCIPY_ARRAY_API=1`` (driven over a pipe,
-                       so its runs interleave with the others), float64 and float32, torch threads t.
-                       Array-API mode accepts only ``init_params`` "random" or "random_from_data";
-                       "random_from_data" is passed to get past that check, and since all three
-                       ``*_init`` are given, scikit-learn never uses it and starts from ours (the
-                       final log-likelihoods agree with the numpy run to rounding).
-  pomegranate          ``GeneralMixtureModel`` of initialised ``Normal`` distributions (pomegranate
-                       1.1.x, when installed), ``tol=-inf``, ``max_iter=n``, ``.to(dtype)``, torch
-                       threads t. pomegranate has no ``reg_covar``, so its log-likelihood differs at
-                       the 1e-8 level.
-
-Each is run for two lengths A < B; ms per iteration = (t_B - t_A) / (B - A), so fixed costs (set-up,
-validation, our initial E-step, scikit-learn's final E-step) cancel; a run shorter than
-``--min-run-time`` is repeated and its fastest time kept (``runs_a``, ``runs_b``); a pair whose B
-run was not slower than its A run was disturbed, and is run again (at most three times in all).
-Repeats are interleaved (the order of the implementations rotates, the A/B order alternates) and
-medians reported. By default the timed difference is 20 iterations below ``--large``. With 5
-(3 -> 8), our float32 at N = 100k was a difference of only ~15-30 ms. In one run on the README's
-AMD machine its repeats then ranged over 0.87-3.31 ms per iteration (D = K = 8, diag) and
-5.33-6.82 (full).
-
-Thread settings: every implementation, ours included, is timed at each of its settings in every
-repeat (the settings' order alternates between repeats) and keeps the setting with the fastest median
-(column ``thr``; column ``median by threads`` gives each setting's median ms per iteration; CSV rows
-``kind=run`` carry ``used`` for the chosen setting's runs). Choosing on the measure that is reported,
-in the same interleaved repeats, replaced short probes before the timed runs: on a noisy 2-core
-machine a probe of one or two iterations picked the slower setting for our float64 and float32 at
-N = 100k, D = K = 8 in successive runs (two lanes were 1.15-1.4x faster per iteration when timed
-interleaved), and any probe that sums run times counts fixed costs, such as starting our lanes' worker
-threads, that a longer fit pays once. Before each timed run the script waits (at most ``--max-wait``
-s) for other processes to go quiet, and records how many cores they kept busy (``other_cores_max``,
-column ``busy``) and the minor page faults per iteration (``minflt_per_iter``, from ``getrusage``;
-for array-API mode, its own process's). Where N >= ``--large``, ``--iters-large`` and
-``--repeats-large`` apply.
-
-The GEMM floor is 4·N·K·D² flops (E-step quadratic forms and M-step outer products) at the rate of a
-plain 1024×1024×1024 ``torch.mm`` in that dtype, measured on the spot: at start-up and again before
-each configuration, at each of ``--threads``, best of several batches, and the best rate seen so far
-is used. (The rates of the EM-shaped GEMMs, (4096, D) @ (D, K·D) and (K·D, 4096) @ (4096, D), are
-written to the CSV for reference; at small D they are far below the peak.) Full covariances only.
-
-Peak memory of ours is measured in a fresh process per configuration (``--worker memory``): it
-imports what a fit needs, records its peak resident memory ("after imports"), loads the data from a
-.npy file in the configuration's dtype, runs ``EM`` for A iterations at the chosen thread setting
-and records the peak again ("peak"); ``peak_ratio`` = peak / (after imports + data size). The peak
-is VmHWM from /proc/self/status, not ``getrusage().ru_maxrss``, which Linux carries over fork and
-exec (the worker would report this process's peak, ~2.7 GB after generating the 1M data set).
-
-    .venv/bin/python -m benchmarks.em_vs_peers            # 10k,2,3  100k,8,8  1M,16,16
+    .venv/bin/python -m benchmarks.em_vs_peers            # 10k,2,3  100k,8,8  1M,16,16 (15-25 min)
     .venv/bin/python -m benchmarks.em_vs_peers --quick    # 10k,2,3  100k,8,8
 
-The script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=2**30`` and ``MALLOC_TRIM_THRESHOLD_=2**31``
-(``--no-malloc-env`` leaves the environment alone). They matter for the peers, not for ours: at
-N = 1M, D = K = 16 without them glibc hands scikit-learn's and pomegranate's large temporaries back
-to the OS after each use, and pomegranate paid ~3.6 million minor page faults per iteration (about
-3x slower), scikit-learn ~40 thousand; ours, which reuses its block buffers, paid none either way
-(see ``minflt_per_iter``). Results are written (overwritten) to benchmarks/results/em_vs_peers.csv:
-one row per timed pair (``kind=run``, every thread setting) and one per configuration and
-implementation (``kind=median``, at the chosen setting). Not part of the test suite.
+Prints a table per configuration, then the targets; writes results/em_vs_peers.csv (overwritten).
 """
 
 from __future__ import annotations
@@ -77,12 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import itertools
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -98,19 +33,35 @@ import torch
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.config import InitConfig
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture, make_synthetic
+from ppl_gmm.models.gmm import GaussianMixture
 
-from ._common import Measured, machine, measure, wait_until_quiet
+from ._common import (
+    DTYPES,
+    MALLOC_ENV,
+    REPO,
+    RESULTS,
+    LineWorker,
+    Measured,
+    add_quiet_options,
+    fmt_n,
+    machine,
+    measure,
+    peak_rss_mb,
+    reexec_with_malloc_env,
+    run_worker,
+    serve_job,
+    settle,
+    synthetic,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "em_vs_peers.csv"
-DEFAULT_SIZES = ("10000,2,3", "100000,8,8", "1000000,16,16")
+MODULE = "benchmarks.em_vs_peers"
+SIZES_HELP = "default 10000,2,3 100000,8,8 1000000,16,16"
+MALLOC_HELP = "run with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + " (default)"
 QUICK_MAX_N = 100_000
 TARGET_MIN_N = 100_000  # the issue's speed targets concern its table's sizes
 REG_COVAR = 1e-6
 SEPARATION = 4.0  # as benchmarks/svi_overhead
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31)}
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+PEERS = ("sklearn", "sklearn-array-api", "pomegranate")
 LABELS = {
     "ours": "ours (ppl_gmm EM)",
     "sklearn": "scikit-learn numpy",
@@ -127,13 +78,7 @@ class Size:
 
     @property
     def label(self) -> str:
-        if self.n % 1_000_000 == 0:
-            n = f"{self.n // 1_000_000}M"
-        elif self.n % 1000 == 0:
-            n = f"{self.n // 1000}k"
-        else:
-            n = str(self.n)
-        return f"{n},{self.d},{self.k}"
+        return f"{fmt_n(self.n)},{self.d},{self.k}"
 
 
 def _size(text: str) -> Size:
@@ -146,86 +91,38 @@ def _size(text: str) -> Size:
     return Size(n, d, k)
 
 
+DEFAULT_SIZES = [Size(10_000, 2, 3), Size(100_000, 8, 8), Size(1_000_000, 16, 16)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.em_vs_peers",
+        prog=f"python -m {MODULE}",
         description="ms per EM iteration: ours against scikit-learn (numpy, array API) and pomegranate.",
     )
-    parser.add_argument(
-        "--sizes",
-        type=_size,
-        nargs="+",
-        default=[_size(s) for s in DEFAULT_SIZES],
-        metavar="N,D,K",
-        help="sizes (default 10000,2,3 100000,8,8 1000000,16,16)",
+    add = parser.add_argument
+    add("--sizes", type=_size, nargs="+", default=DEFAULT_SIZES, metavar="N,D,K", help=SIZES_HELP)
+    add("--quick", action="store_true", help=f"only the sizes with N <= {QUICK_MAX_N}")
+    add("--covariance", nargs="+", choices=("full", "diag"), default=["full", "diag"])
+    add("--dtype", nargs="+", choices=tuple(DTYPES), default=["float64", "float32"])
+    lengths = {"type": int, "nargs": 2, "metavar": ("A", "B")}
+    add("--iters", **lengths, default=(3, 23), help="A < B, the run lengths timed (default 3 23)")
+    add("--iters-large", **lengths, default=(1, 3), help="the run lengths where N >= --large (default 1 3)")
+    add("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    add("--repeats-large", type=int, default=3, help="repeats where N >= --large (default 3)")
+    add("--large", type=int, default=1_000_000, help="what N counts as large (default 1e6)")
+    add("--threads", type=int, nargs="+", default=(1, 2), help="ours' thread settings, fastest kept (1 2)")
+    add(
+        "--peer-threads", type=int, nargs="+", default=(1, 2), help="the peers' thread settings (default 1 2)"
     )
-    parser.add_argument("--quick", action="store_true", help=f"only the sizes with N <= {QUICK_MAX_N}")
-    parser.add_argument("--covariance", nargs="+", choices=("full", "diag"), default=["full", "diag"])
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float64", "float32"])
-    parser.add_argument(
-        "--iters",
-        type=int,
-        nargs=2,
-        default=(3, 23),
-        metavar=("A", "B"),
-        help="the two run lengths whose difference is timed (default 3 23)",
-    )
-    parser.add_argument(
-        "--iters-large",
-        type=int,
-        nargs=2,
-        default=(1, 3),
-        metavar=("A", "B"),
-        help="run lengths where N >= --large (default 1 3)",
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
-    parser.add_argument("--repeats-large", type=int, default=3, help="repeats where N >= --large (default 3)")
-    parser.add_argument("--large", type=int, default=1_000_000, help="what N counts as large (default 1e6)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        nargs="+",
-        default=(1, 2),
-        help="torch thread settings tried for ours; the fastest is kept (default 1 2)",
-    )
-    parser.add_argument(
-        "--peer-threads",
-        type=int,
-        nargs="+",
-        default=(1, 2),
-        help="thread settings tried for each peer; the fastest is kept (default 1 2)",
-    )
-    parser.add_argument(
-        "--peers",
-        nargs="+",
-        choices=("sklearn", "sklearn-array-api", "pomegranate"),
-        default=["sklearn", "sklearn-array-api", "pomegranate"],
-    )
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--seed", type=int, default=0, help="data and k-means++ seed (default 0)")
-    parser.add_argument(
-        "--quiet",
-        type=float,
-        default=0.5,
-        help="before each timed run, wait until other processes keep fewer than this many cores busy",
-    )
-    parser.add_argument("--max-wait", type=float, default=0.1, help="... but at most this many seconds")
-    parser.add_argument(
-        "--min-run-time",
-        type=float,
-        default=0.2,
-        help="a run shorter than this is repeated (up to 10 runs) and its fastest time kept (default 0.2 s)",
-    )
-    parser.add_argument(
-        "--malloc-env",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + " (the default; "
-        "without them the peers pay millions of page faults per iteration at N = 1M)",
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to write (overwritten)")
-    parser.add_argument("--worker", choices=("array-api", "memory"), help=argparse.SUPPRESS)
-    parser.add_argument("--job", help=argparse.SUPPRESS)
+    add("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    add("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    add("--seed", type=int, default=0, help="data and k-means++ seed (default 0)")
+    add_quiet_options(parser, quiet=0.5, max_wait=0.1)
+    add("--min-run-time", type=float, default=0.2, help="shorter runs are repeated, fastest kept (0.2 s)")
+    add("--malloc-env", action=argparse.BooleanOptionalAction, default=True, help=MALLOC_HELP)
+    add("--out", type=Path, default=RESULTS / "em_vs_peers.csv", help="CSV to write (overwritten)")
+    add("--worker", choices=("array-api", "memory"), help=argparse.SUPPRESS)
+    add("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return args
@@ -242,23 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.threads = tuple(sorted(set(args.threads)))
     args.peer_threads = tuple(sorted(set(args.peer_threads)))
     return args
-
-
-# ---- measuring ------------------------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process image: VmHWM from /proc/self/status. Not
-    ``getrusage().ru_maxrss``: Linux carries that over fork and exec, so a worker started by this
-    (large) process would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---- the contenders ---------------------------------------------------------------------------
@@ -287,29 +167,31 @@ def run_ours(model: GaussianMixture, x: torch.Tensor, init: dict, iters: int, th
     return measured, last[-1]  # the log-likelihood at the parameters after `iters` M-steps
 
 
+def _sk_mixture(k: int, covariance: str, iters: int, inits: dict, **extra: Any) -> Any:
+    """scikit-learn's GaussianMixture started from ``inits``, with our tol and reg_covar."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    start = {f"{name}_init": inits[name] for name in ("weights", "means", "precisions")}
+    options = {"covariance_type": covariance, "tol": 0.0, "reg_covar": REG_COVAR, "max_iter": iters}
+    return SkGaussianMixture(k, **options, **start, random_state=0, **extra)
+
+
+def _sk_fit(gm: Any, x: Any, want_ll: bool) -> Run:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        measured, _ = measure(lambda: gm.fit(x))
+    return measured, float(gm.score(x)) if want_ll else None
+
+
 def run_sklearn(
     x: np.ndarray, k: int, covariance: str, inits: dict, iters: int, threads: int, want_ll: bool
 ) -> Run:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture as SkGaussianMixture
     from threadpoolctl import threadpool_limits
 
-    gm = SkGaussianMixture(
-        k,
-        covariance_type=covariance,
-        tol=0.0,
-        reg_covar=REG_COVAR,
-        max_iter=iters,
-        weights_init=inits["weights"],
-        means_init=inits["means"],
-        precisions_init=inits["precisions"],
-        random_state=0,
-    )
-    with threadpool_limits(limits=threads), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        measured, _ = measure(lambda: gm.fit(x))
-        ll = float(gm.score(x)) if want_ll else None
-    return measured, ll
+    with threadpool_limits(limits=threads):
+        return _sk_fit(_sk_mixture(k, covariance, iters, inits), x, want_ll)
 
 
 def run_pomegranate(
@@ -337,41 +219,23 @@ def run_pomegranate(
     return measured, ll
 
 
-class ArrayApiWorker:
-    """scikit-learn in array-API mode in its own process (SCIPY_ARRAY_API=1 before any import)."""
+def start_array_api() -> tuple[LineWorker | None, str]:
+    """scikit-learn in array-API mode in its own process (SCIPY_ARRAY_API=1 before any import), or
+    None and why not."""
+    command = [sys.executable, "-m", MODULE, "--worker", "array-api"]
+    worker = LineWorker("array-API worker", command, dict(os.environ, SCIPY_ARRAY_API="1"), REPO)
+    hello = worker.read()
+    if hello.get("available"):
+        return worker, ""
+    worker.close()
+    return None, hello.get("reason", "")
 
-    def __init__(self) -> None:
-        env = dict(os.environ, SCIPY_ARRAY_API="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.em_vs_peers", "--worker", "array-api"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        hello = self._read()
-        self.available: bool = bool(hello.get("available"))
-        self.reason: str = hello.get("reason", "")
 
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the array-API worker exited (code {self.proc.poll()})")
-        return json.loads(line)
-
-    def call(self, **command: Any) -> dict:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        return reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+def run_array_api(worker: LineWorker, **command: Any) -> Run:
+    reply = worker.ask(command)
+    if "error" in reply:
+        raise RuntimeError(reply["error"])
+    return Measured(**{key: reply[key] for key in Measured._fields}), reply["ll"]
 
 
 def _array_api_worker() -> int:
@@ -384,8 +248,7 @@ def _array_api_worker() -> int:
 
     try:
         import sklearn
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.mixture import GaussianMixture as SkGaussianMixture
+        import sklearn.mixture  # noqa: F401
 
         sklearn.set_config(array_api_dispatch=True)
     except Exception as exc:  # noqa: BLE001  (whatever fails, array-API mode is unavailable here)
@@ -395,41 +258,30 @@ def _array_api_worker() -> int:
     cache: dict[tuple[str, str], torch.Tensor] = {}
     for line in sys.stdin:
         try:
-            cmd = json.loads(line)
-            dtype = DTYPES[cmd["dtype"]]
-            key = (cmd["data"], cmd["dtype"])
-            if key not in cache:
-                if len(cache) >= 2:  # both dtypes of one data set at most
-                    cache.clear()
-                cache[key] = torch.from_numpy(np.load(cmd["data"])).to(dtype)
-            x = cache[key] if cmd.get("rows") is None else cache[key][: cmd["rows"]]
-            inits = {name: torch.from_numpy(v).to(dtype) for name, v in np.load(cmd["init"]).items()}
-            torch.set_num_threads(cmd["threads"])
-            gm = SkGaussianMixture(
-                cmd["k"],
-                covariance_type=cmd["covariance"],
-                tol=0.0,
-                reg_covar=REG_COVAR,
-                max_iter=cmd["iters"],
-                weights_init=inits["weights"],
-                means_init=inits["means"],
-                precisions_init=inits["precisions"],
-                init_params="random_from_data",  # only to pass the array-API check; unused
-                random_state=0,
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                measured, _ = measure(lambda: gm.fit(x))  # noqa: B023
-            ll = float(gm.score(x)) if cmd.get("score") else None
+            measured, ll = _array_api_fit(json.loads(line), cache)
             send({**measured._asdict(), "ll": ll})
         except Exception as exc:  # noqa: BLE001  (reported to the parent, which carries on)
             send({"error": f"{type(exc).__name__}: {exc}"})
     return 0
 
 
-def _memory_worker(job_path: str) -> int:
-    """Peak memory of one EM fit in a fresh process (see the module docs)."""
-    job = json.loads(Path(job_path).read_text())
+def _array_api_fit(cmd: dict, cache: dict[tuple[str, str], torch.Tensor]) -> Run:
+    dtype = DTYPES[cmd["dtype"]]
+    key = (cmd["data"], cmd["dtype"])
+    if key not in cache:
+        if len(cache) >= 2:  # both dtypes of one data set at most
+            cache.clear()
+        cache[key] = torch.from_numpy(np.load(cmd["data"])).to(dtype)
+    x = cache[key] if cmd.get("rows") is None else cache[key][: cmd["rows"]]
+    inits = {name: torch.from_numpy(v).to(dtype) for name, v in np.load(cmd["init"]).items()}
+    torch.set_num_threads(cmd["threads"])
+    # "random_from_data" only to pass the array-API check: all three *_init are given, so it is unused
+    gm = _sk_mixture(cmd["k"], cmd["covariance"], cmd["iters"], inits, init_params="random_from_data")
+    return _sk_fit(gm, x, bool(cmd.get("score")))
+
+
+def _memory_worker(job: dict) -> dict:
+    """Peak memory of one EM fit in a fresh process."""
     torch.set_num_threads(job["threads"])
     after_imports = peak_rss_mb()
     x = torch.from_numpy(np.load(job["data"]))
@@ -442,23 +294,14 @@ def _memory_worker(job_path: str) -> int:
     EM().fit(model, x, init, options, report=lambda info: None)
     peak = peak_rss_mb()
     result = {"rss_after_imports_mb": after_imports, "data_mb": data_mb, "peak_rss_mb": peak}
-    print(json.dumps({**result, "peak_ratio": peak / (after_imports + data_mb)}))
-    return 0
+    return {**result, "peak_ratio": peak / (after_imports + data_mb)}
 
 
-def measure_memory(tmp: Path, **job: Any) -> dict:
-    path = tmp / "memory_job.json"
-    path.write_text(json.dumps(job))
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.em_vs_peers", "--worker", "memory", "--job", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measure_memory(tmp: Path, job: dict[str, Any]) -> dict:
+    try:
+        return run_worker(MODULE, "memory", tmp, job)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
 
 
 # ---- the GEMM floor ---------------------------------------------------------------------------
@@ -513,7 +356,7 @@ def floor_ms(size: Size, gflops: float) -> float:
     return 4.0 * size.n * size.k * size.d**2 / (gflops * 1e9) * 1000
 
 
-# ---- one configuration ------------------------------------------------------------------------
+# ---- timing one configuration -----------------------------------------------------------------
 
 
 @dataclass
@@ -528,6 +371,39 @@ class Contender:
     runs: list[dict] = field(default_factory=list)
     ll: float | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: a size and covariance type, its run lengths A < B and its repeats."""
+
+    size: Size
+    covariance: str
+    a: int
+    b: int
+    repeats: int
+
+
+@dataclass
+class Bench:
+    """What the configurations of one run share."""
+
+    args: argparse.Namespace
+    tmp: Path
+    peers: list[str]
+    worker: LineWorker | None
+    rates: GemmRates
+    stamp: str
+    summary: dict[tuple[str, str, str, str], dict] = field(default_factory=dict)  # (size, cov, dtype, impl)
+
+
+@dataclass(frozen=True)
+class Data:
+    """One size's data: tensors per dtype and the .npy files the worker processes read."""
+
+    xs: dict[str, torch.Tensor]
+    paths: dict[str, Path]
+    seconds: float
 
 
 def _progress(text: str) -> None:
@@ -551,57 +427,359 @@ def _error(exc: Exception) -> str:
     return (f"{type(exc).__name__}: {exc}".splitlines() or ["?"])[0]
 
 
-def time_pair(c: Contender, a: int, b: int, threads: int, flip: bool, args) -> dict:
-    """Runs of A and B iterations (B first when ``flip``). A run shorter than ``--min-run-time`` is
-    repeated until that much time is spent (at most 10 runs) and its fastest time kept: preemption
-    only ever adds time, so the minimum of a few short runs is robust where one run is not. The
-    final log-likelihood is kept from the first B run."""
+def _fastest_run(c: Contender, iters: int, threads: int, want_ll: bool, args: argparse.Namespace) -> tuple:
+    """A run of ``iters`` iterations, repeated until ``--min-run-time`` is spent (at most 10 runs):
+    the fastest, and how many ran. Preemption only ever adds time, so the minimum of a few short
+    runs is robust where one run is not."""
+    spent, best, count = 0.0, None, 0
+    settle(args.quiet, args.max_wait)  # fast: the objects of the imports are frozen (see main)
+    while count < 10 and (count == 0 or spent < args.min_run_time):
+        want = want_ll and c.ll is None
+        measured, ll = c.run(iters, threads, want, None)
+        if want:
+            c.ll = ll
+        spent, count = spent + measured.seconds, count + 1
+        if best is None or measured.seconds < best.seconds:
+            best = measured
+    return best, count
+
+
+def time_pair(c: Contender, a: int, b: int, threads: int, flip: bool, args: argparse.Namespace) -> dict:
+    """Runs of A and B iterations (B first when ``flip``); the final log-likelihood is kept from the
+    first B run."""
     for _ in range(3):  # a B run faster than its A run was disturbed: both are run again
-        got: dict[int, Measured] = {}
-        count: dict[int, int] = {}
-        for n_it in (b, a) if flip else (a, b):
-            spent, best, count[n_it] = 0.0, None, 0
-            gc.collect()  # fast: the objects of the imports are frozen (see main)
-            wait_until_quiet(args.quiet, args.max_wait)
-            while count[n_it] < 10 and (count[n_it] == 0 or spent < args.min_run_time):
-                want = c.ll is None and n_it == b
-                measured, ll = c.run(n_it, threads, want, None)
-                if want:
-                    c.ll = ll
-                spent += measured.seconds
-                count[n_it] += 1
-                if best is None or measured.seconds < best.seconds:
-                    best = measured
-            got[n_it] = best
-        if got[b].seconds > got[a].seconds:
+        got = {n_it: _fastest_run(c, n_it, threads, n_it == b, args) for n_it in ((b, a) if flip else (a, b))}
+        if got[b][0].seconds > got[a][0].seconds:
             break
-    ma, mb = got[a], got[b]
+    (ma, count_a), (mb, count_b) = got[a], got[b]
     return {
         "threads": threads,
         "seconds_a": ma.seconds,
         "seconds_b": mb.seconds,
-        "runs_a": count[a],
-        "runs_b": count[b],
+        "runs_a": count_a,
+        "runs_b": count_b,
         "ms_per_iter": 1000 * (mb.seconds - ma.seconds) / (b - a),
         "minflt_per_iter": (mb.minflt - ma.minflt) / (b - a),
         "other_cores_max": max(ma.other_cores, mb.other_cores),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    raw_argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.worker == "array-api":
-        return _array_api_worker()
-    if args.worker == "memory":
-        return _memory_worker(args.job)
-    if args.malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        sys.stdout.flush()
-        env = dict(os.environ, **MALLOC_ENV)
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.em_vs_peers", *raw_argv], env)
-    malloc_env = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "unset"
-    started = time.perf_counter()
+ARRAY_API_NOTE = "own process, SCIPY_ARRAY_API=1; started from our parameters via *_init"
 
+
+def _contenders(
+    bench: Bench, cfg: Config, model: GaussianMixture, data: Data, init: dict, inits: dict, init_path: Path
+) -> list[Contender]:
+    args, peers, k, cov = bench.args, bench.peers, cfg.size.k, cfg.covariance
+
+    def ours(x: torch.Tensor) -> Callable:
+        return lambda it, t, want, rows: run_ours(model, x[:rows], init, it, t)
+
+    def sklearn(x: np.ndarray) -> Callable:
+        return lambda it, t, want, rows: run_sklearn(x[:rows], k, cov, inits, it, t, want)
+
+    def array_api(name: str) -> Callable:
+        job = {
+            "data": str(data.paths[name]),
+            "init": str(init_path),
+            "dtype": name,
+            "k": k,
+            "covariance": cov,
+        }
+        return lambda it, t, want, rows: run_array_api(
+            bench.worker, **job, iters=it, threads=t, score=want, rows=rows
+        )
+
+    def pomegranate(x: torch.Tensor) -> Callable:
+        return lambda it, t, want, rows: run_pomegranate(x[:rows], cov, init, it, t, want)
+
+    out = [Contender("ours", name, args.threads, ours(data.xs[name])) for name in args.dtype]
+    if "sklearn" in peers and "float64" in args.dtype:
+        out.append(Contender("sklearn", "float64", args.peer_threads, sklearn(data.xs["float64"].numpy())))
+    for name in args.dtype:
+        if "sklearn-array-api" in peers:
+            out.append(
+                Contender("sklearn-array-api", name, args.peer_threads, array_api(name), ARRAY_API_NOTE)
+            )
+        if "pomegranate" in peers:
+            out.append(
+                Contender("pomegranate", name, args.peer_threads, pomegranate(data.xs[name]), "no reg_covar")
+            )
+    return out
+
+
+def _warm_up(contenders: list[Contender], size: Size) -> None:
+    """Code paths, thread pools, lazy imports: untimed."""
+    for c in contenders:
+        for t in c.threads:
+            try:
+                c.run(1, t, False, min(size.n, 20_000))
+            except Exception as exc:  # noqa: BLE001
+                c.error = _error(exc)
+
+
+def _time_repeats(args: argparse.Namespace, cfg: Config, contenders: list[Contender]) -> None:
+    """Every contender at every thread setting in every repeat; the contenders' order rotates, the
+    settings' and the A/B order alternate."""
+    for r in range(cfg.repeats):
+        shift = r % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
+            if c.error:
+                continue
+            for t in c.threads if r % 2 == 0 else c.threads[::-1]:
+                _progress(
+                    f"{cfg.size.label} {cfg.covariance}: repeat {r + 1}/{cfg.repeats}, "
+                    f"{LABELS[c.impl]} {c.dtype} at {t} thread(s)"
+                )
+                try:
+                    pair = time_pair(c, cfg.a, cfg.b, t, r % 2 == 1, args)
+                except Exception as exc:  # noqa: BLE001
+                    c.error = _error(exc)
+                    break
+                c.runs.append({"repeat": r + 1, **pair})
+    _progress("")
+
+
+def _choose_threads(contenders: list[Contender]) -> None:
+    """Each contender keeps the thread setting with the fastest median."""
+    for c in contenders:
+        for run in c.runs:
+            run["used"] = False
+        if c.error or not c.runs:
+            continue
+        c.tried = {
+            t: statistics.median(run["ms_per_iter"] for run in c.runs if run["threads"] == t)
+            for t in c.threads
+        }
+        c.chosen = min(c.tried, key=c.tried.get)
+        for run in c.runs:
+            run["used"] = run["threads"] == c.chosen
+
+
+def _memory(bench: Bench, cfg: Config, contenders: list[Contender], data: Data, init_path: Path) -> dict:
+    """Our peak memory per dtype, each in a fresh process at the chosen thread setting."""
+    if bench.args.no_memory:
+        return {}
+    job = {"init": str(init_path), "k": cfg.size.k, "covariance": cfg.covariance, "iters": cfg.a}
+    return {
+        c.dtype: measure_memory(bench.tmp, {**job, "data": str(data.paths[c.dtype]), "threads": c.chosen})
+        for c in contenders
+        if c.impl == "ours" and c.chosen is not None
+    }
+
+
+def run_config(bench: Bench, cfg: Config, data: Data) -> list[dict]:
+    """Times one configuration and prints its table; its CSV rows (the timed pairs, then the medians)."""
+    args, size = bench.args, cfg.size
+    model = GaussianMixture(size.k, size.d, cfg.covariance, None)
+    began = time.perf_counter()
+    init = initialize(
+        model, data.xs["float64"], InitConfig(method="kmeans++", reg_covar=REG_COVAR), args.seed
+    )
+    init_seconds = time.perf_counter() - began
+    inits = sklearn_inits(init, cfg.covariance)
+    init_path = bench.tmp / "init.npz"
+    np.savez(init_path, **inits, covariances=init["covariances"].numpy())
+    bench.rates.update()
+    em_rates = {name: bench.rates.em_shapes(size, name) for name in bench.rates.dtypes}
+    print(
+        f"\n== N={size.n:,} D={size.d} K={size.k} {cfg.covariance} ==  iterations {cfg.a}->{cfg.b}, "
+        f"{cfg.repeats} repeat(s); data {data.seconds:.1f} s, k-means++ init {init_seconds:.1f} s"
+    )
+    contenders = _contenders(bench, cfg, model, data, init, inits, init_path)
+    _warm_up(contenders, size)
+    _time_repeats(args, cfg, contenders)
+    _choose_threads(contenders)
+    memory = _memory(bench, cfg, contenders, data, init_path)
+    medians = _summarize(bench, cfg, contenders, em_rates, memory)
+    return [_row(bench.stamp, cfg, c, "run", **run) for c in contenders for run in c.runs] + medians
+
+
+def run_size(bench: Bench, size: Size) -> list[dict]:
+    args = bench.args
+    large = size.n >= args.large
+    a, b = args.iters_large if large else args.iters
+    repeats = args.repeats_large if large else args.repeats
+    began = time.perf_counter()
+    x64 = torch.from_numpy(synthetic(size.n, size.d, size.k, SEPARATION, args.seed)[0])
+    xs = {"float64": x64, "float32": x64.to(torch.float32)}
+    paths = {name: bench.tmp / f"x_{size.n}_{size.d}_{size.k}_{name}.npy" for name in args.dtype}
+    for name, path in paths.items():
+        np.save(path, xs[name].numpy())
+    data = Data(xs, paths, time.perf_counter() - began)
+    return [
+        row for cov in args.covariance for row in run_config(bench, Config(size, cov, a, b, repeats), data)
+    ]
+
+
+# ---- reporting --------------------------------------------------------------------------------
+
+
+def _row(stamp: str, cfg: Config, c: Contender, kind: str, **values: Any) -> dict:
+    where = {"timestamp": stamp, "kind": kind, "n": cfg.size.n, "d": cfg.size.d, "k": cfg.size.k}
+    what = {"covariance": cfg.covariance, "dtype": c.dtype, "implementation": c.impl}
+    return {**where, **what, "iters_a": cfg.a, "iters_b": cfg.b, **values}
+
+
+TABLE_HEAD = (
+    f"  {'implementation':<31}{'dtype':<8}{'thr':>3}{'ms/iter':>9}  {'min–max':<13}{'ours ×':>7}"
+    f"  {'median by threads':<28}{'final mean log-lik.':>20}  {'vs sklearn':>10}{'faults/it':>10}{'busy':>6}"
+)
+
+
+def _median_row(bench: Bench, cfg: Config, c: Contender, meds: dict, sk_ll: float | None) -> dict:
+    """A contender's line of the table, and its median row (kept in ``bench.summary`` too)."""
+    chosen_runs = [run for run in c.runs if run["used"]]
+    thr = str(c.chosen) if c.chosen is not None else "—"
+    values = [run["ms_per_iter"] for run in chosen_runs]
+    ms = meds.get((c.impl, c.dtype), math.nan)
+    lo, hi = (min(values), max(values)) if values else (math.nan, math.nan)
+    faults = statistics.median([run["minflt_per_iter"] for run in chosen_runs]) if chosen_runs else math.nan
+    other = max((run["other_cores_max"] for run in chosen_runs), default=math.nan)
+    tried = " / ".join(f"{t}t {_fmt_ms(v)}" for t, v in sorted(c.tried.items()))
+    rel = _rel(c.ll, sk_ll)
+    speed = ms / meds.get(("ours", c.dtype), math.nan)
+    if c.error:
+        print(f"  {LABELS[c.impl]:<31}{c.dtype:<8}  failed: {c.error}")
+    else:
+        ll_text = f"{c.ll:.12f}" if c.ll is not None else "—"
+        print(
+            f"  {LABELS[c.impl]:<31}{c.dtype:<8}{thr:>3}{_fmt_ms(ms):>9}  "
+            f"{_fmt_ms(lo) + '–' + _fmt_ms(hi):<13}{speed:>7.2f}  {tried:<28}{ll_text:>20}  {rel:>10.1e}"
+            f"{faults:>10.0f}{other:>6.2f}"
+        )
+    row = _row(bench.stamp, cfg, c, "median", threads=thr, ms_per_iter_by_threads=tried)
+    row.update(repeats=len(chosen_runs), ms_per_iter=ms, ms_min=lo, ms_max=hi, minflt_per_iter=faults)
+    row.update(other_cores_max=other, final_ll=c.ll, ll_rel_diff_vs_sklearn=rel, ours_speedup=speed)
+    row["note"] = c.error or c.note
+    bench.summary[(cfg.size.label, cfg.covariance, c.dtype, c.impl)] = row
+    return row
+
+
+def _ours_line(bench: Bench, cfg: Config, name: str, meds: dict, em_rates: dict, memory: dict) -> None:
+    """Ours in ``name`` against the fastest peer, the floor, itself in the other precision; its memory."""
+    ours_ms = meds[("ours", name)]
+    peer_ms = {impl: v for (impl, dtype), v in meds.items() if dtype == name and impl != "ours"}
+    row = bench.summary[(cfg.size.label, cfg.covariance, name, "ours")]
+    parts = []
+    if peer_ms:
+        fastest = min(peer_ms, key=peer_ms.get)
+        row.update(
+            fastest_peer=fastest,
+            fastest_peer_ms=peer_ms[fastest],
+            speedup_vs_fastest_peer=peer_ms[fastest] / ours_ms,
+        )
+        parts.append(f"{peer_ms[fastest] / ours_ms:.2f}× the speed of the fastest peer ({fastest})")
+    if "sklearn" in peer_ms:
+        row["speedup_vs_sklearn_numpy"] = peer_ms["sklearn"] / ours_ms
+    rate = bench.rates.best[name]
+    row.update(gemm_gflops=rate, gemm_em_shapes_gflops=em_rates.get(name))
+    if cfg.covariance == "full":
+        fl = floor_ms(cfg.size, rate)
+        row.update(floor_ms=fl, ratio_to_floor=ours_ms / fl)
+        parts.append(f"{ours_ms / fl:.2f}× the GEMM floor ({_fmt_ms(fl)} ms at {rate:.0f} GFLOP/s)")
+    if name == "float32" and ("ours", "float64") in meds:
+        row["f32_speedup"] = meds[("ours", "float64")] / ours_ms
+        parts.append(f"{row['f32_speedup']:.2f}× our float64")
+    mem = memory.get(name)
+    if mem and "error" not in mem:
+        row.update(mem)
+        parts.append(
+            f"peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_ratio']:.2f}× (after imports "
+            f"{mem['rss_after_imports_mb']:.0f} MB + data {mem['data_mb']:.0f} MB)"
+        )
+    elif mem:
+        parts.append(f"memory measurement failed: {mem['error']}")
+    print(f"  ours {name}: " + "; ".join(parts))
+
+
+def _summarize(
+    bench: Bench, cfg: Config, contenders: list[Contender], em_rates: dict, memory: dict
+) -> list[dict]:
+    """Prints the configuration's table; returns its median rows."""
+    meds: dict[tuple[str, str], float] = {}
+    for c in contenders:
+        values = [run["ms_per_iter"] for run in c.runs if run["used"]]
+        if values and not c.error:
+            meds[(c.impl, c.dtype)] = statistics.median(values)
+    sk_ll = next((c.ll for c in contenders if c.impl == "sklearn"), None)
+    print(TABLE_HEAD)
+    rows = [_median_row(bench, cfg, c, meds, sk_ll) for c in contenders]
+    for name in [n for n in ("float64", "float32") if ("ours", n) in meds]:
+        _ours_line(bench, cfg, name, meds, em_rates, memory)
+    return rows
+
+
+def _floors_at_best_rate(summary: dict, rates: GemmRates) -> None:
+    for (_, covariance, name, impl), row in summary.items():
+        if impl == "ours" and covariance == "full" and "ratio_to_floor" in row:
+            row["gemm_gflops"] = rates.best[name]
+            row["floor_ms"] = floor_ms(Size(row["n"], row["d"], row["k"]), rates.best[name])
+            row["ratio_to_floor"] = row["ms_per_iter"] / row["floor_ms"]
+
+
+def _targets(args: argparse.Namespace, summary: dict) -> list[tuple[str, float | None, str, float]]:
+    """The issue's speed targets: (what, this run's value or None, ">=" or "<=", bound)."""
+    big, mid, fastest, f64, f32 = "1M,16,16", "100k,8,8", "speedup_vs_fastest_peer", "float64", "float32"
+    wanted = [  # (what, size, covariance, dtype, column of ours' median row, op, bound)
+        (f"{big} full f64: ours vs the fastest f64 peer", big, "full", f64, fastest, ">=", 6.0),
+        (f"{big} full f64: ours / GEMM floor", big, "full", f64, "ratio_to_floor", "<=", 2.5),
+        (f"{mid} full f64: ours vs the fastest f64 peer", mid, "full", f64, fastest, ">=", 1.8),
+        (
+            f"{mid} full f64: ours vs scikit-learn numpy",
+            mid,
+            "full",
+            f64,
+            "speedup_vs_sklearn_numpy",
+            ">=",
+            4.0,
+        ),
+    ]
+    labels = [s.label for s in args.sizes if s.n >= TARGET_MIN_N]
+    for label, cov in itertools.product(labels, args.covariance):
+        wanted.append((f"{label} {cov}: ours f32 vs ours f64", label, cov, f32, "f32_speedup", ">=", 1.6))
+        wanted.append(
+            (f"{label} {cov} f32: ours vs the fastest f32 peer", label, cov, f32, fastest, ">=", 3.0)
+        )
+    if "diag" in args.covariance:
+        for label, name in itertools.product(labels, args.dtype):
+            what = f"{label} diag f{name[-2:]}: ours vs the fastest peer"
+            wanted.append((what, label, "diag", name, fastest, ">=", 1.5))
+
+    def value(size: str, cov: str, dtype: str, key: str) -> float | None:
+        got = summary.get((size, cov, dtype, "ours"), {}).get(key)
+        return None if isinstance(got, float) and math.isnan(got) else got
+
+    checks = [(what, value(*where), op, bound) for what, *where, op, bound in wanted]
+    diffs = [
+        row["ll_rel_diff_vs_sklearn"]
+        for (_, _, dtype, impl), row in summary.items()
+        if impl == "ours" and dtype == f64 and not math.isnan(row.get("ll_rel_diff_vs_sklearn", math.nan))
+    ]
+    what = "final log-lik., ours f64 vs scikit-learn (worst config)"
+    return [*checks, (what, max(diffs, default=None), "<=", 1e-8)]
+
+
+def _print_targets(args: argparse.Namespace, summary: dict, rates: GemmRates) -> None:
+    print(
+        "\nThe issue's speed targets on this run's medians (GEMM floor at the best rate seen: "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.best.items())
+        + "):"
+    )
+    for what, value, op, bound in _targets(args, summary):
+        if value is None:
+            print(f"  n/a   {what} (not measured in this run)")
+            continue
+        ok = value >= bound if op == ">=" else value <= bound
+        shown = f"{value:.1e}" if bound < 1e-3 else f"{value:.2f}"
+        print(f"  {'PASS' if ok else 'FAIL'}  {what}: {shown} (target {op} {bound:g})")
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def _versions_and_peers(args: argparse.Namespace) -> tuple[dict[str, str], list[str], list[str]]:
+    """Library versions, the peers that can run here, and notes on those that cannot."""
     import sklearn
 
     versions = {"torch": torch.__version__, "sklearn": sklearn.__version__, "numpy": np.__version__}
@@ -623,21 +801,39 @@ def main(argv: list[str] | None = None) -> int:
                 "pomegranate: not installed, skipped (.venv/bin/pip install pomegranate==1.1.2, after "
                 "checking with --dry-run that it keeps this torch)"
             )
-    worker: ArrayApiWorker | None = None
-    if "sklearn-array-api" in peers:
-        worker = ArrayApiWorker()
-        if worker.available:
-            notes.append(
-                "scikit-learn array-API mode allows only init_params 'random'/'random_from_data': "
-                "'random_from_data' is passed to get past that check, but weights_init, means_init "
-                "and precisions_init are all given, so it starts from our parameters"
-            )
-        else:
-            notes.append(f"scikit-learn array-API mode: unavailable ({worker.reason}), skipped")
-            worker.close()
-            worker = None
-            peers.remove("sklearn-array-api")
+    return versions, peers, notes
 
+
+def _array_api_or_note(peers: list[str], notes: list[str]) -> LineWorker | None:
+    """The array-API worker, when that peer is wanted and available (else it leaves ``peers``)."""
+    if "sklearn-array-api" not in peers:
+        return None
+    worker, reason = start_array_api()
+    if worker is None:
+        notes.append(f"scikit-learn array-API mode: unavailable ({reason}), skipped")
+        peers.remove("sklearn-array-api")
+    else:
+        notes.append(
+            "scikit-learn array-API mode allows only init_params 'random'/'random_from_data': "
+            "'random_from_data' is passed to get past that check, but weights_init, means_init "
+            "and precisions_init are all given, so it starts from our parameters"
+        )
+    return worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(raw_argv)
+    if args.worker == "array-api":
+        return _array_api_worker()
+    if args.worker == "memory":
+        return serve_job(args.job, _memory_worker)
+    if args.malloc_env:
+        reexec_with_malloc_env(MODULE, raw_argv)
+    malloc_env = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "unset"
+    started = time.perf_counter()
+    versions, peers, notes = _versions_and_peers(args)
+    worker = _array_api_or_note(peers, notes)
     gc.collect()
     gc.freeze()  # the ~360k objects of the imports (numba, sympy, ...) made each collection take 0.2 s
     rates = GemmRates(sorted(set(args.dtype) | {"float64"}), args.threads)
@@ -653,110 +849,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     for note in notes:
         print(f"note: {note}")
-
     stamp = dt.datetime.now().isoformat(timespec="seconds")
-    rows: list[dict] = []
-    summary: dict[tuple[str, str, str, str], dict] = {}  # (size label, cov, dtype, impl) -> median row
-    tmp_dir = tempfile.TemporaryDirectory(prefix="em_vs_peers_")
-    tmp = Path(tmp_dir.name)
-    try:
-        for size in args.sizes:
-            large = size.n >= args.large
-            a, b = args.iters_large if large else args.iters
-            repeats = args.repeats_large if large else args.repeats
-            began = time.perf_counter()
-            rng = np.random.default_rng(np.random.SeedSequence([args.seed, 1]))
-            x_np = np.ascontiguousarray(make_synthetic(size.n, size.d, size.k, SEPARATION, rng)[0])
-            xs = {"float64": torch.from_numpy(x_np)}
-            xs["float32"] = xs["float64"].to(torch.float32)
-            data_paths = {}
-            for name in args.dtype:
-                data_paths[name] = tmp / f"x_{size.n}_{size.d}_{size.k}_{name}.npy"
-                np.save(data_paths[name], xs[name].numpy())
-            data_seconds = time.perf_counter() - began
-            for covariance in args.covariance:
-                model = GaussianMixture(size.k, size.d, covariance, None)
-                began = time.perf_counter()
-                init_cfg = InitConfig(method="kmeans++", reg_covar=REG_COVAR)
-                init = initialize(model, xs["float64"], init_cfg, args.seed)
-                init_seconds = time.perf_counter() - began
-                inits = sklearn_inits(init, covariance)
-                init_path = tmp / "init.npz"
-                np.savez(init_path, **inits, covariances=init["covariances"].numpy())
-                rates.update()
-                em_rates = {name: rates.em_shapes(size, name) for name in rates.dtypes}
-                print(
-                    f"\n== N={size.n:,} D={size.d} K={size.k} {covariance} ==  iterations {a}->{b}, "
-                    f"{repeats} repeat(s); data {data_seconds:.1f} s, k-means++ init {init_seconds:.1f} s"
-                )
-                contenders = _contenders(
-                    args, peers, size, covariance, model, xs, init, inits, worker, data_paths, init_path
-                )
-                for c in contenders:  # warm-up (code paths, thread pools, lazy imports), untimed
-                    for t in c.threads:
-                        try:
-                            c.run(1, t, False, min(size.n, 20_000))
-                        except Exception as exc:  # noqa: BLE001
-                            c.error = _error(exc)
-                for r in range(repeats):
-                    shift = r % len(contenders)
-                    for c in contenders[shift:] + contenders[:shift]:
-                        if c.error:
-                            continue
-                        for t in c.threads if r % 2 == 0 else c.threads[::-1]:
-                            _progress(
-                                f"{size.label} {covariance}: repeat {r + 1}/{repeats}, "
-                                f"{LABELS[c.impl]} {c.dtype} at {t} thread(s)"
-                            )
-                            try:
-                                pair = time_pair(c, a, b, t, r % 2 == 1, args)
-                            except Exception as exc:  # noqa: BLE001
-                                c.error = _error(exc)
-                                break
-                            c.runs.append({"repeat": r + 1, **pair})
-                _progress("")
-                for c in contenders:  # each keeps its fastest setting
-                    for run in c.runs:
-                        run["used"] = False
-                    if c.error or not c.runs:
-                        continue
-                    c.tried = {
-                        t: statistics.median(run["ms_per_iter"] for run in c.runs if run["threads"] == t)
-                        for t in c.threads
-                    }
-                    c.chosen = min(c.tried, key=c.tried.get)
-                    for run in c.runs:
-                        run["used"] = run["threads"] == c.chosen
-                memory = {}
-                if not args.no_memory:
-                    for c in contenders:
-                        if c.impl == "ours" and c.chosen is not None:
-                            memory[c.dtype] = measure_memory(
-                                tmp,
-                                data=str(data_paths[c.dtype]),
-                                init=str(init_path),
-                                k=size.k,
-                                covariance=covariance,
-                                iters=a,
-                                threads=c.chosen,
-                            )
-                medians = _summarize(
-                    stamp, size, covariance, a, b, contenders, rates, em_rates, memory, summary
-                )
-                for c in contenders:
-                    rows.extend(_row(stamp, size, covariance, c, a, b, "run", **run) for run in c.runs)
-                rows.extend(medians)  # the same dicts as in `summary`
-    finally:
-        if worker is not None:
-            worker.close()
-        tmp_dir.cleanup()
-
-    for (_, covariance, name, impl), row in summary.items():  # floors at the best rate of the run
-        if impl == "ours" and covariance == "full" and "ratio_to_floor" in row:
-            row["gemm_gflops"] = rates.best[name]
-            row["floor_ms"] = floor_ms(_size(f"{row['n']},{row['d']},{row['k']}"), rates.best[name])
-            row["ratio_to_floor"] = row["ms_per_iter"] / row["floor_ms"]
-    _print_targets(args, summary, rates)
+    with tempfile.TemporaryDirectory(prefix="em_vs_peers_") as tmp:
+        bench = Bench(args, Path(tmp), peers, worker, rates, stamp)
+        try:
+            rows = [row for size in args.sizes for row in run_size(bench, size)]
+        finally:
+            if worker is not None:
+                worker.close()
+    _floors_at_best_rate(bench.summary, rates)
+    _print_targets(args, bench.summary, rates)
     import pandas as pd
 
     from ppl_gmm.runs import write_csv
@@ -765,246 +867,6 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(args.out, pd.DataFrame([{**row, **meta} for row in rows]))
     print(f"\nwrote {args.out} ({time.perf_counter() - started:.0f} s in all)")
     return 0
-
-
-def _contenders(
-    args, peers, size, covariance, model, xs, init, inits, worker, data_paths, init_path
-) -> list[Contender]:
-    out: list[Contender] = []
-    for name in args.dtype:
-        x = xs[name]
-        out.append(
-            Contender(
-                "ours",
-                name,
-                args.threads,
-                run=lambda it, t, want, rows, x=x: run_ours(model, x[:rows], init, it, t),
-            )
-        )
-    if "sklearn" in peers and "float64" in args.dtype:
-        x_np = xs["float64"].numpy()
-        out.append(
-            Contender(
-                "sklearn",
-                "float64",
-                args.peer_threads,
-                run=lambda it, t, want, rows: run_sklearn(
-                    x_np[:rows], size.k, covariance, inits, it, t, want
-                ),
-            )
-        )
-    for name in args.dtype:
-        if "sklearn-array-api" in peers:
-
-            def run_aa(it, t, want, rows, name=name):
-                reply = worker.call(
-                    data=str(data_paths[name]),
-                    init=str(init_path),
-                    dtype=name,
-                    k=size.k,
-                    covariance=covariance,
-                    iters=it,
-                    threads=t,
-                    score=want,
-                    rows=rows,
-                )
-                return Measured(**{key: reply[key] for key in Measured._fields}), reply["ll"]
-
-            out.append(
-                Contender(
-                    "sklearn-array-api",
-                    name,
-                    args.peer_threads,
-                    run=run_aa,
-                    note="own process, SCIPY_ARRAY_API=1; started from our parameters via *_init",
-                )
-            )
-        if "pomegranate" in peers:
-            x = xs[name]
-            out.append(
-                Contender(
-                    "pomegranate",
-                    name,
-                    args.peer_threads,
-                    run=lambda it, t, want, rows, x=x: run_pomegranate(
-                        x[:rows], covariance, init, it, t, want
-                    ),
-                    note="no reg_covar",
-                )
-            )
-    return out
-
-
-def _row(stamp, size: Size, covariance: str, c: Contender, a: int, b: int, kind: str, **values) -> dict:
-    return {
-        "timestamp": stamp,
-        "kind": kind,
-        "n": size.n,
-        "d": size.d,
-        "k": size.k,
-        "covariance": covariance,
-        "dtype": c.dtype,
-        "implementation": c.impl,
-        "iters_a": a,
-        "iters_b": b,
-        **values,
-    }
-
-
-def _summarize(stamp, size, covariance, a, b, contenders, rates, em_rates, memory, summary) -> list[dict]:
-    """Medians per implementation; prints the configuration's table; returns the median rows."""
-    meds: dict[tuple[str, str], float] = {}
-    for c in contenders:
-        values = [run["ms_per_iter"] for run in c.runs if run["used"]]
-        if values and not c.error:
-            meds[(c.impl, c.dtype)] = statistics.median(values)
-    sk_ll = next((c.ll for c in contenders if c.impl == "sklearn"), None)
-    print(
-        f"  {'implementation':<31}{'dtype':<8}{'thr':>3}{'ms/iter':>9}  {'min–max':<13}{'ours ×':>7}"
-        f"  {'median by threads':<28}{'final mean log-lik.':>20}  {'vs sklearn':>10}"
-        f"{'faults/it':>10}{'busy':>6}"
-    )
-    out_rows = []
-    for c in contenders:
-        key = (c.impl, c.dtype)
-        chosen_runs = [run for run in c.runs if run["used"]]
-        thr = str(c.chosen) if c.chosen is not None else "—"
-        values = [run["ms_per_iter"] for run in chosen_runs]
-        ms = meds.get(key, math.nan)
-        lo, hi = (min(values), max(values)) if values else (math.nan, math.nan)
-        faults = (
-            statistics.median([run["minflt_per_iter"] for run in chosen_runs]) if chosen_runs else math.nan
-        )
-        other = max((run["other_cores_max"] for run in chosen_runs), default=math.nan)
-        tried = " / ".join(f"{t}t {_fmt_ms(v)}" for t, v in sorted(c.tried.items()))
-        rel = _rel(c.ll, sk_ll)
-        ours_ms = meds.get(("ours", c.dtype), math.nan)
-        speed = ms / ours_ms
-        if c.error:
-            print(f"  {LABELS[c.impl]:<31}{c.dtype:<8}  failed: {c.error}")
-        else:
-            ll_text = f"{c.ll:.12f}" if c.ll is not None else "—"
-            print(
-                f"  {LABELS[c.impl]:<31}{c.dtype:<8}{thr:>3}{_fmt_ms(ms):>9}  "
-                f"{_fmt_ms(lo) + '–' + _fmt_ms(hi):<13}{speed:>7.2f}  {tried:<28}{ll_text:>20}  {rel:>10.1e}"
-                f"{faults:>10.0f}{other:>6.2f}"
-            )
-        row = {
-            "timestamp": stamp,
-            "kind": "median",
-            "n": size.n,
-            "d": size.d,
-            "k": size.k,
-            "covariance": covariance,
-            "dtype": c.dtype,
-            "implementation": c.impl,
-            "iters_a": a,
-            "iters_b": b,
-            "threads": thr,
-            "ms_per_iter_by_threads": tried,
-            "repeats": len(chosen_runs),
-            "ms_per_iter": ms,
-            "ms_min": lo,
-            "ms_max": hi,
-            "minflt_per_iter": faults,
-            "other_cores_max": other,
-            "final_ll": c.ll,
-            "ll_rel_diff_vs_sklearn": rel,
-            "ours_speedup": speed,
-            "note": c.error or c.note,
-        }
-        summary[(size.label, covariance, c.dtype, c.impl)] = row
-        out_rows.append(row)
-    # ours against the fastest peer, the floor, itself in the other precision; its memory
-    for name in [n for n in ("float64", "float32") if ("ours", n) in meds]:
-        ours_ms = meds[("ours", name)]
-        peer_ms = {impl: v for (impl, dtype), v in meds.items() if dtype == name and impl != "ours"}
-        row = summary[(size.label, covariance, name, "ours")]
-        parts = []
-        if peer_ms:
-            fastest = min(peer_ms, key=peer_ms.get)
-            row.update(
-                fastest_peer=fastest,
-                fastest_peer_ms=peer_ms[fastest],
-                speedup_vs_fastest_peer=peer_ms[fastest] / ours_ms,
-            )
-            parts.append(f"{peer_ms[fastest] / ours_ms:.2f}× the speed of the fastest peer ({fastest})")
-        if "sklearn" in peer_ms:
-            row["speedup_vs_sklearn_numpy"] = peer_ms["sklearn"] / ours_ms
-        rate = rates.best[name]
-        row.update(gemm_gflops=rate, gemm_em_shapes_gflops=em_rates.get(name))
-        if covariance == "full":
-            fl = floor_ms(size, rate)
-            row.update(floor_ms=fl, ratio_to_floor=ours_ms / fl)
-            parts.append(f"{ours_ms / fl:.2f}× the GEMM floor ({_fmt_ms(fl)} ms at {rate:.0f} GFLOP/s)")
-        if name == "float32" and ("ours", "float64") in meds:
-            row["f32_speedup"] = meds[("ours", "float64")] / ours_ms
-            parts.append(f"{row['f32_speedup']:.2f}× our float64")
-        mem = memory.get(name)
-        if mem and "error" not in mem:
-            row.update(mem)
-            parts.append(
-                f"peak RSS {mem['peak_rss_mb']:.0f} MB = {mem['peak_ratio']:.2f}× (after imports "
-                f"{mem['rss_after_imports_mb']:.0f} MB + data {mem['data_mb']:.0f} MB)"
-            )
-        elif mem:
-            parts.append(f"memory measurement failed: {mem['error']}")
-        print(f"  ours {name}: " + "; ".join(parts))
-    return out_rows
-
-
-def _print_targets(args, summary, rates: GemmRates) -> None:
-    """The issue's speed targets, evaluated on this run's medians (floors at the best rate seen)."""
-    checks: list[tuple[str, float | None, str, float]] = []
-
-    def check(what: str, size: str, cov: str, dtype: str, key: str, op: str, bound: float) -> None:
-        row = summary.get((size, cov, dtype, "ours"))
-        value = None if row is None else row.get(key)
-        if isinstance(value, float) and math.isnan(value):
-            value = None
-        checks.append((what, value, op, bound))
-
-    big, mid = "1M,16,16", "100k,8,8"
-    check(f"{big} full f64: ours vs the fastest f64 peer", big, "full", "float64", "speedup_vs_fastest_peer",
-          ">=", 6.0)  # fmt: skip
-    check(f"{big} full f64: ours / GEMM floor", big, "full", "float64", "ratio_to_floor", "<=", 2.5)
-    check(f"{mid} full f64: ours vs the fastest f64 peer", mid, "full", "float64", "speedup_vs_fastest_peer",
-          ">=", 1.8)  # fmt: skip
-    check(f"{mid} full f64: ours vs scikit-learn numpy", mid, "full", "float64", "speedup_vs_sklearn_numpy",
-          ">=", 4.0)  # fmt: skip
-    labels = [s.label for s in args.sizes if s.n >= TARGET_MIN_N]
-    for label in labels:
-        for cov in args.covariance:
-            check(f"{label} {cov}: ours f32 vs ours f64", label, cov, "float32", "f32_speedup", ">=", 1.6)
-            check(f"{label} {cov} f32: ours vs the fastest f32 peer", label, cov, "float32",
-                  "speedup_vs_fastest_peer", ">=", 3.0)  # fmt: skip
-    if "diag" in args.covariance:
-        for label in labels:
-            for name in args.dtype:
-                check(f"{label} diag f{name[-2:]}: ours vs the fastest peer", label, "diag", name,
-                      "speedup_vs_fastest_peer", ">=", 1.5)  # fmt: skip
-    diffs = [
-        row["ll_rel_diff_vs_sklearn"]
-        for (_, _, dtype, impl), row in summary.items()
-        if impl == "ours"
-        and dtype == "float64"
-        and not math.isnan(row.get("ll_rel_diff_vs_sklearn", math.nan))
-    ]
-    checks.append(
-        ("final log-lik., ours f64 vs scikit-learn (worst config)", max(diffs, default=None), "<=", 1e-8)
-    )
-    print(
-        "\nThe issue's speed targets on this run's medians (GEMM floor at the best rate seen: "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.best.items())
-        + "):"
-    )
-    for what, value, op, bound in checks:
-        if value is None:
-            print(f"  n/a   {what} (not measured in this run)")
-            continue
-        ok = value >= bound if op == ">=" else value <= bound
-        shown = f"{value:.1e}" if bound < 1e-3 else f"{value:.2f}"
-        print(f"  {'PASS' if ok else 'FAIL'}  {what}: {shown} (target {op} {bound:g})")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,18 @@ from ppl_gmm.init import initialize
 from ppl_gmm.models.bernoulli import BernoulliMixture
 from ppl_gmm.models.poisson import PoissonMixture
 
-from ._common import machine, measure, reexec_with_malloc_env, timed_lanes, wait_until_quiet, write_results
+from ._common import (
+    DTYPES,
+    machine,
+    measure,
+    reexec_with_malloc_env,
+    timed_lanes,
+    wait_until_quiet,
+    write_results,
+)
 
 D = K = 16
 MODELS = {"poisson": (PoissonMixture, "rates"), "bernoulli": (BernoulliMixture, "probs")}
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MIN_SPEEDUP, MAX_OVER_FLOOR = 50.0, 3.0  # targets: times faster than pomegranate, times the floor
 FLOOR_BLOCKS = (2048, 4096, 8192, 16384, 32768)  # rows per block tried for the floor; the fastest kept
 PARTS = ("design", "gemm_joint", "exp", "gemm_stats")  # of an iteration (the floor has the last 3)

@@ -1,64 +1,11 @@
-"""Does batch EM scale linearly in N, with bounded memory? And does one pass of online EM get there first?
-
-Part 1, scaling. Milliseconds per batch-EM iteration (``EM().fit(model, x, init,
-EMOptions(max_iter=n, tol=0))``, full covariance, no prior) at N = 10k, 100k, 1M, 10M (up to
-``--max-n``), D = ``--dim``, K = ``--k``, in ``--dtype``. Per-iteration time is the difference of two
-run lengths A < B (``--iters``, default 2 and 5 at N >= 1M, multiplied by 1M / N below, so that
-every timed difference covers 3M point-iterations): (t_B - t_A) / (B - A), so fixed costs (set-up,
-the first E-step) cancel; a run of n iterations is n + 1 E-passes and n M-steps. Every size runs in
-a fresh process (``--worker scaling``), which records its RSS once the data are drawn (imports +
-data), resets the peak-RSS mark (``/proc/self/clear_refs``) and reads ``ru_maxrss`` after the EM runs,
-so that the difference is what EM itself added: it should be O(block × (K + D²)), a few MB, not
-O(N × K); the process's overall peak, drawing included, is reported too. Within a worker the A/B
-order alternates between repeats and the medians are reported, with each size's ratio to the
-previous one (the issue's target: 8–12× per 10× in N), in wall time and in process CPU time. Before
-each timed run the worker waits (at most ``--max-wait`` s) for other processes to go quiet and
-records how many cores they kept busy (``other_cores``); on a shared 2-core machine ``--threads 1``
-gives much steadier numbers than 2.
-
-Part 2, online against batch EM on the largest set (``--skip-online`` leaves it out). Batch EM runs
-to convergence (``--batch-tol`` 1e-7 on the mean log-likelihood, at most ``--batch-max-iter`` 50),
-recording wall time and exact log-likelihood per point after every iteration (its ``report``). Then
-one epoch of ``OnlineEM`` (Cappé & Moulines) from the same init for each ``--online`` setting
-(batch_size:κ pairs), evaluated exactly only at the end. For each: its final log-likelihood per
-point, the gap to batch EM's final one (target ≤ ``--gap`` 1e-3), its time, and the time batch EM
-needed to first come within that same gap (target: online is faster). Times are compared like for
-like: online's wall time *including* its one final exact evaluation against batch EM's wall time at
-the first iteration within the gap (which includes that iteration's exact evaluation); and online's
-own clock (evaluation excluded) against batch EM's time one iteration earlier (θ computed but not
-yet evaluated). The log-likelihood at the generating parameters is printed too: at the global
-optimum batch EM ends about p / (2N) above it (p parameters); below it, batch EM is in a local
-optimum. If no setting meets both targets, the comparison is repeated on the ``--fallback`` data
-sets (default D=8, K=8, separation 3, seed 2; ``--fallback-always`` runs them anyway); ``--also``
-adds further data sets.
-
-Data. ``ppl_gmm.data.make_synthetic`` gathers an (N, D, D) Cholesky stack in one go (20 GB at 10M ×
-16), so it is called once with n=1 for its mixture alone (weights ~ Dirichlet(10), means at least
-``--separation`` apart, covariance eigenvalues in [0.5, 1.5]; seed ``[seed, 1]`` as ``load_data``);
-the points are then drawn from that mixture with the same recipe (label ~ weights, x = μ + L z) in
-chunks of 65 536 rows straight into the (N, D) tensor, chunk c from its own generators
-``SeedSequence([seed, 3, c, 0|1])``. So each size is a prefix of the larger ones, a worker redraws
-10M × 16 in ~10 s, and drawing adds only O(chunk × D) memory. float32 data are the float64 draws
-rounded. Initial parameters: k-means++ (``ppl_gmm.init.initialize``) on the first 20 000 rows
-(i.i.d. draws, so a random subsample), computed once in float64 and used for every size.
-
-Why separation 3 and seed 7 by default. In 16 dimensions make_synthetic's means end up far apart
-whatever the separation (at separation 3 the closest pair is 5–8 apart for seeds 0–7, 2–3 standard
-deviations each way), but k-means++ often seeds two initial means in one cluster and none in
-another: at separation 3, seeds 0–6 all do (batch EM from seed 0 then stays 0.08 per point below
-the log-likelihood at the true parameters after 50 iterations: a local optimum), seed 7 is the
-first that does not. At separation 5, seed 0 covers every cluster, but then the clusters are so far
-apart that batch EM is exact after a single iteration (gap 1e-14), and no one-pass method can be
-faster than one batch iteration: ``--also 16,16,5,0`` shows that case. Separation 3, seed 7 is well
-separated (one optimum, batch EM above the truth by ≈ p/(2N)) yet needs several batch iterations.
+"""Does batch EM scale linearly in N, with bounded memory (part 1)? And does one pass of online EM
+get as close as batch EM sooner (part 2)? Method and history: benchmarks/README.md, section "scaling".
 
     .venv/bin/python -m benchmarks.scaling --threads 1           # 10k … 10M, D=16, K=16, float64
     .venv/bin/python -m benchmarks.scaling --max-n 1000000 --skip-online
     .venv/bin/python -m benchmarks.scaling --dtype float32 --also 16,16,5,0
 
-Rows are appended to benchmarks/results/scaling.csv: ``part=scaling`` (``kind=run`` per timed pair,
-``kind=median`` per size), ``part=batch_em`` (one per iteration), ``part=online_em`` (one per
-setting). Not part of the test suite.
+Prints each part's table and the targets; appends to results/scaling.csv.
 """
 
 from __future__ import annotations
@@ -67,16 +14,10 @@ import argparse
 import datetime as dt
 import functools
 import gc
-import json
 import math
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,19 +30,44 @@ from ppl_gmm.backends.em import EM, EMOptions, block_rows_for
 from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions
 from ppl_gmm.config import InitConfig
 from ppl_gmm.init import initialize
-from ppl_gmm.models.gmm import GaussianMixture, GMMOptions, make_synthetic
+from ppl_gmm.models.gmm import GaussianMixture, GMMOptions
 
-from ._common import machine, measure, wait_until_quiet
+from ._common import (
+    DTYPES,
+    RESULTS,
+    Measured,
+    add_quiet_options,
+    append_csv,
+    fmt_n,
+    machine,
+    maxrss_mb,
+    measure_quietly,
+    reset_peak,
+    rss_mb,
+    run_worker,
+    serve_job,
+    synthetic,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.csv"
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+MODULE = "benchmarks.scaling"
 GEN_CHUNK = 65_536  # rows drawn at a time
 INIT_ROWS = 20_000  # k-means++ runs on this many rows
 SMALLEST_N = 10_000
-
-
-# ---- arguments ------------------------------------------------------------------------------
+ONLINE = [
+    (OnlineEMOptions().batch_size, OnlineEMOptions().step_power),
+    (4096, 0.6),
+    (16384, 0.7),
+    (16384, 0.9),
+]
+ONLINE += [(65536, 0.7)]
+ONLINE_HELP = (
+    "online EM settings, batch_size:step_power (default: the backend's, then 4096:0.6 16384:0.7 ...)"
+)
+ITERS_HELP = "the two run lengths timed at N >= 1M (default 2 5); below, both times 1M / N"
+CASE = "D,K[,SEP,SEED]"
+FALLBACK_HELP = (
+    "part 2 again on these where the main data set misses a target (default 8,8,3,2; none if bare)"
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +82,9 @@ class Case:
     @property
     def label(self) -> str:
         return f"D={self.dim}, K={self.k}, separation {self.separation:g}, seed {self.seed}"
+
+    def columns(self) -> dict[str, Any]:
+        return {"dim": self.dim, "k": self.k, "separation": self.separation, "seed": self.seed}
 
 
 def _online_setting(text: str) -> tuple[int, float]:
@@ -142,92 +111,40 @@ def _case_spec(text: str) -> tuple[int, int, float | None, int | None]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.scaling",
+        prog=f"python -m {MODULE}",
         description="Batch-EM time per iteration as N grows 10x at a time; online EM against batch EM.",
     )
-    parser.add_argument("--max-n", type=int, default=10_000_000, help="largest N (default 10000000)")
-    parser.add_argument("--dim", "-d", type=int, default=16, help="features D (default 16)")
-    parser.add_argument("--k", "-k", type=int, default=16, help="components K, true and fitted (default 16)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64", help="default float64")
-    parser.add_argument(
-        "--separation", type=float, default=3.0, help="min distance of true means (default 3)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=7,
-        help="data and k-means++ seed (default 7: see the docstring on why not 0)",
-    )
-    parser.add_argument(
-        "--iters",
-        type=int,
-        nargs=2,
-        default=(2, 5),
-        metavar=("A", "B"),
-        help="the two run lengths whose difference is timed, at N >= 1M (default 2 5); below, both are "
-        "multiplied by 1M / N so that every timed difference covers the same work",
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="timed A/B pairs per size (default 3)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=2,
-        help="torch.set_num_threads (default 2; 1 is steadier when another process keeps a core busy)",
-    )
-    parser.add_argument("--skip-scaling", action="store_true", help="leave out part 1")
-    parser.add_argument("--skip-online", action="store_true", help="leave out part 2")
-    parser.add_argument("--batch-tol", type=float, default=1e-7, help="batch EM tol (default 1e-7)")
-    parser.add_argument("--batch-max-iter", type=int, default=50, help="batch EM max_iter (default 50)")
-    parser.add_argument(
-        "--online",
-        type=_online_setting,
-        nargs="+",
-        default=[
-            (OnlineEMOptions().batch_size, OnlineEMOptions().step_power),
-            (4096, 0.6),
-            (16384, 0.7),
-            (16384, 0.9),
-            (65536, 0.7),
-        ],
-        metavar="B:KAPPA",
-        help="online EM settings, batch_size:step_power (default: the backend's default "
-        f"{OnlineEMOptions().batch_size}:{OnlineEMOptions().step_power:g}, and 4096:0.6 16384:0.7 "
-        "16384:0.9 65536:0.7)",
-    )
-    parser.add_argument(
-        "--step-offset", type=float, default=2.0, help="online EM t0 (default 2, its default)"
-    )
-    parser.add_argument("--gap", type=float, default=1e-3, help="target gap per point (default 1e-3)")
-    parser.add_argument(
-        "--fallback",
-        type=_case_spec,
-        nargs="*",
-        default=[(8, 8, 3.0, 2)],
-        metavar="D,K[,SEP,SEED]",
-        help="part 2 is repeated on these when the main data set misses a target (default 8,8,3,2; "
-        "separation and seed default to the main ones; a bare --fallback: none)",
-    )
-    parser.add_argument("--fallback-always", action="store_true", help="run the fallback comparisons anyway")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--max-n", type=int, default=10_000_000, help="largest N (default 10000000)")
+    add("--dim", "-d", type=int, default=16, help="features D (default 16)")
+    add("--k", "-k", type=int, default=16, help="components K, true and fitted (default 16)")
+    add("--dtype", choices=sorted(DTYPES), default="float64", help="default float64")
+    add("--separation", type=float, default=3.0, help="min distance of true means (default 3)")
+    add("--seed", type=int, default=7, help="data and k-means++ seed (default 7: see benchmarks/README.md)")
+    add("--iters", type=int, nargs=2, default=(2, 5), metavar=("A", "B"), help=ITERS_HELP)
+    add("--repeats", type=int, default=3, help="timed A/B pairs per size (default 3)")
+    add("--threads", type=int, default=2, help="torch.set_num_threads (default 2; 1 is steadier)")
+    add("--skip-scaling", action="store_true", help="leave out part 1")
+    add("--skip-online", action="store_true", help="leave out part 2")
+    add("--batch-tol", type=float, default=1e-7, help="batch EM tol (default 1e-7)")
+    add("--batch-max-iter", type=int, default=50, help="batch EM max_iter (default 50)")
+    add("--online", type=_online_setting, nargs="+", metavar="B:KAPPA", default=ONLINE, help=ONLINE_HELP)
+    add("--step-offset", type=float, default=2.0, help="online EM t0 (default 2, its default)")
+    add("--gap", type=float, default=1e-3, help="target gap per point (default 1e-3)")
+    add("--fallback", type=_case_spec, nargs="*", default=[(8, 8, 3.0, 2)], metavar=CASE, help=FALLBACK_HELP)
+    add("--fallback-always", action="store_true", help="run the fallback comparisons anyway")
+    add(
         "--also",
         type=_case_spec,
         nargs="*",
         default=[],
-        metavar="D,K[,SEP,SEED]",
-        help="further data sets for part 2, always run (e.g. 16,16,5,0: well separated, batch EM done in one "
-        "iteration)",
+        metavar=CASE,
+        help="part 2 on these too (e.g. 16,16,5,0)",
     )
-    parser.add_argument(
-        "--quiet",
-        type=float,
-        default=0.25,
-        help="before each timed run, wait until other processes keep fewer than this many cores busy "
-        "(default 0.25)",
-    )
-    parser.add_argument("--max-wait", type=float, default=5.0, help="... but at most this many s (default 5)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to append to")
-    parser.add_argument("--worker", choices=["scaling", "online"], help=argparse.SUPPRESS)
-    parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
+    add_quiet_options(parser, quiet=0.25, max_wait=5.0)
+    add("--out", type=Path, default=RESULTS / "scaling.csv", help="CSV to append to")
+    add("--worker", choices=["scaling", "online"], help=argparse.SUPPRESS)
+    add("--job", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return args
@@ -271,13 +188,12 @@ def iterations(n: int, iters: tuple[int, int]) -> tuple[int, int]:
 
 def mixture(case: Case) -> dict[str, np.ndarray]:
     """make_synthetic's random mixture (weights, means, covariances), drawn with n=1."""
-    rng = np.random.default_rng(np.random.SeedSequence([case.seed, 1]))
-    _, _, truth = make_synthetic(1, case.dim, case.k, case.separation, rng)
-    return truth
+    return synthetic(1, case.dim, case.k, case.separation, case.seed)[1]
 
 
 def generate(n: int, truth: dict[str, np.ndarray], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """n points from the mixture, drawn chunk by chunk into one (n, D) tensor (see the docstring)."""
+    """n points from the mixture, drawn chunk by chunk into one (n, D) tensor: chunk c from its own
+    generators, so that each N is a prefix of the larger ones."""
     means = truth["means"]
     k, d = means.shape
     chol_t = np.ascontiguousarray(np.linalg.cholesky(truth["covariances"]).transpose(0, 2, 1))
@@ -318,48 +234,6 @@ def make_init(case: Case) -> tuple[dict[str, torch.Tensor], int]:
     return init, covered
 
 
-# ---- measuring on a shared machine ----------------------------------------------------------
-
-
-def maxrss_mb() -> float:
-    """The process's peak resident memory so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def reset_peak() -> bool:
-    """Reset the peak-RSS mark (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``), so that ``ru_maxrss``
-    measures from now on; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mb() -> float:
-    """The process's resident memory now (MiB; NaN where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return math.nan
-
-
-def timed(fn: Callable[[], Any], quiet: float, max_wait: float) -> tuple[dict[str, float], Any]:
-    """Run fn once after waiting for quiet; its wall and CPU seconds, the cores other processes kept
-    busy meanwhile, and the minor page faults it took."""
-    gc.collect()
-    wait_until_quiet(quiet, max_wait)
-    measured, value = measure(fn)
-    return {
-        "seconds": measured.seconds,
-        "cpu_seconds": measured.cpu_seconds,
-        "other_cores": measured.other_cores,
-        "minflt": float(measured.minflt),
-    }, value
-
-
 # ---- workers (fresh processes) --------------------------------------------------------------
 
 
@@ -375,6 +249,36 @@ def _worker_data(job: dict) -> tuple[torch.Tensor, GaussianMixture, dict[str, to
     return x, model, init, truth, seconds
 
 
+def _timed_pair(job: dict, run: Any, r: int) -> tuple[dict, float]:
+    """Repeat r: A and B iterations (B first in odd repeats); its CSV row and B's log-likelihood."""
+    a, b = job["iters"]
+    order = (a, b) if r % 2 == 0 else (b, a)
+    got: dict[int, Measured] = {}
+    for iters in order:
+        got[iters], infos = measure_quietly(lambda iters=iters: run(iters), job["quiet"], job["max_wait"])
+        if iters == b:
+            final_ll = infos[-1].log_likelihood
+    ma, mb = got[a], got[b]
+    ms = 1000 * (mb.seconds - ma.seconds) / (b - a)
+    row = {
+        "repeat": r + 1,
+        "order": f"{order[0]},{order[1]}",
+        "seconds_a": ma.seconds,
+        "seconds_b": mb.seconds,
+        "ms_per_iter": ms,
+        "cpu_ms_per_iter": 1000 * (mb.cpu_seconds - ma.cpu_seconds) / (b - a),
+        "minflt_per_iter": (mb.minflt - ma.minflt) / (b - a),
+        "other_cores_max": max(ma.other_cores, mb.other_cores),
+    }
+    print(
+        f"    N={job['n']:>10,}  repeat {r + 1}: {a} iterations {ma.seconds:7.2f} s, "
+        f"{b} iterations {mb.seconds:7.2f} s -> {ms:9.1f} ms/iter (CPU {row['cpu_ms_per_iter']:9.1f})  "
+        f"(other processes: {row['other_cores_max']:.2f} cores)",
+        flush=True,
+    )
+    return row, final_ll
+
+
 def worker_scaling(job: dict) -> dict:
     after_imports = rss_mb()
     x, model, init, _, gen_seconds = _worker_data(job)
@@ -382,7 +286,6 @@ def worker_scaling(job: dict) -> dict:
     peak_before_em = maxrss_mb()  # imports and drawing the data
     after_data = rss_mb()
     peak_reset = reset_peak()
-    a, b = job["iters"]
 
     def run(iters: int) -> list[StepInfo]:
         infos: list[StepInfo] = []
@@ -390,37 +293,9 @@ def worker_scaling(job: dict) -> dict:
         return infos
 
     run(1)  # warm-up
-    runs = []
-    final_ll = math.nan
-    for r in range(job["repeats"]):
-        order = (a, b) if r % 2 == 0 else (b, a)
-        got = {}
-        for iters in order:
-            got[iters], infos = timed(lambda iters=iters: run(iters), job["quiet"], job["max_wait"])
-            if iters == b:
-                final_ll = infos[-1].log_likelihood
-        ms = 1000 * (got[b]["seconds"] - got[a]["seconds"]) / (b - a)
-        runs.append(
-            {
-                "repeat": r + 1,
-                "order": f"{order[0]},{order[1]}",
-                "seconds_a": got[a]["seconds"],
-                "seconds_b": got[b]["seconds"],
-                "ms_per_iter": ms,
-                "cpu_ms_per_iter": 1000 * (got[b]["cpu_seconds"] - got[a]["cpu_seconds"]) / (b - a),
-                "minflt_per_iter": (got[b]["minflt"] - got[a]["minflt"]) / (b - a),
-                "other_cores_max": max(got[a]["other_cores"], got[b]["other_cores"]),
-            }
-        )
-        print(
-            f"    N={job['n']:>10,}  repeat {r + 1}: {a} iterations {got[a]['seconds']:7.2f} s, "
-            f"{b} iterations {got[b]['seconds']:7.2f} s -> {ms:9.1f} ms/iter "
-            f"(CPU {runs[-1]['cpu_ms_per_iter']:9.1f})  "
-            f"(other processes: {runs[-1]['other_cores_max']:.2f} cores)",
-            flush=True,
-        )
+    runs, lls = zip(*(_timed_pair(job, run, r) for r in range(job["repeats"])), strict=True)
     return {
-        "runs": runs,
+        "runs": list(runs),
         "generate_seconds": gen_seconds,
         "rss_after_imports_mb": after_imports,
         "rss_before_em_mb": after_data,
@@ -428,191 +303,125 @@ def worker_scaling(job: dict) -> dict:
         "peak_reset": peak_reset,
         "peak_rss_mb": maxrss_mb(),
         "data_mb": x.numel() * x.element_size() / 2**20,
-        "final_ll": final_ll,
+        "final_ll": lls[-1],
+    }
+
+
+def _online_setting_run(
+    job: dict, model: GaussianMixture, x: torch.Tensor, init: dict, setting: list
+) -> dict:
+    """One epoch of online EM at (batch_size, step_power), exactly evaluated at the end."""
+    size, power = setting
+    infos: list[StepInfo] = []
+    torch.manual_seed(job["case"]["seed"])  # OnlineEM draws its shuffling seed from torch's generator
+    options = OnlineEMOptions(
+        batch_size=size, epochs=1, step_power=power, step_offset=job["step_offset"], eval_every=10**9
+    )
+    got, result = measure_quietly(
+        lambda: OnlineEM().fit(model, x, init, options, infos.append), job["quiet"], job["max_wait"]
+    )
+    ll = infos[-1].log_likelihood
+    print(
+        f"    online EM batch {size:>6} kappa {power:.2f}: {result.n_steps} steps, "
+        f"{result.fit_seconds:6.1f} s "
+        f"(with the final evaluation {got.seconds:6.1f} s), log-likelihood {ll:.8f}  "
+        f"(other processes: {got.other_cores:.2f} cores)",
+        flush=True,
+    )
+    return {
+        "batch_size": size,
+        "step_power": power,
+        "n_steps": result.n_steps,
+        "fit_seconds": result.fit_seconds,
+        "wall_seconds": got.seconds,
+        "log_likelihood": ll,
+        "other_cores_max": got.other_cores,
     }
 
 
 def worker_online(job: dict) -> dict:
     x, model, init, truth, gen_seconds = _worker_data(job)
-    n = x.shape[0]
-    print(f"    drew {n:,} x {x.shape[1]} points in {gen_seconds:.1f} s", flush=True)
-
+    print(f"    drew {x.shape[0]:,} x {x.shape[1]} points in {gen_seconds:.1f} s", flush=True)
     # the exact log-likelihood at the generating parameters: at the global optimum, batch EM's final
     # value exceeds it by about (number of parameters) / (2 N); below it means a local optimum
     at_truth: list[StepInfo] = []
     true_params = {name: torch.from_numpy(value) for name, value in truth.items()}
     EM().fit(model, x, true_params, EMOptions(max_iter=0), at_truth.append)
-
-    batch_infos: list[StepInfo] = []
-
-    def batch() -> None:
-        EM().fit(
-            model,
-            x,
-            init,
-            EMOptions(max_iter=job["batch_max_iter"], tol=job["batch_tol"]),
-            batch_infos.append,
-        )
-
-    batch_time, _ = timed(batch, job["quiet"], job["max_wait"])
-    trajectory = [
-        {"step": i.step, "wall_seconds": i.wall_seconds, "log_likelihood": i.log_likelihood}
-        for i in batch_infos
-    ]
+    batch: list[StepInfo] = []
+    options = EMOptions(max_iter=job["batch_max_iter"], tol=job["batch_tol"])
+    batch_time, _ = measure_quietly(
+        lambda: EM().fit(model, x, init, options, batch.append), job["quiet"], job["max_wait"]
+    )
     print(
-        f"    batch EM: {len(batch_infos) - 1} iterations in {batch_time['seconds']:.1f} s, "
-        "final log-likelihood "
-        f"{batch_infos[-1].log_likelihood:.8f}  (other processes: {batch_time['other_cores']:.2f} cores)",
+        f"    batch EM: {len(batch) - 1} iterations in {batch_time.seconds:.1f} s, final log-likelihood "
+        f"{batch[-1].log_likelihood:.8f}  (other processes: {batch_time.other_cores:.2f} cores)",
         flush=True,
     )
-    online = []
-    for size, power in job["online"]:
-        infos: list[StepInfo] = []
-        torch.manual_seed(job["case"]["seed"])  # OnlineEM draws its shuffling seed from torch's generator
-        options = OnlineEMOptions(
-            batch_size=size, epochs=1, step_power=power, step_offset=job["step_offset"], eval_every=10**9
-        )
-        got, result = timed(
-            lambda options=options, infos=infos: OnlineEM().fit(model, x, init, options, infos.append),
-            job["quiet"],
-            job["max_wait"],
-        )
-        ll = infos[-1].log_likelihood
-        online.append(
-            {
-                "batch_size": size,
-                "step_power": power,
-                "n_steps": result.n_steps,
-                "fit_seconds": result.fit_seconds,
-                "wall_seconds": got["seconds"],
-                "log_likelihood": ll,
-                "other_cores_max": got["other_cores"],
-            }
-        )
-        print(
-            f"    online EM batch {size:>6} kappa {power:.2f}: {result.n_steps} steps, "
-            f"{result.fit_seconds:6.1f} s "
-            f"(with the final evaluation {got['seconds']:6.1f} s), log-likelihood {ll:.8f}  "
-            f"(other processes: {got['other_cores']:.2f} cores)",
-            flush=True,
-        )
     return {
         "generate_seconds": gen_seconds,
         "truth_ll": at_truth[0].log_likelihood,
-        "batch_seconds": batch_time["seconds"],
-        "batch_other_cores": batch_time["other_cores"],
-        "trajectory": trajectory,
-        "online": online,
+        "batch_seconds": batch_time.seconds,
+        "batch_other_cores": batch_time.other_cores,
+        "trajectory": [
+            {"step": i.step, "wall_seconds": i.wall_seconds, "log_likelihood": i.log_likelihood}
+            for i in batch
+        ],
+        "online": [_online_setting_run(job, model, x, init, setting) for setting in job["online"]],
         "peak_rss_mb": maxrss_mb(),
         "data_mb": x.numel() * x.element_size() / 2**20,
     }
 
 
-def run_worker(kind: str, tmp: Path, **job: Any) -> dict:
-    job_path = tmp / f"{kind}_job.json"
-    job["result"] = str(tmp / f"{kind}_result.json")
-    job_path.write_text(json.dumps(job))
-    cmd = [sys.executable, "-m", "benchmarks.scaling", "--worker", kind, "--job", str(job_path)]
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return json.loads(Path(job["result"]).read_text())
+# ---- part 1: scaling ------------------------------------------------------------------------
 
 
-# ---- the two parts --------------------------------------------------------------------------
+def _size_summary(got: dict, n: int, previous: dict | None, block_mb: float) -> dict:
+    """One size's medians and memory, with its ratios to the previous size."""
+    ms = [r["ms_per_iter"] for r in got["runs"]]
+    med = statistics.median(ms)
+    cpu = statistics.median(r["cpu_ms_per_iter"] for r in got["runs"])
+    return {
+        "kind": "median",
+        "ms_per_iter": med,
+        "ms_min": min(ms),
+        "ms_max": max(ms),
+        "minflt_per_iter": statistics.median(r["minflt_per_iter"] for r in got["runs"]) + 0.0,
+        "other_cores_max": max(r["other_cores_max"] for r in got["runs"]),
+        "ratio_to_previous": med / previous["ms_per_iter"] if previous else math.nan,
+        "cpu_ms_per_iter": cpu,
+        "cpu_ratio_to_previous": cpu / previous["cpu_ms_per_iter"] if previous else math.nan,
+        "ns_per_point_iter": 1e6 * med / n,
+        **{key: got[key] for key in ("data_mb", "rss_after_imports_mb", "rss_before_em_mb")},
+        **{key: got[key] for key in ("peak_rss_before_em_mb", "peak_reset", "peak_rss_mb")},
+        "extra_mb": got["peak_rss_mb"] - got["rss_before_em_mb"],
+        "block_estimate_mb": block_mb,
+        "generate_seconds": got["generate_seconds"],
+        "final_ll": got["final_ll"],
+    }
 
 
-def _fmt_n(n: int) -> str:
-    if n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n % 1000 == 0:
-        return f"{n // 1000}k"
-    return str(n)
+def _ratio(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.2f}"
 
 
-def _case_columns(case: Case) -> dict:
-    return {"dim": case.dim, "k": case.k, "separation": case.separation, "seed": case.seed}
-
-
-def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dict) -> tuple[list[dict], str]:
-    case = args.main_case
-    d, k = case.dim, case.k
-    item = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
-    # per block and lane: the design (features, centered rows, ones) and the log-joint/responsibilities
-    model = GaussianMixture(k, d, "full", None)
-    block_rows = block_rows_for(model, torch.empty(0, d, dtype=DTYPES[args.dtype]))
-    block_mb = block_rows * (model.design_rows() + k) * item / 2**20
-    print(
-        f"\nPart 1: ms per batch-EM iteration ({case.label}, {args.dtype}), "
-        f"{args.repeats} A/B repeats per size, "
-        f"A/B = {args.iters[0]}/{args.iters[1]} iterations at N >= 1M, scaled by 1M/N below"
-    )
-    rows, summary = [], []
-    for n in sizes(args.max_n):
-        a, b = iterations(n, args.iters)
-        got = run_worker(
-            "scaling",
-            tmp,
-            n=n,
-            case=asdict(case),
-            dtype=args.dtype,
-            threads=args.threads,
-            iters=[a, b],
-            repeats=args.repeats,
-            init=str(init_path),
-            quiet=args.quiet,
-            max_wait=args.max_wait,
-        )
-        ms = [r["ms_per_iter"] for r in got["runs"]]
-        med = statistics.median(ms)
-        cpu = statistics.median(r["cpu_ms_per_iter"] for r in got["runs"])
-        extra = got["peak_rss_mb"] - got["rss_before_em_mb"]
-        common = {**base, **_case_columns(case), "part": "scaling", "n": n, "iters_a": a, "iters_b": b}
-        rows += [{**common, "kind": "run", **r} for r in got["runs"]]
-        summary.append(
-            {
-                **common,
-                "kind": "median",
-                "ms_per_iter": med,
-                "ms_min": min(ms),
-                "ms_max": max(ms),
-                "minflt_per_iter": statistics.median(r["minflt_per_iter"] for r in got["runs"]) + 0.0,
-                "other_cores_max": max(r["other_cores_max"] for r in got["runs"]),
-                "ratio_to_previous": med / summary[-1]["ms_per_iter"] if summary else math.nan,
-                "cpu_ms_per_iter": cpu,
-                "cpu_ratio_to_previous": cpu / summary[-1]["cpu_ms_per_iter"] if summary else math.nan,
-                "ns_per_point_iter": 1e6 * med / n,
-                "data_mb": got["data_mb"],
-                "rss_after_imports_mb": got["rss_after_imports_mb"],
-                "rss_before_em_mb": got["rss_before_em_mb"],
-                "peak_rss_before_em_mb": got["peak_rss_before_em_mb"],
-                "peak_reset": got["peak_reset"],
-                "peak_rss_mb": got["peak_rss_mb"],
-                "extra_mb": extra,
-                "block_estimate_mb": block_mb,
-                "generate_seconds": got["generate_seconds"],
-                "final_ll": got["final_ll"],
-            }
-        )
+def _print_scaling_table(summary: list[dict], repeats: int, block_rows: int, block_mb: float) -> None:
     print(
         f"\n{'N':>5} {'A/B':>7} {'ms/iter':>9} {'min-max':>17} {'x prev':>6} {'ns/pt':>5} {'CPU ms/it':>9} "
         f"{'x prev':>6} {'data MB':>8} {'before EM':>9} {'EM peak':>8} {'extra MB':>8} {'proc peak':>9} "
         f"{'other':>5} {'minflt/it':>9}"
     )
-
-    def ratio(value: float) -> str:
-        return "" if math.isnan(value) else f"{value:.2f}"
-
     for s in summary:
         print(
-            f"{_fmt_n(s['n']):>5} {str(s['iters_a']) + '/' + str(s['iters_b']):>7} {s['ms_per_iter']:>9.1f} "
-            f"{s['ms_min']:>8.1f}-{s['ms_max']:<8.1f} {ratio(s['ratio_to_previous']):>6} "
+            f"{fmt_n(s['n']):>5} {str(s['iters_a']) + '/' + str(s['iters_b']):>7} {s['ms_per_iter']:>9.1f} "
+            f"{s['ms_min']:>8.1f}-{s['ms_max']:<8.1f} {_ratio(s['ratio_to_previous']):>6} "
             f"{s['ns_per_point_iter']:>5.0f} {s['cpu_ms_per_iter']:>9.1f} "
-            f"{ratio(s['cpu_ratio_to_previous']):>6} {s['data_mb']:>8.1f} {s['rss_before_em_mb']:>9.0f} "
+            f"{_ratio(s['cpu_ratio_to_previous']):>6} {s['data_mb']:>8.1f} {s['rss_before_em_mb']:>9.0f} "
             f"{s['peak_rss_mb']:>8.0f} {s['extra_mb']:>8.1f} "
             f"{max(s['peak_rss_mb'], s['peak_rss_before_em_mb']):>9.0f} {s['other_cores_max']:>5.2f} "
             f"{s['minflt_per_iter']:>9.0f}"
         )
     print(
-        f"(wall ms per iteration, median of {args.repeats}, and its range; x prev: ratio to the previous "
+        f"(wall ms per iteration, median of {repeats}, and its range; x prev: ratio to the previous "
         "size; CPU ms/it: the same in process CPU time, which other processes' load distorts less; "
         "before EM: RSS with the data drawn (imports + data); EM peak: ru_maxrss over the EM runs, its mark "
         "reset once the data were drawn; extra = EM peak - before EM: what EM added, against "
@@ -620,10 +429,12 @@ def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dic
         "process, drawing the data included; other: most cores other processes kept busy during a timed run)"
     )
 
+
+def _scaling_verdict(summary: list[dict]) -> str:
     def steps(key: str) -> tuple[str, bool]:
         ratios = [s[key] for s in summary[1:]]
         text = ", ".join(
-            f"{_fmt_n(p['n'])}->{_fmt_n(s['n'])} {s[key]:.2f}x"
+            f"{fmt_n(p['n'])}->{fmt_n(s['n'])} {s[key]:.2f}x"
             for p, s in zip(summary, summary[1:], strict=False)
         )
         return text, bool(ratios) and all(8 <= r <= 12 for r in ratios)
@@ -633,17 +444,44 @@ def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dic
     worst_extra = max(s["extra_mb"] for s in summary)
     if not all(s["peak_reset"] for s in summary):
         print(
-            "note: the peak-RSS mark could not be reset here, so EM peak includes imports and drawing the "
-            "data"
+            "note: the peak-RSS mark could not be reset here, so EM peak includes imports and drawing "
+            "the data"
         )
-    verdict = (
+    return (
         f"linear scaling, 8-12x per 10x in N (wall time): {wall_text} -> {'HOLDS' if wall_held else 'MISSED'}"
         f"\n  (in CPU time: {cpu_text} -> {'holds' if cpu_held else 'missed'})"
         f"\nmemory: peak RSS during EM = imports + data + at most {worst_extra:.0f} MB at every size "
         f"(data up to {summary[-1]['data_mb']:.0f} MB)"
     )
+
+
+def part_scaling(args: argparse.Namespace, tmp: Path, init_path: Path, base: dict) -> tuple[list[dict], str]:
+    case, dtype = args.main_case, DTYPES[args.dtype]
+    # per block and lane: the design (features, centered rows, ones) and the log-joint/responsibilities
+    model = GaussianMixture(case.k, case.dim, "full", None)
+    block_rows = block_rows_for(model, torch.empty(0, case.dim, dtype=dtype))
+    block_mb = block_rows * (model.design_rows() + case.k) * dtype.itemsize / 2**20
+    print(
+        f"\nPart 1: ms per batch-EM iteration ({case.label}, {args.dtype}), "
+        f"{args.repeats} A/B repeats per size, "
+        f"A/B = {args.iters[0]}/{args.iters[1]} iterations at N >= 1M, scaled by 1M/N below"
+    )
+    rows, summary = [], []
+    for n in sizes(args.max_n):
+        a, b = iterations(n, args.iters)
+        job = {"n": n, "case": asdict(case), "dtype": args.dtype, "threads": args.threads, "iters": [a, b]}
+        job.update(repeats=args.repeats, init=str(init_path), quiet=args.quiet, max_wait=args.max_wait)
+        got = run_worker(MODULE, "scaling", tmp, job)
+        common = {**base, **case.columns(), "part": "scaling", "n": n, "iters_a": a, "iters_b": b}
+        rows += [{**common, "kind": "run", **r} for r in got["runs"]]
+        summary.append({**common, **_size_summary(got, n, summary[-1] if summary else None, block_mb)})
+    _print_scaling_table(summary, args.repeats, block_rows, block_mb)
+    verdict = _scaling_verdict(summary)
     print(verdict)
     return rows + summary, verdict
+
+
+# ---- part 2: online against batch EM --------------------------------------------------------
 
 
 def _batch_time_to(trajectory: list[dict], final: float, gap: float) -> dict | None:
@@ -655,40 +493,12 @@ def _batch_time_to(trajectory: list[dict], final: float, gap: float) -> dict | N
     return None
 
 
-def part_online(args: argparse.Namespace, tmp: Path, base: dict, case: Case) -> tuple[list[dict], bool, str]:
-    n = args.max_n
-    print(
-        f"\nPart 2: one epoch of online EM against batch EM to convergence (tol {args.batch_tol:g}, at most "
-        f"{args.batch_max_iter} iterations), N={_fmt_n(n)}, {case.label}, {args.dtype}"
-    )
-    init, covered = make_init(case)
-    init_path = tmp / f"init_{case.dim}_{case.k}_{case.separation:g}_{case.seed}.pt"
-    torch.save(init, init_path)
-    got = run_worker(
-        "online",
-        tmp,
-        n=n,
-        case=asdict(case),
-        dtype=args.dtype,
-        threads=args.threads,
-        init=str(init_path),
-        batch_tol=args.batch_tol,
-        batch_max_iter=args.batch_max_iter,
-        online=[list(s) for s in args.online],
-        step_offset=args.step_offset,
-        quiet=args.quiet,
-        max_wait=args.max_wait,
-    )
+def _print_batch(args: argparse.Namespace, case: Case, n: int, got: dict) -> None:
     trajectory = got["trajectory"]
     final = trajectory[-1]["log_likelihood"]
     per_iter = (trajectory[-1]["wall_seconds"] - trajectory[0]["wall_seconds"]) / max(len(trajectory) - 1, 1)
     n_params = GaussianMixture(case.k, case.dim, "full", None).n_params()
     over_truth = final - got["truth_ll"]
-    common = {**base, **_case_columns(case), "n": n, "init_covered": covered, "truth_ll": got["truth_ll"]}
-    rows = [
-        {**common, "part": "batch_em", "kind": "step", **step, "gap_to_final": final - step["log_likelihood"]}
-        for step in trajectory
-    ]
     print(
         f"\nbatch EM: {len(trajectory) - 1} iterations, {trajectory[-1]['wall_seconds']:.1f} s "
         f"({1000 * per_iter:.0f} ms per iteration), final log-likelihood per point {final:.8f}; "
@@ -713,63 +523,95 @@ def part_online(args: argparse.Namespace, tmp: Path, base: dict, case: Case) -> 
             f"at {within_target['wall_seconds']:.1f} s"
         )
 
+
+ONLINE_HEAD = (
+    f"\n{'batch':>6} {'kappa':>5} {'steps':>5} {'log-lik/pt':>15} {'gap':>9} {{within:>6}} {'online s':>8} "
+    f"{'+eval s':>8} {'batch it':>8} {'batch s':>8} {'-eval s':>8} {'faster':>6} {'other':>5}"
+)
+ONLINE_NOTE = (
+    "(gap: batch EM's final log-likelihood per point minus online's. online s: online's own clock, its "
+    "final exact evaluation left out; +eval s: its wall time with it. batch it / batch s: the first "
+    "batch-EM iteration within the same gap and its wall time, which includes evaluating it; -eval s: "
+    "batch EM's wall time one iteration earlier, when that θ had been computed but not evaluated. "
+    "faster: online wins both comparisons. other: cores other processes kept busy meanwhile)"
+)
+
+
+def _online_row(args: argparse.Namespace, trajectory: list[dict], o: dict) -> dict:
+    """One online setting against batch EM, printed; its CSV columns."""
+    final = trajectory[-1]["log_likelihood"]
+    gap = final - o["log_likelihood"]
+    reach = _batch_time_to(trajectory, final, gap)
+    within = gap <= args.gap
+    if reach is None:  # online ended above batch EM's final value: batch never gets there
+        faster = True
+        b_iter, b_wall, b_prev = "never", math.nan, math.nan
+    else:
+        b_iter, b_wall, b_prev = str(reach["step"]), reach["wall_seconds"], reach["previous_seconds"]
+        # like for like: both with one exact evaluation of their final θ, and both without it
+        faster = o["wall_seconds"] < b_wall and o["fit_seconds"] < b_prev
     print(
-        f"\n{'batch':>6} {'kappa':>5} {'steps':>5} {'log-lik/pt':>15} {'gap':>9} "
-        f"{'<=' + format(args.gap, 'g'):>6} {'online s':>8} {'+eval s':>8} {'batch it':>8} {'batch s':>8} "
-        f"{'-eval s':>8} {'faster':>6} {'other':>5}"
+        f"{o['batch_size']:>6} {o['step_power']:>5.2f} {o['n_steps']:>5} {o['log_likelihood']:>15.8f} "
+        f"{gap:>9.2e} {'yes' if within else 'NO':>6} {o['fit_seconds']:>8.1f} {o['wall_seconds']:>8.1f} "
+        f"{b_iter:>8} {b_wall:>8.1f} {b_prev:>8.1f} {'yes' if faster else 'NO':>6} "
+        f"{o['other_cores_max']:>5.2f}"
     )
-    passing = []
-    for o in got["online"]:
-        gap = final - o["log_likelihood"]
-        reach = _batch_time_to(trajectory, final, gap)
-        within = gap <= args.gap
-        if reach is None:  # online ended above batch EM's final value: batch never gets there
-            faster = True
-            b_iter, b_wall, b_prev = "never", math.nan, math.nan
-        else:
-            b_iter, b_wall, b_prev = str(reach["step"]), reach["wall_seconds"], reach["previous_seconds"]
-            # like for like: both with one exact evaluation of their final θ, and both without it
-            faster = o["wall_seconds"] < b_wall and o["fit_seconds"] < b_prev
-        if within and faster:
-            passing.append(f"{o['batch_size']}:{o['step_power']:g}")
-        rows.append(
-            {
-                **common,
-                "part": "online_em",
-                "kind": "setting",
-                **o,
-                "step_offset": args.step_offset,
-                "gap_to_batch": gap,
-                "within_gap": within,
-                "batch_iter_to_same_gap": b_iter,
-                "batch_seconds_to_same_gap": b_wall,
-                "batch_seconds_to_same_gap_without_eval": b_prev,
-                "faster": faster,
-                "batch_final_ll": final,
-                "batch_iters": len(trajectory) - 1,
-                "batch_ms_per_iter": 1000 * per_iter,
-                "target_gap": args.gap,
-            }
-        )
-        print(
-            f"{o['batch_size']:>6} {o['step_power']:>5.2f} {o['n_steps']:>5} {o['log_likelihood']:>15.8f} "
-            f"{gap:>9.2e} {'yes' if within else 'NO':>6} {o['fit_seconds']:>8.1f} {o['wall_seconds']:>8.1f} "
-            f"{b_iter:>8} {b_wall:>8.1f} {b_prev:>8.1f} {'yes' if faster else 'NO':>6} "
-            f"{o['other_cores_max']:>5.2f}"
-        )
+    return {
+        **o,
+        "step_offset": args.step_offset,
+        "gap_to_batch": gap,
+        "within_gap": within,
+        "batch_iter_to_same_gap": b_iter,
+        "batch_seconds_to_same_gap": b_wall,
+        "batch_seconds_to_same_gap_without_eval": b_prev,
+        "faster": faster,
+    }
+
+
+def part_online(args: argparse.Namespace, tmp: Path, base: dict, case: Case) -> tuple[list[dict], bool, str]:
+    n = args.max_n
     print(
-        "(gap: batch EM's final log-likelihood per point minus online's. online s: online's own clock, its "
-        "final exact evaluation left out; +eval s: its wall time with it. batch it / batch s: the first "
-        "batch-EM iteration within the same gap and its wall time, which includes evaluating it; -eval s: "
-        "batch EM's wall time one iteration earlier, when that θ had been computed but not evaluated. "
-        "faster: online wins both comparisons. other: cores other processes kept busy meanwhile)"
+        f"\nPart 2: one epoch of online EM against batch EM to convergence (tol {args.batch_tol:g}, at most "
+        f"{args.batch_max_iter} iterations), N={fmt_n(n)}, {case.label}, {args.dtype}"
     )
-    verdict = f"online EM, N={_fmt_n(n)}, {case.label}: within {args.gap:g} of batch EM in less time -> " + (
+    init, covered = make_init(case)
+    init_path = tmp / f"init_{case.dim}_{case.k}_{case.separation:g}_{case.seed}.pt"
+    torch.save(init, init_path)
+    job = {"n": n, "case": asdict(case), "dtype": args.dtype, "threads": args.threads, "init": str(init_path)}
+    job.update(
+        batch_tol=args.batch_tol, batch_max_iter=args.batch_max_iter, online=[list(s) for s in args.online]
+    )
+    job.update(step_offset=args.step_offset, quiet=args.quiet, max_wait=args.max_wait)
+    got = run_worker(MODULE, "online", tmp, job)
+    trajectory = got["trajectory"]
+    final = trajectory[-1]["log_likelihood"]
+    per_iter = (trajectory[-1]["wall_seconds"] - trajectory[0]["wall_seconds"]) / max(len(trajectory) - 1, 1)
+    common = {**base, **case.columns(), "n": n, "init_covered": covered, "truth_ll": got["truth_ll"]}
+    rows = [
+        {**common, "part": "batch_em", "kind": "step", **step, "gap_to_final": final - step["log_likelihood"]}
+        for step in trajectory
+    ]
+    _print_batch(args, case, n, got)
+    print(ONLINE_HEAD.format(within="<=" + format(args.gap, "g")))
+    batch = {
+        "batch_final_ll": final,
+        "batch_iters": len(trajectory) - 1,
+        "batch_ms_per_iter": 1000 * per_iter,
+    }
+    batch["target_gap"] = args.gap
+    online = [
+        {**common, "part": "online_em", "kind": "setting", **_online_row(args, trajectory, o), **batch}
+        for o in got["online"]
+    ]
+    rows += online
+    print(ONLINE_NOTE)
+    passing = [f"{o['batch_size']}:{o['step_power']:g}" for o in online if o["within_gap"] and o["faster"]]
+    verdict = f"online EM, N={fmt_n(n)}, {case.label}: within {args.gap:g} of batch EM in less time -> " + (
         f"HOLDS for {', '.join(passing)} ({len(passing)} of {len(got['online'])} settings)"
         if passing
         else f"MISSED by all {len(got['online'])} settings"
     )
-    if over_truth <= 0:
+    if final - got["truth_ll"] <= 0:
         verdict += " (batch EM in a local optimum: comparison not meaningful)"
     print(verdict)
     return rows, bool(passing), verdict
@@ -778,26 +620,10 @@ def part_online(args: argparse.Namespace, tmp: Path, base: dict, case: Case) -> 
 # ---- main -----------------------------------------------------------------------------------
 
 
-def _append_csv(path: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
-    from ppl_gmm.runs import write_csv
-
-    frame = pd.DataFrame(rows)
-    if path.exists():
-        frame = pd.concat([pd.read_csv(path, dtype=str), frame.astype(str)], ignore_index=True)
-        frame = frame.replace("nan", "")
-    write_csv(path, frame)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        job = json.loads(args.job.read_text())
-        result = worker_scaling(job) if args.worker == "scaling" else worker_online(job)
-        Path(job["result"]).write_text(json.dumps(result))
-        return 0
-
+        return serve_job(args.job, worker_scaling if args.worker == "scaling" else worker_online)
     torch.set_num_threads(args.threads)
     stamp = dt.datetime.now().isoformat(timespec="seconds")
     base = {"timestamp": stamp, "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__}
@@ -811,9 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="scaling_") as name:
         tmp = Path(name)
         if not args.skip_scaling:
-            init, _ = make_init(args.main_case)
             init_path = tmp / "init_scaling.pt"
-            torch.save(init, init_path)
+            torch.save(make_init(args.main_case)[0], init_path)
             got, verdict = part_scaling(args, tmp, init_path, base)
             rows += got
             verdicts.append(verdict)
@@ -828,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                 got, _, verdict = part_online(args, tmp, base, case)
                 rows += got
                 verdicts.append(verdict)
-    _append_csv(args.out, rows)
+    append_csv(args.out, rows)
     print("\nTargets:")
     for verdict in verdicts:
         print("  " + verdict.replace("\n", "\n  "))
