@@ -230,11 +230,13 @@ def _zoom(ax: plt.Axes) -> None:
 
 
 def _ellipse(ax: plt.Axes, mean: np.ndarray, cov: np.ndarray, color: str) -> None:
+    """The 1- and 2-sd ellipses of a 2-D Gaussian: mean (2,), cov (2, 2)."""
+    centre = (float(mean[0]), float(mean[1]))
     values, vectors = np.linalg.eigh(cov)
     angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1]))
     for scale in (1.0, 2.0):
         width, height = 2 * scale * np.sqrt(np.maximum(values[::-1], 0))
-        ax.add_patch(Ellipse(mean, width, height, angle=angle, fill=False, color=color, lw=1.5))
+        ax.add_patch(Ellipse(centre, width, height, angle=angle, fill=False, color=color, lw=1.5))
 
 
 def plot_components(experiment_dir: Path, runs: pd.DataFrame, out: Path) -> Path | None:

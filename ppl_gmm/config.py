@@ -75,7 +75,7 @@ class Config(Strict):
     model: SerializeAsAny[ModelOptions] = Field(default_factory=lambda: _model_options({}))
     init: InitConfig = InitConfig()
     # each backend listed runs, in this order; its options are validated by the backend
-    backends: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"em": {}})
+    backends: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"em": dict[str, Any]()})
 
     @field_validator("backends", mode="before")
     @classmethod

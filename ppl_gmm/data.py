@@ -186,6 +186,7 @@ def load_data(
     optionally standardize it. ``simulate`` draws synthetic data."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     truth = None
+    labels: np.ndarray | None
     if cfg.source == "synthetic":
         if simulate is None:
             raise UserError("data.source: synthetic data are drawn from a model, and none was given.")

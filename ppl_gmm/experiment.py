@@ -76,7 +76,7 @@ class Plan:
     config: Config
     data: Dataset
     model: LatentModel
-    backends: tuple[tuple[str, Backend, Options], ...]
+    backends: tuple[tuple[str, Backend[Any], Options], ...]
     inits: tuple[Params, ...]
     device: torch.device
     dtype: torch.dtype
@@ -110,7 +110,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _resolve_backends(cfg: Config, model_cls: type[LatentModel]) -> tuple[tuple[str, Backend, Options], ...]:
+def _resolve_backends(
+    cfg: Config, model_cls: type[LatentModel]
+) -> tuple[tuple[str, Backend[Any], Options], ...]:
     """Every backend's options validated, and the model's own fields filled in or refused."""
     resolved = []
     for name, raw in cfg.backends.items():
@@ -320,6 +322,7 @@ def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -
             reached += [float(v) for v in run.metrics.loc[run.metrics["step"] > 0, "log_likelihood"].dropna()]
     best = max((v for v in reached if v is not None and np.isfinite(v)), default=None)
     reference = next(iter(done), None)
+    reference_params = done[reference].params if reference is not None else None
     for name, run in runs.items():
         if run.params is None:
             continue
@@ -330,8 +333,8 @@ def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -
             errors = parameter_errors(plan.model, plan.data.truth, run.params)
             extra.update({f"{key}_error_vs_truth": value for key, value in errors.items()})
         extra["reference_backend"] = reference
-        if reference is not None:
-            errors = parameter_errors(plan.model, done[reference].params, run.params)
+        if reference_params is not None:
+            errors = parameter_errors(plan.model, reference_params, run.params)
             extra.update({f"{key}_error_vs_reference": value for key, value in errors.items()})
         run.summary = replace(run.summary, extras={**run.summary.extras, **extra})
         write_summary(path / name, run.summary)
@@ -361,7 +364,7 @@ def _run_backend(
     plan: Plan,
     path: Path,
     name: str,
-    backend: Backend,
+    backend: Backend[Any],
     options: Options,
     common: Mapping[str, Any],
     progress: Progress,

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
@@ -72,22 +72,30 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return " ".join(str(exc).split("Trace Shapes:")[0].split(", but found")[0].split())[:limit]
 
 
-class Backend(ABC):
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+class Backend(ABC, Generic[OptionsT]):
+    """An inference algorithm, generic in its options type ``OptionsT`` (``options`` is that type at
+    runtime, for validating a config's options)."""
+
     name: ClassVar[str]
     options: ClassVar[type[Options]]
     # a sampler's per-step log-likelihoods are of random draws, not of estimates it reached
     samples: ClassVar[bool] = False
 
-    def check(self, model: LatentModel, options: Options) -> None:
+    def check(self, model: LatentModel, options: OptionsT) -> None:
         """Raise ``UserError`` if this backend cannot fit ``model`` with ``options``."""
         return None
 
-    def total_steps(self, options: Options) -> int | None:
+    def total_steps(self, options: OptionsT) -> int | None:
         """The most steps ``fit`` takes, for progress display."""
         return None
 
     @abstractmethod
-    def fit(self, model: LatentModel, x: Tensor, init: Params, options: Options, report: Report) -> FitResult:
+    def fit(
+        self, model: LatentModel, x: Tensor, init: Params, options: OptionsT, report: Report
+    ) -> FitResult:
         """Fit from ``init`` on x (N, D); call ``report`` once per step."""
 
 
@@ -111,4 +119,4 @@ class Clock:
             self.excluded += time.perf_counter() - began
 
 
-BACKENDS: Registry[type[Backend]] = Registry("backend")
+BACKENDS: Registry[type[Backend[Any]]] = Registry("backend")

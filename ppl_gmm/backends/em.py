@@ -136,7 +136,7 @@ def empty_components(mass: Tensor) -> list[int]:
 
 
 @BACKENDS.register("em")
-class EM(Backend):
+class EM(Backend[EMOptions]):
     name = "em"
     options = EMOptions
 
@@ -151,7 +151,7 @@ class EM(Backend):
     ) -> FitResult:
         assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
-        params = {name: value.to(x) for name, value in init.items()}
+        params: Params = {name: value.to(x) for name, value in init.items()}
         threads = options.threads or torch.get_num_threads()
         block_rows = options.block_rows or block_rows_for(model, x)
         center = model.em_center(x[:block_rows])

@@ -38,7 +38,7 @@ class IncrementalEMOptions(Options):
 
 
 @BACKENDS.register("incremental_em")
-class IncrementalEM(Backend):
+class IncrementalEM(Backend[IncrementalEMOptions]):
     name = "incremental_em"
     options = IncrementalEMOptions
 
@@ -55,7 +55,7 @@ class IncrementalEM(Backend):
         assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         parts = x.tensor_split(min(options.blocks, n))
-        params = {name: value.to(x) for name, value in init.items()}
+        params: Params = {name: value.to(x) for name, value in init.items()}
         center = model.em_center(x[:CHUNK_ROWS])
         regularization = reg_covar(model, options.reg_covar)
         constant = data_constant(model, x)  # Σ_n of the terms no statistic holds (a base measure)

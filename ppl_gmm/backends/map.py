@@ -21,7 +21,7 @@ class MAPOptions(SVIOptions):
 
 
 @BACKENDS.register("map")
-class MAP(Backend):
+class MAP(Backend[MAPOptions]):
     name = "map"
     options = MAPOptions
 

@@ -149,7 +149,7 @@ def convergence(stacked: Mapping[str, Tensor]) -> tuple[float | None, float | No
 
 
 @BACKENDS.register("mcmc")
-class MCMCBackend(Backend):
+class MCMCBackend(Backend[MCMCOptions]):
     name = "mcmc"
     options = MCMCOptions
     samples = True

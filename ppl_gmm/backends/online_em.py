@@ -52,7 +52,7 @@ def step_size(t: int, power: float, offset: float) -> float:
 
 
 @BACKENDS.register("online_em")
-class OnlineEM(Backend):
+class OnlineEM(Backend[OnlineEMOptions]):
     name = "online_em"
     options = OnlineEMOptions
 
@@ -67,7 +67,7 @@ class OnlineEM(Backend):
         n = x.shape[0]
         size = min(options.batch_size, n)
         last = options.epochs * math.ceil(n / size)
-        params = {name: value.to(x) for name, value in init.items()}
+        params: Params = {name: value.to(x) for name, value in init.items()}
         center = model.em_center(x[:size])
         regularization = reg_covar(model, options.reg_covar)
         # drawn from torch's global generator, so that pyro.set_rng_seed fixes the order

@@ -17,7 +17,7 @@ import pyro.optim
 import torch
 from pydantic import Field, model_validator
 from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
-from pyro.infer.elbo import ELBO
+from pyro.optim import clipped_adam
 from torch import Tensor
 
 from ..models.base import LatentModel, Params
@@ -47,7 +47,7 @@ class SVIOptions(Options):
         return self
 
 
-def make_elbo(model: LatentModel, options: SVIOptions, num_particles: int | None = None) -> ELBO:
+def make_elbo(model: LatentModel, options: SVIOptions, num_particles: int | None = None) -> TraceEnum_ELBO:
     cls = JitTraceEnum_ELBO if options.jit else TraceEnum_ELBO
     return cls(
         max_plate_nesting=model.max_plate_nesting,
@@ -57,8 +57,10 @@ def make_elbo(model: LatentModel, options: SVIOptions, num_particles: int | None
 
 
 def make_optimizer(options: SVIOptions) -> pyro.optim.PyroOptim:
-    cls = {"adam": pyro.optim.Adam, "clipped_adam": pyro.optim.ClippedAdam}[options.optimizer]
-    return cls({"lr": options.lr})
+    # what pyro.optim.Adam and pyro.optim.ClippedAdam wrap (Adam is generated at import time,
+    # where mypy cannot see it)
+    optimizer = {"adam": torch.optim.Adam, "clipped_adam": clipped_adam.ClippedAdam}[options.optimizer]
+    return pyro.optim.PyroOptim(optimizer, {"lr": options.lr})
 
 
 def run_svi(
@@ -109,7 +111,7 @@ def run_svi(
         clock = Clock()
         with clock.aside():
             previous = initial_loss()
-            log_likelihood = exact_log_likelihood()
+            log_likelihood: float | None = exact_log_likelihood()
         report(StepInfo(0, 0.0, -previous / n, log_likelihood))
         calm, converged = 0, False
         for step in range(1, options.steps + 1):

@@ -47,7 +47,7 @@ class SVIBackendOptions(SVIOptions):
 
 
 @BACKENDS.register("svi")
-class SVIBackend(Backend):
+class SVIBackend(Backend[SVIBackendOptions]):
     name = "svi"
     options = SVIBackendOptions
 

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import pyro
 import pyro.distributions as dist
@@ -285,7 +285,7 @@ def variational_m_step(
 
     reg_covar is added to the diagonal of each empirical covariance S_k before the update.
     """
-    n, d = x.shape
+    d = x.shape[1]
     kind = COVARIANCE_TYPES[covariance]
     # scikit-learn's guard against empty components; it moves the ELBO by ~1e-15
     nk = resp.sum(0) + 10 * torch.finfo(x.dtype).eps
@@ -296,7 +296,7 @@ def variational_m_step(
     xk = (resp.T @ x) / nk[:, None]
     xtx = x.T @ x if covariance == "tied" else x.new_zeros(())
     eye = kind.native(torch.eye(d, dtype=x.dtype, device=x.device)[None])
-    sk = kind.scatter(x, resp, nk, xk, xtx) / kind.ml_count(nk, n, d) + reg_covar * eye
+    sk = kind.scatter(x, resp, nk, xk, xtx) / kind.ml_count(nk, d) + reg_covar * eye
     xk = xk + shift
     m0 = prior.mean_prior.to(x)
     beta0 = prior.mean_precision
@@ -531,13 +531,17 @@ def variational_guide(model: LatentModel, q: Posterior, resp: Tensor | None = No
 def posterior_draws(model: LatentModel, q: Posterior, num: int) -> list[Params]:
     """``num`` parameter draws from the variational posterior q(θ)."""
     guide = variational_guide(model, q)
-    draws = []
+    draws: list[Params] = []
     with warnings.catch_warnings():
         # torch's Wishart warns when a Bartlett draw is numerically singular, and draws again
         warnings.filterwarnings("ignore", "Singular sample detected")
         for _ in range(num):
             trace = poutine.trace(guide).get_trace()
-            sites = {name: node["value"] for name, node in trace.nodes.items() if node["type"] == "sample"}
+            sites = {
+                name: cast(Tensor, node["value"])
+                for name, node in trace.nodes.items()
+                if node["type"] == "sample"
+            }
             draw = dict(model.from_sites(sites))
             draw["weights"] = draw["weights"] / draw["weights"].sum()  # the kept sticks leave mass
             draws.append(draw)
@@ -548,7 +552,7 @@ VB_MODELS = (GaussianMixture, ConjugateVB)  # the models whose CAVI updates are 
 
 
 @BACKENDS.register("vb")
-class VB(Backend):
+class VB(Backend[VBOptions]):
     name = "vb"
     options = VBOptions
 

@@ -66,10 +66,10 @@ class CovarianceType:
         cross = means[:, :, None] * stats.sums[:, None, :]
         return second - cross - cross.mT + stats.nk[:, None, None] * means[:, :, None] * means[:, None, :]
 
-    def ml_count(self, nk: Tensor, n: Tensor, d: int) -> Tensor:
+    def ml_count(self, nk: Tensor, d: int) -> Tensor:
         return nk[:, None, None]
 
-    def map_count(self, nk: Tensor, n: Tensor, d: int, k: int, nu0: float) -> Tensor:
+    def map_count(self, nk: Tensor, d: int, k: int, nu0: float) -> Tensor:
         return (nu0 - d + nk)[:, None, None]
 
     def mean_deviation(self, dev: Tensor) -> Tensor:
@@ -120,10 +120,10 @@ class Tied(CovarianceType):
         cross = means.T @ stats.sums
         return unvech(stats.second, means.shape[1]) - cross - cross.T + (stats.nk[:, None] * means).T @ means
 
-    def ml_count(self, nk: Tensor, n: Tensor, d: int) -> Tensor:
+    def ml_count(self, nk: Tensor, d: int) -> Tensor:
         return nk.sum()
 
-    def map_count(self, nk: Tensor, n: Tensor, d: int, k: int, nu0: float) -> Tensor:
+    def map_count(self, nk: Tensor, d: int, k: int, nu0: float) -> Tensor:
         return nu0 - d - 1 + k + nk.sum()
 
     def mean_deviation(self, dev: Tensor) -> Tensor:
@@ -156,10 +156,10 @@ class Diag(CovarianceType):
     def scatter_stats(self, stats: Moments, means: Tensor) -> Tensor:
         return stats.second - 2.0 * means * stats.sums + stats.nk[:, None] * means**2
 
-    def ml_count(self, nk: Tensor, n: Tensor, d: int) -> Tensor:
+    def ml_count(self, nk: Tensor, d: int) -> Tensor:
         return nk[:, None]
 
-    def map_count(self, nk: Tensor, n: Tensor, d: int, k: int, nu0: float) -> Tensor:
+    def map_count(self, nk: Tensor, d: int, k: int, nu0: float) -> Tensor:
         return (nu0 - 1 + nk)[:, None]
 
     def mean_deviation(self, dev: Tensor) -> Tensor:
@@ -199,10 +199,10 @@ class Spherical(Diag):
     def scatter_stats(self, stats: Moments, means: Tensor) -> Tensor:
         return super().scatter_stats(stats, means).sum(-1)
 
-    def ml_count(self, nk: Tensor, n: Tensor, d: int) -> Tensor:
+    def ml_count(self, nk: Tensor, d: int) -> Tensor:
         return nk * d
 
-    def map_count(self, nk: Tensor, n: Tensor, d: int, k: int, nu0: float) -> Tensor:
+    def map_count(self, nk: Tensor, d: int, k: int, nu0: float) -> Tensor:
         return d * (nu0 + 1 + nk) - 2
 
     def mean_deviation(self, dev: Tensor) -> Tensor:

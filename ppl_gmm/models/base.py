@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
@@ -91,8 +92,8 @@ class LatentModel(ABC):
     @abstractmethod
     def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Any:
         """The Pyro model, its assignments marked for enumeration and its points observed at the
-        site ``"x"`` in the plate ``"data"``; with ``batch_size`` the plate subsamples that many points and scales their
-        likelihood up to all of them; without ``x`` it draws ``n`` points."""
+        site ``"x"`` in the plate ``"data"``; with ``batch_size`` the plate subsamples that many
+        points and scales their likelihood up to all of them; without ``x`` it draws ``n`` points."""
 
     @abstractmethod
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -125,7 +126,7 @@ class LatentModel(ABC):
             trace = poutine.trace(poutine.condition(self.model, data=sites)).get_trace(None, n)
         local = [node for node in trace.nodes.values() if _is_local(node)]
         latent = next(node["value"] for node in local if not node["is_observed"] and node["name"] != "x")
-        return trace.nodes["x"]["value"].detach(), latent.detach()
+        return cast(Tensor, trace.nodes["x"]["value"]).detach(), cast(Tensor, latent).detach()
 
     # ---- derived from the declaration --------------------------------------------------------
 
@@ -167,11 +168,12 @@ class LatentModel(ABC):
         scikit-learn counts them for its mixtures)."""
         with InitMessenger(_at_unconstrained_zero):
             trace = poutine.trace(self.model).get_trace(None, 1)
-        return sum(
-            math.prod(biject_to(node["fn"].support).inverse_shape(node["fn"].shape()))
+        fns = [
+            cast(dist.TorchDistribution, node["fn"])
             for node in trace.nodes.values()
             if _is_global(node) and not node["is_observed"]
-        )
+        ]
+        return sum(math.prod(biject_to(fn.support).inverse_shape(fn.shape())) for fn in fns)
 
     def check_params(self, params: Params, where: str) -> Params:
         """Validate shapes against this model (a ``UserError`` naming ``where`` if they differ)
@@ -233,15 +235,15 @@ def _at_unconstrained_zero(site: dict[str, Any]) -> Tensor:
     return transform(torch.zeros(transform.inverse_shape(fn.shape()))).detach()
 
 
-def _in_data_plate(node: Mapping[str, Any]) -> bool:
+def _in_data_plate(node: Message) -> bool:
     return any(frame.name == DATA_PLATE for frame in node.get("cond_indep_stack", ()))
 
 
-def _is_local(node: Mapping[str, Any]) -> bool:
+def _is_local(node: Message) -> bool:
     return node["type"] == "sample" and not site_is_subsample(node) and _in_data_plate(node)
 
 
-def _is_global(node: Mapping[str, Any]) -> bool:
+def _is_global(node: Message) -> bool:
     return node["type"] == "sample" and not site_is_subsample(node) and not _in_data_plate(node)
 
 

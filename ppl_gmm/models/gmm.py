@@ -412,7 +412,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         if prior is None:
             weights = nk / n
             centered_means = moments.sums / nk[:, None]
-            cov = kind.scatter_stats(moments, centered_means) / kind.ml_count(nk, n, d)
+            cov = kind.scatter_stats(moments, centered_means) / kind.ml_count(nk, d)
         else:
             raw = nk + prior.weight_concentration - 1.0
             weights = raw / raw.sum()
@@ -422,7 +422,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
             scale = kind.native(self._prior_scale(like)[None])
             numerator = scale + kind.scatter_stats(moments, centered_means)
             numerator = numerator + beta0 * kind.mean_deviation(centered_means - m0)
-            cov = numerator / kind.map_count(nk, n, d, self.k, prior.degrees_of_freedom)
+            cov = numerator / kind.map_count(nk, d, self.k, prior.degrees_of_freedom)
         covariances = kind.to_full(cov, self.k, d) + reg_covar * _eye_like(d, like)
         return {"weights": weights, "means": centered_means + shift, "covariances": covariances}
 
