@@ -96,3 +96,19 @@ def test_incremental_em_reaches_batch_em(name: str) -> None:
     assert abs(objectives[0] - float(model.log_likelihood(x, init).mean())) < 1e-10
     for param, value in batch.params.items():
         torch.testing.assert_close(incremental.params[param], value, rtol=1e-4, atol=1e-5)
+
+
+def test_bernoulli_em_in_float32_from_a_float64_start_stays_finite() -> None:
+    """Probabilities floored at 1e-10 in float64 round to 0 or 1 in float32; EM must not take
+    their logits there (seen: every float32 fit of binarized digits from k-means++ failed)."""
+    cls = MODELS.get("bernoulli_mixture")
+    x = load_data(DataConfig(source="digits_binary", test_fraction=0.0), 0).train
+    model = cls.from_config(cls.options(k=10), x)
+    init = initialize(model, x, InitConfig(), seed=0)
+    assert float(init["probs"].max()) > 1.0 - 1e-7  # some start at the float64 floor
+    narrow = {name: value.float() for name, value in init.items()}
+    fit = EM().fit(model, x.float(), narrow, EMOptions(max_iter=20, tol=0.0), lambda info: None)
+    ours = float(model.log_likelihood(x, {name: v.double() for name, v in fit.params.items()}).mean())
+    wide = EM().fit(model, x, init, EMOptions(max_iter=20, tol=0.0), lambda info: None)
+    # the same fit up to the floors (float32: its epsilon, float64: 1e-10) and rounding
+    assert abs(ours - float(model.log_likelihood(x, wide.params).mean())) < 1e-2

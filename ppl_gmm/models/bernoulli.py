@@ -29,6 +29,13 @@ __all__ = ["BernoulliMixture", "BernoulliOptions"]
 PROB_FLOOR = 1e-10  # maximum-likelihood probabilities stay inside (0, 1), so their logits are finite
 
 
+def _inside(probs: Tensor) -> Tensor:
+    """probs clamped to [floor, 1 - floor], the floor PROB_FLOOR or, where 1 - PROB_FLOOR rounds
+    to 1 (float32), the dtype's epsilon."""
+    floor = max(PROB_FLOOR, torch.finfo(probs.dtype).eps)
+    return probs.clamp(floor, 1.0 - floor)
+
+
 class BernoulliHyperparameters(Strict):
     weight_concentration: float = Field(1.0, gt=0)  # α0 of the weights' Dirichlet
     # a0 and b0 of each probability's Beta: 2 and 2 add one pseudo-count of each value (Laplace
@@ -119,7 +126,7 @@ class BernoulliMixture(ExpFamilyEM, ConjugateVB, LatentModel):
         """Equal weights, probabilities halfway between the points x[index] and the data's
         means (``spread``), so that none starts at 0 or 1 unless the data's does."""
         weights = torch.full((self.k,), 1.0 / self.k, dtype=x.dtype, device=x.device)
-        probs = (0.5 * (x[index] + spread["probs"])).clamp(PROB_FLOOR, 1.0 - PROB_FLOOR)
+        probs = _inside(0.5 * (x[index] + spread["probs"]))
         return {"weights": weights, "probs": probs}
 
     def check_em(self, backend: str) -> None:
@@ -135,13 +142,13 @@ class BernoulliMixture(ExpFamilyEM, ConjugateVB, LatentModel):
         return rows
 
     def natural(self, params: Params) -> tuple[Tensor, Tensor]:
-        probs = params["probs"]
+        probs = _inside(params["probs"])  # a float64 start cast to float32 may round to 0 or 1
         return torch.logit(probs), torch.log(params["weights"]) + torch.log1p(-probs).sum(1)
 
     def m_step_moments(self, nk: Tensor, sums: Tensor, use_prior: bool) -> Params:
         nk = nk + 10 * torch.finfo(nk.dtype).eps
         if self.prior is None or not use_prior:
-            probs = (sums / nk[:, None]).clamp(PROB_FLOOR, 1.0 - PROB_FLOOR)
+            probs = _inside(sums / nk[:, None])
             return {"weights": nk / nk.sum(), "probs": probs}
         alpha0, a0, b0 = self.prior
         weights = nk + alpha0 - 1.0
