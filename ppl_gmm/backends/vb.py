@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 from pyro import poutine
 from torch import Tensor
-from torch.distributions import Beta, Gamma, kl_divergence
+from torch.distributions import Beta, kl_divergence
 
 from ..errors import UserError
 from ..evaluate import posterior_moments
@@ -62,7 +62,6 @@ from .em import e_step, fixes, reg_covar
 __all__ = [
     "CAVIFit",
     "CAVIState",
-    "PRECISION_FAMILIES",
     "Posterior",
     "VB",
     "VBOptions",
@@ -174,107 +173,6 @@ WEIGHT_FAMILIES: dict[str, _WeightFamily] = {
 # ---- q(Λ) ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _PrecisionFamily:
-    """q(Λ) of one covariance type, as (ν, covariances = E[Λ]^-1).
-
-    posterior(nk (K,), sk native, dev (K, D) = x̄_k - m0, shrink (K,) = β0 N_k / β_k, ν0, C0 native)
-        -> (ν, covariances): the optimum given q(z), scikit-learn's formulas where they agree
-    log_det_gap(ν, D) -> E[log |Λ_k|] - log |E[Λ_k]|, which does not depend on the covariances
-    kl(ν, covariances, ν0, C0, D) -> Σ_k KL(q(Λ_k) || p(Λ_k)), a scalar
-    """
-
-    posterior: Callable[[Tensor, Tensor, Tensor, Tensor, float, Tensor], tuple[Tensor, Tensor]]
-    log_det_gap: Callable[[Tensor, int], Tensor]
-    kl: Callable[[Tensor, Tensor, float, Tensor, int], Tensor]
-
-
-def _symmetric(matrices: Tensor) -> Tensor:
-    """Matrix products of symmetric results round their two triangles differently; Pyro's
-    Wishart checks symmetry, to about 1e-5 relative."""
-    return 0.5 * (matrices + matrices.mT)
-
-
-def _full_posterior(
-    nk: Tensor, sk: Tensor, dev: Tensor, shrink: Tensor, nu0: float, c0: Tensor
-) -> tuple[Tensor, Tensor]:
-    dof = nu0 + nk
-    scale = c0 + nk[:, None, None] * sk + shrink[:, None, None] * dev[:, :, None] * dev[:, None, :]
-    return dof, _symmetric(scale / dof[:, None, None])
-
-
-def _tied_posterior(
-    nk: Tensor, sk: Tensor, dev: Tensor, shrink: Tensor, nu0: float, c0: Tensor
-) -> tuple[Tensor, Tensor]:
-    # one Λ for all components: it sees all N points and all K means' deviations
-    n = nk.sum()
-    dof = nu0 + n
-    return dof, _symmetric((c0 + n * sk + (shrink[:, None] * dev).T @ dev) / dof)
-
-
-def _diag_posterior(
-    nk: Tensor, sk: Tensor, dev: Tensor, shrink: Tensor, nu0: float, c0: Tensor
-) -> tuple[Tensor, Tensor]:
-    dof = nu0 + nk
-    return dof, (c0 + nk[:, None] * sk + shrink[:, None] * dev**2) / dof[:, None]
-
-
-def _spherical_posterior(
-    nk: Tensor, sk: Tensor, dev: Tensor, shrink: Tensor, nu0: float, c0: Tensor
-) -> tuple[Tensor, Tensor]:
-    dof = nu0 + nk
-    return dof, (c0 + nk * sk + shrink * (dev**2).mean(1)) / dof
-
-
-def _wishart_log_det_gap(dof: Tensor, d: int) -> Tensor:
-    i = torch.arange(d, dtype=dof.dtype, device=dof.device)
-    return torch.digamma((dof[..., None] - i) / 2).sum(-1) + d * math.log(2.0) - d * torch.log(dof)
-
-
-def _matrix_log_det(matrices: Tensor) -> Tensor:
-    return 2.0 * torch.log(torch.diagonal(torch.linalg.cholesky(matrices), dim1=-2, dim2=-1)).sum(-1)
-
-
-def _wishart_kl(dof: Tensor, cov: Tensor, nu0: float, c0: Tensor, d: int) -> Tensor:
-    """KL(W(ν, W) || W(ν0, W0)) summed, for W^-1 = ν cov and W0^-1 = c0."""
-    log_det_cov = _matrix_log_det(cov)
-    e_log_det = _wishart_log_det_gap(dof, d) - log_det_cov
-    nu0_t = torch.as_tensor(nu0, dtype=dof.dtype, device=dof.device)
-    # log B(W, ν) = -ν/2 log|W| - νD/2 log 2 - log Γ_D(ν/2), the Wishart's log normalizer
-    log_norm = 0.5 * dof * (d * torch.log(dof) + log_det_cov - d * math.log(2.0)) - torch.mvlgamma(dof / 2, d)
-    log_norm0 = 0.5 * nu0_t * (_matrix_log_det(c0) - d * math.log(2.0)) - torch.mvlgamma(nu0_t / 2, d)
-    trace = torch.diagonal(torch.linalg.solve(cov, c0.expand_as(cov)), dim1=-2, dim2=-1).sum(-1)
-    kl = log_norm - log_norm0 + 0.5 * (dof - nu0_t) * e_log_det - 0.5 * dof * d + 0.5 * trace
-    return kl.sum()
-
-
-def _diag_kl(dof: Tensor, cov: Tensor, nu0: float, c0: Tensor, d: int) -> Tensor:
-    shape = (dof[:, None] / 2).expand_as(cov)
-    return kl_divergence(Gamma(shape, shape * cov), Gamma(torch.full_like(c0, nu0 / 2), c0 / 2)).sum()
-
-
-def _spherical_kl(dof: Tensor, cov: Tensor, nu0: float, c0: Tensor, d: int) -> Tensor:
-    shape = d * dof / 2
-    prior = Gamma(torch.full_like(c0, d * nu0 / 2), d * c0 / 2)
-    return kl_divergence(Gamma(shape, shape * cov), prior).sum()
-
-
-PRECISION_FAMILIES: dict[str, _PrecisionFamily] = {
-    "full": _PrecisionFamily(_full_posterior, _wishart_log_det_gap, _wishart_kl),
-    "tied": _PrecisionFamily(_tied_posterior, _wishart_log_det_gap, _wishart_kl),
-    "diag": _PrecisionFamily(
-        _diag_posterior,
-        lambda dof, d: d * (torch.digamma(dof / 2) - torch.log(dof / 2)),
-        _diag_kl,
-    ),
-    "spherical": _PrecisionFamily(
-        _spherical_posterior,
-        lambda dof, d: d * (torch.digamma(d * dof / 2) - torch.log(d * dof / 2)),
-        _spherical_kl,
-    ),
-}
-
-
 # ---- the two coordinate updates and the ELBO --------------------------------------------------
 
 
@@ -294,7 +192,7 @@ def variational_m_step(
     shift = x.mean(0)
     x = x - shift
     xk = (resp.T @ x) / nk[:, None]
-    xtx = x.T @ x if covariance == "tied" else x.new_zeros(())
+    xtx = x.T @ x if kind.shared else x.new_zeros(())
     eye = kind.native(torch.eye(d, dtype=x.dtype, device=x.device)[None])
     sk = kind.scatter(x, resp, nk, xk, xtx) / kind.ml_count(nk, d) + reg_covar * eye
     xk = xk + shift
@@ -302,7 +200,7 @@ def variational_m_step(
     beta0 = prior.mean_precision
     beta = beta0 + nk
     means = (beta0 * m0 + nk[:, None] * xk) / beta[:, None]
-    dof, covariances = PRECISION_FAMILIES[covariance].posterior(
+    dof, covariances = COVARIANCE_TYPES[covariance].variational_posterior(
         nk, sk, xk - m0, beta0 * nk / beta, prior.degrees_of_freedom, prior.covariance_prior.to(x)
     )
     weights = WEIGHT_FAMILIES[prior.weight_prior].posterior(nk, prior.weight_concentration)
@@ -323,7 +221,7 @@ def expected_log_joint(x: Tensor, q: Variational) -> Tensor:
     """
     d = x.shape[1]
     log_gauss = gaussian_log_prob(x, q.means, precision_cholesky(_full_covariances(q)))
-    gap = PRECISION_FAMILIES[q.covariance].log_det_gap(q.degrees_of_freedom, d)
+    gap = COVARIANCE_TYPES[q.covariance].log_det_gap(q.degrees_of_freedom, d)
     log_weights = WEIGHT_FAMILIES[q.weight_prior].expected_log(q.weight_concentration)
     return log_weights + log_gauss + 0.5 * gap - 0.5 * d / q.mean_precision
 
@@ -339,7 +237,7 @@ def elbo_global(q: Variational, prior: ConjugatePrior) -> Tensor:
     mahalanobis = (deviation**2).sum(-1)
     spread = d * (beta_ratio - 1.0 - torch.log(beta_ratio))
     kl_means = 0.5 * (spread + prior.mean_precision * mahalanobis).sum()
-    kl_precisions = PRECISION_FAMILIES[q.covariance].kl(
+    kl_precisions = COVARIANCE_TYPES[q.covariance].variational_kl(
         q.degrees_of_freedom, q.covariances, prior.degrees_of_freedom, c0, d
     )
     kl_weights = WEIGHT_FAMILIES[q.weight_prior].kl(q.weight_concentration, prior.weight_concentration)
@@ -479,29 +377,18 @@ def run_cavi(
 
 def _sample_gmm_posterior(model: GaussianMixture, q: Variational) -> None:
     """The gmm's global sites drawn from q(π) q(μ, Λ) with ``pyro.sample``."""
-    k = q.means.shape[0]
-    d = q.means.shape[1]
-    nu = q.degrees_of_freedom
-
-    def precision_posterior() -> dist.TorchDistribution:
-        if q.covariance in ("full", "tied"):
-            scale_inv = nu[..., None, None] * q.covariances  # W^-1 = ν E[Λ]^-1
-            return dist.Wishart(nu, precision_matrix=scale_inv)
-        if q.covariance == "diag":
-            shape = (nu[:, None] / 2).expand_as(q.covariances)
-            return dist.Gamma(shape, shape * q.covariances).to_event(1)
-        shape = d * nu / 2
-        return dist.Gamma(shape, shape * q.covariances)
-
+    k, d = q.means.shape
+    kind = COVARIANCE_TYPES[q.covariance]
+    precision_posterior = kind.variational_distribution(q.degrees_of_freedom, q.covariances, d)
     if not model.stick_breaking:
         pyro.sample("weights", dist.Dirichlet(q.weight_concentration))
-    if q.covariance == "tied":
-        precision = pyro.sample("precision", precision_posterior())
+    if kind.shared:
+        precision = pyro.sample("precision", precision_posterior)
     with pyro.plate("components", k):
         if model.stick_breaking:
             pyro.sample("sticks", dist.Beta(q.weight_concentration[0], q.weight_concentration[1]))
-        if q.covariance != "tied":
-            precision = pyro.sample("precision", precision_posterior())
+        if not kind.shared:
+            precision = pyro.sample("precision", precision_posterior)
         full_precision = q.mean_precision[:, None, None] * model.full_precision(precision)
         pyro.sample("locs", dist.MultivariateNormal(q.means, precision_matrix=full_precision))
 
