@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -27,11 +26,12 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
-from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
 
 __all__ = [
     "EM",
     "EMOptions",
+    "EMRun",
     "MAX_RESEEDS",
     "PartialEStep",
     "add_stats",
@@ -135,6 +135,62 @@ def empty_components(mass: Tensor) -> list[int]:
     return torch.nonzero(mass < 1e4 * torch.finfo(mass.dtype).eps).flatten().tolist()
 
 
+class EMRun:
+    """What the loops of em, online_em and incremental_em share, as scikit-learn's mixture base
+    owns its loop's bookkeeping: one clock, the objective per point (the log-likelihood plus the
+    log prior over N) checked to be finite, the stopping rule on its change, the wording of
+    failures, and the result."""
+
+    def __init__(self, model: LatentModel, backend: str, n: int, tol: float = 0.0) -> None:
+        self.model, self.backend, self.n, self.tol = model, backend, n, tol
+        self.clock = Clock()
+        self.previous: float | None = None
+
+    def prepare(self, params: Params, center: Tensor | None, step: int) -> Any:
+        """``model.prepare``, with a singular covariance reported as a ``FitError`` at ``step``."""
+        assert isinstance(self.model, ClosedFormEM)
+        try:
+            return self.model.prepare(params, center)
+        except torch.linalg.LinAlgError:
+            raise self.singular(step, params) from None
+
+    def singular(self, step: int, params: Params) -> FitError:
+        return not_positive_definite(step, self.backend, next(iter(params.values())).dtype)
+
+    def objective(
+        self, log_likelihood: float, params: Params, step: int, points: int | None = None, aside: bool = False
+    ) -> float:
+        """``log_likelihood`` summed over ``points`` (default: all N), per point, plus log p(θ) / N
+        (computed aside from the clock with ``aside``); a ``FitError`` at ``step`` unless finite."""
+        prior = 0.0
+        if self.model.has_prior:
+            with self.clock.aside() if aside else nullcontext():
+                try:
+                    prior = float(self.model.log_prior(params))
+                except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
+                    raise self.singular(step, params) from None
+        value = log_likelihood / (points or self.n) + prior / self.n
+        if not math.isfinite(value):
+            raise FitError(f"step {step}: the objective is {value}. {fixes(self.model, self.backend)}")
+        return value
+
+    def settled(self, objective: float) -> bool:
+        """Whether ``objective`` moved by less than ``tol`` since the last one (which it becomes)."""
+        done = self.previous is not None and abs(objective - self.previous) < self.tol
+        self.previous = objective
+        return done
+
+    def result(self, params: Params, n_steps: int, converged: bool, **extras: Any) -> FitResult:
+        return FitResult(
+            params=params,
+            n_steps=n_steps,
+            converged=converged,
+            fit_seconds=self.clock.seconds(),
+            point_estimate="map" if self.model.has_prior else "mle",
+            extras=extras,
+        )
+
+
 @BACKENDS.register("em")
 class EM(Backend[EMOptions]):
     name = "em"
@@ -155,9 +211,8 @@ class EM(Backend[EMOptions]):
         threads = options.threads or torch.get_num_threads()
         block_rows = options.block_rows or block_rows_for(model, x)
         center = model.em_center(x[:block_rows])
-        start = time.perf_counter()
+        run = EMRun(model, self.name, n, options.tol)
         constant = data_constant(model, x)  # the part of log p(x | θ) that θ does not move
-        previous: float | None = None
         converged = False
         reseeds = [0] * model.k  # per component
         reseed_steps: list[int] = []  # the step of each re-seed: its parameters are the first to have it
@@ -172,25 +227,15 @@ class EM(Backend[EMOptions]):
                     try:
                         total, stats = _e_pass(model, x, params, center, block_rows, threads)
                     except torch.linalg.LinAlgError:
-                        raise not_positive_definite(step, self.name, x.dtype) from None
-                    try:
-                        log_prior = float(model.log_prior(params)) if model.has_prior else 0.0
-                    except (torch.linalg.LinAlgError, ValueError):  # a precision outside the prior's support
-                        raise not_positive_definite(step, self.name, x.dtype) from None
-                    log_likelihood = (total + constant) / n
-                    objective = log_likelihood + log_prior / n
-                    if not math.isfinite(objective):
-                        raise FitError(
-                            f"step {step}: the objective is {objective}. {fixes(model, self.name)}"
-                        )
-                    report(StepInfo(step, time.perf_counter() - start, objective, log_likelihood))
-                    if previous is not None and abs(objective - previous) < options.tol:
+                        raise run.singular(step, params) from None
+                    objective = run.objective(total + constant, params, step)
+                    report(StepInfo(step, run.clock.seconds(), objective, (total + constant) / n))
+                    if run.settled(objective):
                         converged = True
                         break
                     if step == options.max_iter:
                         break
                     params = model.m_step_stats(stats, center, reg_covar(model, options.reg_covar))
-                    previous = objective
                     # with a prior the M-step is the posterior mode, which the prior alone defines for a
                     # component without points: a surplus component may empty out, as in VB
                     empty = [] if model.has_prior else empty_components(model.component_mass(stats))
@@ -206,19 +251,12 @@ class EM(Backend[EMOptions]):
                         try:
                             params = model.reseed(params, empty, x)
                         except torch.linalg.LinAlgError:
-                            raise not_positive_definite(step, self.name, x.dtype) from None
+                            raise run.singular(step, params) from None
                         reseed_steps += [step + 1] * len(empty)
-                        previous = None  # a re-seed may lower the objective; that step cannot be the last
+                        run.previous = None  # a re-seed may lower the objective; that step cannot be the last
         finally:
             _close_pools()  # no worker threads outlive the fit
-        return FitResult(
-            params=params,
-            n_steps=step,
-            converged=converged,
-            fit_seconds=time.perf_counter() - start,
-            point_estimate="map" if model.has_prior else "mle",
-            extras={"reseeds": len(reseed_steps), "reseed_steps": reseed_steps},
-        )
+        return run.result(params, step, converged, reseeds=len(reseed_steps), reseed_steps=reseed_steps)
 
 
 def _e_pass(

@@ -22,9 +22,9 @@ from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
-from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
-from .em import EM, EMOptions, add_stats, data_constant, fixes, needs_closed_form, reg_covar
-from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows, log_prior, prepare
+from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo
+from .em import EM, EMOptions, EMRun, add_stats, data_constant, needs_closed_form, reg_covar
+from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows
 
 __all__ = ["IncrementalEM", "IncrementalEMOptions"]
 
@@ -60,19 +60,15 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
         regularization = reg_covar(model, options.reg_covar)
         constant = data_constant(model, x)  # Σ_n of the terms no statistic holds (a base measure)
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
-        clock = Clock()
+        run = EMRun(model, self.name, n, options.tol)
+        clock = run.clock
 
         def objective(log_density: float) -> float:
             """Per point, with the log prior at the current θ as batch EM's objective."""
-            with clock.aside():
-                prior = log_prior(model, params, step, self.name) if model.has_prior else 0.0
-            value = (log_density + prior) / n
-            if not math.isfinite(value):
-                raise FitError(f"step {step}: the objective is {value}. {fixes(model, self.name)}")
-            return value
+            return run.objective(log_density, params, step, aside=True)
 
         step = 0
-        prepared = prepare(model, params, center, step, self.name)
+        prepared = run.prepare(params, center, step)
         stats = [model.new_stats(x) for _ in parts]
         passes = [
             e_step_rows(model, rows, prepared, center, s, buffer)
@@ -85,11 +81,11 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
         with clock.aside():  # F(q, θ) = log p(x | θ) right after a full E-step, up to rounding
             bound = _free_energy(model, total, params, center) + math.fsum(entropies) + constant
         report(StepInfo(step, seconds, objective(bound), log_likelihood / n))
-        previous = objective(log_likelihood)
+        run.settled(objective(log_likelihood))
         fix = "Lower model.k, set data.standardize: true, or use em, which re-seeds empty components."
         check_not_empty(model, total, step, fix)
         params = model.m_step_stats(total, center, regularization)
-        prepared = prepare(model, params, center, step, self.name)
+        prepared = run.prepare(params, center, step)
         converged = False
         for _ in range(options.max_epochs):
             for b, rows in enumerate(parts):
@@ -101,7 +97,7 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
                 stats[b] = fresh
                 check_not_empty(model, total, step, fix)
                 params = model.m_step_stats(total, center, regularization)
-                prepared = prepare(model, params, center, step, self.name)
+                prepared = run.prepare(params, center, step)
                 seconds = clock.seconds()
                 at_end = b == len(parts) - 1
                 with clock.aside():
@@ -109,20 +105,11 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
                     if at_end:
                         log_likelihood = e_step_rows(model, x, prepared, center, None, buffer).log_likelihood
                 report(StepInfo(step, seconds, objective(bound), log_likelihood / n if at_end else None))
-            current = objective(log_likelihood)
-            if abs(current - previous) < options.tol:
+            if run.settled(objective(log_likelihood)):
                 converged = True
                 break
-            previous = current
             total = _sum(model, stats)  # once per epoch, so that float32 rounding does not pile up
-        return FitResult(
-            params=params,
-            n_steps=step,
-            converged=converged,
-            fit_seconds=clock.seconds(),
-            point_estimate="map" if model.has_prior else "mle",
-            extras={"epochs": step // len(parts)},
-        )
+        return run.result(params, step, converged, epochs=step // len(parts))
 
 
 def _free_energy(model: ClosedFormEM, total: Stats, params: Params, center: Tensor | None) -> float:

@@ -19,15 +19,13 @@ from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params
-from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
-from .em import EM, EMOptions, fixes, needs_closed_form, reg_covar
+from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo
+from .em import EM, EMOptions, EMRun, needs_closed_form, reg_covar
 from .partial_em import (
     CHUNK_ROWS,
     check_not_empty,
     combine,
     e_step_rows,
-    log_prior,
-    prepare,
 )
 
 __all__ = ["OnlineEM", "OnlineEMOptions", "step_size"]
@@ -74,7 +72,7 @@ class OnlineEM(Backend[OnlineEMOptions]):
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         stats = None
-        clock = Clock()
+        run = EMRun(model, self.name, n)
         step = 0
         for _ in range(options.epochs):
             order = torch.randperm(n, generator=generator).to(x.device) if options.shuffle else None
@@ -85,7 +83,7 @@ class OnlineEM(Backend[OnlineEMOptions]):
                     if order is None
                     else x.index_select(0, order[start : start + size])
                 )
-                prepared = prepare(model, params, center, step, self.name)
+                prepared = run.prepare(params, center, step)
                 batch = model.new_stats(x)
                 seen = e_step_rows(model, rows, prepared, center, batch, buffer)
                 scale = n / rows.shape[0]
@@ -98,24 +96,13 @@ class OnlineEM(Backend[OnlineEMOptions]):
                     f"Increase backends.{self.name}.batch_size, lower model.k, or use the em backend, "
                     "which re-seeds empty components.",
                 )
-                objective = seen.log_likelihood / rows.shape[0]
-                if model.has_prior:
-                    with clock.aside():
-                        objective += log_prior(model, params, step, self.name) / n
-                if not math.isfinite(objective):
-                    raise FitError(f"step {step}: the objective is {objective}. {fixes(model, self.name)}")
+                objective = run.objective(seen.log_likelihood, params, step, rows.shape[0], aside=True)
                 params = model.m_step_stats(stats, center, regularization)
-                seconds = clock.seconds()
+                seconds = run.clock.seconds()
                 log_likelihood = None
                 if step % options.eval_every == 0 or step == last:
-                    with clock.aside():
-                        done = prepare(model, params, center, step, self.name)
+                    with run.clock.aside():
+                        done = run.prepare(params, center, step)
                         log_likelihood = e_step_rows(model, x, done, center, None, buffer).log_likelihood / n
                 report(StepInfo(step, seconds, objective, log_likelihood))
-        return FitResult(
-            params=params,
-            n_steps=step,
-            converged=True,
-            fit_seconds=clock.seconds(),
-            point_estimate="map" if model.has_prior else "mle",
-        )
+        return run.result(params, step, converged=True)

@@ -1,18 +1,18 @@
 """What the EM variants that update θ from part of the data share (``online_em`` on mini-batches,
-``incremental_em`` on fixed blocks): the E-step on some rows, sufficient-statistics arithmetic,
-and sufficient-statistics arithmetic.
+``incremental_em`` on fixed blocks): the E-step on some rows with its entropy, the check for
+emptied components, and sufficient-statistics arithmetic. Their loops' bookkeeping is
+``em.EMRun``, batch EM's too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ..models.base import ClosedFormEM, LatentModel, Params, Stats
+from ..models.base import ClosedFormEM, Stats
 from .base import FitError
-from .em import PartialEStep, data_constant, e_step_blocks, empty_components, not_positive_definite
+from .em import PartialEStep, data_constant, e_step_blocks, empty_components
 
 __all__ = [
     "CHUNK_ROWS",
@@ -20,29 +20,9 @@ __all__ = [
     "check_not_empty",
     "combine",
     "e_step_rows",
-    "log_prior",
-    "prepare",
 ]
 
 CHUNK_ROWS = 4096  # rows per E-step chunk, batch EM's default: fast GEMMs, memory O(chunk × K × D)
-
-
-def prepare(model: ClosedFormEM, params: Params, center: Tensor | None, step: int, backend: str) -> Any:
-    """``model.prepare``, with a singular covariance reported as a ``FitError`` at ``step``."""
-    try:
-        return model.prepare(params, center)
-    except torch.linalg.LinAlgError:
-        dtype = next(iter(params.values())).dtype
-        raise not_positive_definite(step, backend, dtype) from None
-
-
-def log_prior(model: LatentModel, params: Params, step: int, backend: str) -> float:
-    """``model.log_prior``, with precisions outside the prior's support (a covariance that is
-    positive definite only up to rounding) reported as a ``FitError`` at ``step``."""
-    try:
-        return float(model.log_prior(params))
-    except (torch.linalg.LinAlgError, ValueError):
-        raise not_positive_definite(step, backend, next(iter(params.values())).dtype) from None
 
 
 def check_not_empty(model: ClosedFormEM, stats: Stats, step: int, fix: str) -> None:
