@@ -1,4 +1,4 @@
-"""A mixture of independent Bernoullis for binary data, declared once in Pyro.
+"""A mixture of independent Bernoullis for binary data, declared once in Pyro (``_independent.py``).
 
 Global sites: ``weights`` (K) Dirichlet(α0) and ``probs`` (K, D) Beta(a0, b0) each, or flat
 priors with ``prior: none``. Local: ``z`` Categorical(weights), enumerated; ``x`` (D) independent
@@ -7,22 +7,20 @@ Bernoulli(probs[z]). Point estimates hold float64 ``weights`` (K) and ``probs`` 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-import pyro
 import pyro.distributions as dist
 import torch
 from pydantic import Field
-from pyro.infer import config_enumerate
-from pyro.ops.indexing import Vindex
 from torch import Tensor
 from torch.distributions import constraints
 
 from ..config import ModelOptions, Strict
 from ..errors import UserError
-from .base import MODELS, ExpFamilyEM, Flat, LatentModel, Params
-from .conjugate import ConjugatePosterior, ConjugateVB
+from ._independent import IndependentMixture
+from .base import MODELS, Params
+from .conjugate import ConjugatePosterior
 
 __all__ = ["BernoulliMixture", "BernoulliOptions"]
 
@@ -50,58 +48,20 @@ class BernoulliOptions(ModelOptions):
 
 
 @MODELS.register("bernoulli_mixture")
-class BernoulliMixture(ExpFamilyEM, ConjugateVB, LatentModel):
+class BernoulliMixture(IndependentMixture):
     name = "bernoulli_mixture"
     options = BernoulliOptions
-    component_axes = {"weights": (0,), "probs": (0,)}
-    pivot = "probs"
-    component_site = "probs"  # the global site of q(θ) in variational Bayes
-    standardizable = False
-
-    def __init__(self, k: int, dim: int, prior: tuple[float, float, float] | None) -> None:
-        self.k, self.dim, self.prior = k, dim, prior  # prior: (α0, a0, b0)
+    site = "probs"
+    support = constraints.unit_interval
+    mode_fields = ("weight_concentration", "prob_a", "prob_b")
 
     @classmethod
-    def from_config(cls, cfg: ModelOptions, x: Tensor) -> BernoulliMixture:
-        assert isinstance(cfg, BernoulliOptions)
+    def conjugate_prior(cls, cfg: Any, x: Tensor) -> tuple[float, float, float]:
         hyper = cfg.hyperparameters
-        prior = (hyper.weight_concentration, hyper.prob_a, hyper.prob_b) if cfg.prior == "conjugate" else None
-        model = cls(cfg.k, int(x.shape[1]), prior)
-        model.example = x[:1].clone()
-        return model
+        return hyper.weight_concentration, hyper.prob_a, hyper.prob_b
 
-    @property
-    def has_prior(self) -> bool:
-        return self.prior is not None
-
-    @config_enumerate
-    def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Tensor:
-        like = x if x is not None else torch.zeros((), dtype=torch.get_default_dtype())
-        n = x.shape[0] if x is not None else n
-        subsample = None if batch_size is None or n is None or batch_size >= n else batch_size
-        k, d = self.k, self.dim
-
-        # global variables
-        if self.prior is None:
-            weights_prior = Flat(constraints.simplex, (), (k,))
-            probs_prior = Flat(constraints.unit_interval, (k,), (d,))
-        else:
-            alpha0, a0, b0 = (torch.tensor(v, dtype=like.dtype, device=like.device) for v in self.prior)
-            weights_prior = dist.Dirichlet(alpha0.expand(k))
-            probs_prior = dist.Beta(a0, b0).expand((k, d)).to_event(1)
-        weights = pyro.sample("weights", weights_prior)
-        with pyro.plate("components", k):
-            probs = pyro.sample("probs", probs_prior)
-
-        # local variables
-        with pyro.plate("data", n, subsample_size=subsample) as index:
-            if x is not None and subsample is not None:
-                x = x[index]
-            z = pyro.sample("z", dist.Categorical(weights))
-            return pyro.sample("x", dist.Bernoulli(Vindex(probs)[..., z, :]).to_event(1), obs=x)
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"weights": (self.k,), "probs": (self.k, self.dim)}
+    def likelihood(self, theta: Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(theta)
 
     def sample_truth(self, rng: np.random.Generator, separation: float) -> dict[str, Tensor]:
         """Weights from Dirichlet(10), probabilities Beta(1 / ``separation``, 1 / ``separation``):
@@ -122,19 +82,9 @@ class BernoulliMixture(ExpFamilyEM, ConjugateVB, LatentModel):
                 f"{value:g} ({bad.size} such row(s)). Binarize the data, or use model.name: gmm."
             )
 
-    def init_from_points(self, x: Tensor, index: Tensor, spread: Params) -> Params:
-        """Equal weights, probabilities halfway between the points x[index] and the data's
-        means (``spread``), so that none starts at 0 or 1 unless the data's does."""
-        weights = torch.full((self.k,), 1.0 / self.k, dtype=x.dtype, device=x.device)
-        probs = _inside(0.5 * (x[index] + spread["probs"]))
-        return {"weights": weights, "probs": probs}
-
-    def check_em(self, backend: str) -> None:
-        if self.prior is not None and min(self.prior) < 1.0:
-            raise UserError(
-                f"model.hyperparameters: {backend} needs the posterior mode, which exists only with "
-                f"weight_concentration, prob_a and prob_b of at least 1, but found {self.prior}. Try 2.0."
-            )
+    def project(self, params: Params) -> Params:
+        """Weights normalized, probabilities inside [eps, 1 - eps]."""
+        return {**super().project(params), "probs": _inside(params["probs"])}
 
     # ---- closed-form EM: T(x) = x, η = logit p, A(η) = -Σ_d log(1 - p_d) ----------------------
 
@@ -147,13 +97,11 @@ class BernoulliMixture(ExpFamilyEM, ConjugateVB, LatentModel):
 
     def m_step_moments(self, nk: Tensor, sums: Tensor, use_prior: bool) -> Params:
         nk = nk + 10 * torch.finfo(nk.dtype).eps
+        weights = self.m_step_weights(nk, use_prior)
         if self.prior is None or not use_prior:
-            probs = _inside(sums / nk[:, None])
-            return {"weights": nk / nk.sum(), "probs": probs}
-        alpha0, a0, b0 = self.prior
-        weights = nk + alpha0 - 1.0
-        probs = (sums + a0 - 1.0) / (nk[:, None] + a0 + b0 - 2.0)
-        return {"weights": weights / weights.sum(), "probs": probs}
+            return {"weights": weights, "probs": _inside(sums / nk[:, None])}
+        _, a0, b0 = self.prior
+        return {"weights": weights, "probs": (sums + a0 - 1.0) / (nk[:, None] + a0 + b0 - 2.0)}
 
     # ---- variational Bayes: q(p_kd) = Beta(a_kd, b_kd) ----------------------------------------
 

@@ -1,28 +1,26 @@
-"""A mixture of independent Poissons for count data, declared once in Pyro.
+"""A mixture of independent Poissons for count data, declared once in Pyro (``_independent.py``).
 
-Global sites: ``weights`` (K) Dirichlet(α0) and ``rates`` (K, D) Gamma(a0, b0) each, or flat
+Global sites: ``weights`` (K) Dirichlet(α0) and ``rates`` (K, D) Gamma(a0, rate b0) each, or flat
 priors with ``prior: none``. Local: ``z`` Categorical(weights), enumerated; ``x`` (D) independent
 Poisson(rates[z]). Point estimates hold float64 ``weights`` (K) and ``rates`` (K, D).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-import pyro
 import pyro.distributions as dist
 import torch
 from pydantic import Field
-from pyro.infer import config_enumerate
-from pyro.ops.indexing import Vindex
 from torch import Tensor
 from torch.distributions import constraints
 
 from ..config import ModelOptions, Strict
 from ..errors import UserError
-from .base import MODELS, ExpFamilyEM, Flat, LatentModel, Params
-from .conjugate import ConjugatePosterior, ConjugateVB
+from ._independent import IndependentMixture
+from .base import MODELS, Params
+from .conjugate import ConjugatePosterior
 
 __all__ = ["PoissonMixture", "PoissonOptions"]
 
@@ -42,61 +40,24 @@ class PoissonOptions(ModelOptions):
 
 
 @MODELS.register("poisson_mixture")
-class PoissonMixture(ExpFamilyEM, ConjugateVB, LatentModel):
+class PoissonMixture(IndependentMixture):
     name = "poisson_mixture"
     options = PoissonOptions
-    component_axes = {"weights": (0,), "rates": (0,)}
-    pivot = "rates"
-    component_site = "rates"  # the global site of q(θ) in variational Bayes
-    standardizable = False
-
-    def __init__(self, k: int, dim: int, prior: tuple[float, float, float] | None) -> None:
-        self.k, self.dim, self.prior = k, dim, prior  # prior: (α0, a0, b0)
+    site = "rates"
+    support = constraints.positive
+    mode_fields = ("weight_concentration", "rate_shape")
 
     @classmethod
-    def from_config(cls, cfg: ModelOptions, x: Tensor) -> PoissonMixture:
-        assert isinstance(cfg, PoissonOptions)
+    def conjugate_prior(cls, cfg: Any, x: Tensor) -> tuple[float, float, float]:
         hyper = cfg.hyperparameters
-        rate = hyper.rate_rate or hyper.rate_shape / max(float(x.mean()), 1e-3)
-        prior = (hyper.weight_concentration, hyper.rate_shape, rate) if cfg.prior == "conjugate" else None
-        model = cls(cfg.k, int(x.shape[1]), prior)
-        model.example = x[:1].clone()
-        return model
+        return (
+            hyper.weight_concentration,
+            hyper.rate_shape,
+            hyper.rate_rate or hyper.rate_shape / max(float(x.mean()), 1e-3),
+        )
 
-    @property
-    def has_prior(self) -> bool:
-        return self.prior is not None
-
-    @config_enumerate
-    def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Tensor:
-        like = x if x is not None else torch.zeros((), dtype=torch.get_default_dtype())
-        n = x.shape[0] if x is not None else n
-        subsample = None if batch_size is None or n is None or batch_size >= n else batch_size
-        k, d = self.k, self.dim
-
-        # global variables
-        if self.prior is None:
-            weights_prior, rates_prior = (
-                Flat(constraints.simplex, (), (k,)),
-                Flat(constraints.positive, (k,), (d,)),
-            )
-        else:
-            alpha0, a0, b0 = (torch.tensor(v, dtype=like.dtype, device=like.device) for v in self.prior)
-            weights_prior = dist.Dirichlet(alpha0.expand(k))
-            rates_prior = dist.Gamma(a0, b0).expand((k, d)).to_event(1)
-        weights = pyro.sample("weights", weights_prior)
-        with pyro.plate("components", k):
-            rates = pyro.sample("rates", rates_prior)
-
-        # local variables
-        with pyro.plate("data", n, subsample_size=subsample) as index:
-            if x is not None and subsample is not None:
-                x = x[index]
-            z = pyro.sample("z", dist.Categorical(weights))
-            return pyro.sample("x", dist.Poisson(Vindex(rates)[..., z, :]).to_event(1), obs=x)
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"weights": (self.k,), "rates": (self.k, self.dim)}
+    def likelihood(self, theta: Tensor) -> dist.TorchDistribution:
+        return dist.Poisson(theta)
 
     def sample_truth(self, rng: np.random.Generator, separation: float) -> dict[str, Tensor]:
         """Weights from Dirichlet(10), rates Gamma(2, scale = ``separation``): mean 2·separation."""
@@ -115,20 +76,7 @@ class PoissonMixture(ExpFamilyEM, ConjugateVB, LatentModel):
                 f"holds {value:g} ({bad.size} such row(s)). Use counts, or model.name: gmm."
             )
 
-    def init_from_points(self, x: Tensor, index: Tensor, spread: Params) -> Params:
-        """Equal weights, rates halfway between the points x[index] and the data's mean
-        (``spread``), so that no rate starts at zero."""
-        weights = torch.full((self.k,), 1.0 / self.k, dtype=x.dtype, device=x.device)
-        return {"weights": weights, "rates": 0.5 * (x[index] + spread["rates"])}
-
-    def check_em(self, backend: str) -> None:
-        if self.prior is not None and min(self.prior[:2]) < 1.0:
-            raise UserError(
-                f"model.hyperparameters: {backend} needs the posterior mode, which exists only with "
-                f"weight_concentration and rate_shape of at least 1, but found {self.prior[:2]}. Try 2.0."
-            )
-
-    # ---- closed-form EM: T(x) = x, log h(x) = -Σ_d log x_d! ---------------------------------
+    # ---- closed-form EM: T(x) = x, η = log λ, A(η) = Σ_d λ_d, log h(x) = -Σ_d log x_d! ------------
 
     def sufficient(self, rows: Tensor) -> Tensor:
         return rows
@@ -142,11 +90,11 @@ class PoissonMixture(ExpFamilyEM, ConjugateVB, LatentModel):
 
     def m_step_moments(self, nk: Tensor, sums: Tensor, use_prior: bool) -> Params:
         nk = nk + 10 * torch.finfo(nk.dtype).eps
+        weights = self.m_step_weights(nk, use_prior)
         if self.prior is None or not use_prior:
-            return {"weights": nk / nk.sum(), "rates": (sums / nk[:, None]).clamp_min(RATE_FLOOR)}
-        alpha0, a0, b0 = self.prior
-        weights = nk + alpha0 - 1.0
-        return {"weights": weights / weights.sum(), "rates": (sums + a0 - 1.0) / (nk[:, None] + b0)}
+            return {"weights": weights, "rates": (sums / nk[:, None]).clamp_min(RATE_FLOOR)}
+        _, a0, b0 = self.prior
+        return {"weights": weights, "rates": (sums + a0 - 1.0) / (nk[:, None] + b0)}
 
     # ---- variational Bayes: q(λ_kd) = Gamma(a_kd, rate b_kd) ----------------------------------
 
