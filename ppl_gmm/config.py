@@ -54,9 +54,11 @@ class ModelOptions(Strict):
 
 
 class InitConfig(Strict):
-    method: Literal["kmeans", "kmeans++", "random_from_data", "from_run"] = "kmeans++"
+    method: Literal["kmeans", "kmeans++", "random_from_data", "from_run", "given"] = "kmeans++"
     n_init: int = Field(1, ge=1, le=1000)  # restarts; each backend keeps its best by train log-likelihood
     run: str | None = None  # from_run: an experiment or backend directory
+    # given: a safetensors file with the model's tensors (e.g. an earlier run's params.safetensors)
+    path: str | None = None
     kmeans_iter: int = Field(100, ge=1)  # kmeans: at most this many Lloyd iterations
     # gmm only: added to initial covariance diagonals (null: 1e-6); refused by other models
     reg_covar: float | None = Field(None, ge=0)
@@ -74,21 +76,27 @@ class Config(Strict):
     # validated by the schema of the model that model.name picks (see parse_config)
     model: SerializeAsAny[ModelOptions] = Field(default_factory=lambda: _model_options({}))
     init: InitConfig = InitConfig()
-    # each backend listed runs, in this order; its options are validated by the backend
+    # each backend listed runs, in this order; its options are validated by the backend; a
+    # backend set to null is dropped (`backends.svi=null` on the command line removes svi)
     backends: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"em": dict[str, Any]()})
+    # torch threads of every backend's fit and scoring; null: 1 for small problems, torch's
+    # default (all cores) for large ones (see experiment.auto_threads)
+    threads: int | None = Field(None, ge=1, le=4096)
 
     @field_validator("backends", mode="before")
     @classmethod
-    def _options_are_mappings(cls, value: Any) -> Any:
+    def _drop_null_backends(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
-            return {name: {} if opts is None else opts for name, opts in value.items()}
+            return {name: opts for name, opts in value.items() if opts is not None}
         return value
 
     @field_validator("backends")
     @classmethod
     def _at_least_one(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not value:
-            raise ValueError("list at least one backend, e.g. `backends: {em: {}}`")
+            raise ValueError(
+                "list at least one backend that is not null (null drops it), e.g. `backends: {em: {}}`"
+            )
         return value
 
 

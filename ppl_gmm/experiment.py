@@ -8,9 +8,11 @@ an interruption records the running backend as ``interrupted`` and keeps everyth
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -43,7 +45,19 @@ from .runs import (
 
 M = TypeVar("M", bound=BaseModel)
 
-__all__ = ["Interrupted", "Outcome", "Plan", "Progress", "execute", "prepare", "run", "simulator"]
+__all__ = [
+    "Interrupted",
+    "Outcome",
+    "Plan",
+    "Progress",
+    "auto_threads",
+    "execute",
+    "prepare",
+    "run",
+    "simulator",
+    "target_of",
+    "torch_threads",
+]
 
 
 class Progress(Protocol):
@@ -80,6 +94,7 @@ class Plan:
     inits: tuple[Params, ...]
     device: torch.device
     dtype: torch.dtype
+    threads: int = 1  # torch threads of each backend whose options set none (config's threads)
 
 
 @dataclass(frozen=True)
@@ -162,8 +177,9 @@ def simulator(cfg: Config, model_cls: type[LatentModel]) -> Simulator:
     return simulate
 
 
-def prepare(cfg: Config) -> Plan:
+def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     """Load the data, build the model, resolve options and draw the initial parameters.
+    ``data``, when given, is used as it is instead of ``cfg.data`` (the Python estimator's arrays).
 
     Raises ``UserError`` for anything wrong with the config or data; writes nothing.
     """
@@ -177,10 +193,11 @@ def prepare(cfg: Config) -> Plan:
             f"data.standardize: model {model_cls.name!r} needs the data's own values (counts or "
             "binary), which z-scores would change. Set data.standardize: false."
         )
-    try:
-        data = load_data(cfg.data, cfg.seed, simulator(cfg, model_cls), model_cls.check_data)
-    except MemoryError:
-        raise UserError("data: not enough memory to hold the data. Lower data.n or data.dim.") from None
+    if data is None:
+        try:
+            data = load_data(cfg.data, cfg.seed, simulator(cfg, model_cls), model_cls.check_data)
+        except MemoryError:
+            raise UserError("data: not enough memory to hold the data. Lower data.n or data.dim.") from None
     n_train = data.train.shape[0]
     if cfg.model.k > n_train:
         raise UserError(
@@ -231,7 +248,40 @@ def prepare(cfg: Config) -> Plan:
             "backends": {name: options.model_dump(mode="json") for name, _, options in backends},
         }
     )
-    return Plan(resolved, data, model, backends, inits, device, dtype)
+    threads = cfg.threads or auto_threads(n_train, data.train.shape[1], cfg.model.k)
+    return Plan(resolved, data, model, backends, inits, device, dtype, threads)
+
+
+# torch's own thread count when this module was imported: all physical cores, or what
+# OMP_NUM_THREADS says; captured before any fit changes it
+DEFAULT_THREADS = torch.get_num_threads()
+# Below this many n_train · dim · k, one thread is fastest: each step's kernels are too small to
+# split, and handing work to a second thread costs more than it saves (Pyro's many small ops
+# worst). Measured on a 2-core machine (torch 2.13, ms per step with 1 / 2 threads; other jobs
+# were running, which inflates the 2-thread times): map at n·d·k = 1800: 16 / 80, 12000:
+# 10 / 180, 320000: 33 / 83, 6.4M: 568 / 1105; em at 12000: 2.9 / 57, 320000: 4.3 / 19, 6.4M:
+# 29 / 21 (em's row-block lanes pay off on large data). Above the bound, all cores.
+SMALL_PROBLEM = 10**6
+
+
+def auto_threads(n_train: int, dim: int, k: int) -> int:
+    """The threads of ``threads: null``: 1 for a small problem (``SMALL_PROBLEM``), else torch's
+    default (``DEFAULT_THREADS``), and never more than the cores this process may use."""
+    if n_train * dim * k < SMALL_PROBLEM:
+        return 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(DEFAULT_THREADS, usable))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for a while, and restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 FIGURE_POINTS = 5000  # train points kept in the run directory for figures
@@ -309,26 +359,81 @@ def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Out
     return Outcome(path, {name: run.summary for name, run in runs.items()})
 
 
+def target_of(backend: Backend[Any], model: LatentModel) -> str | None:
+    """What ``backend`` maximizes, per point, and so what its progress is timed on: the ELBO for
+    variational backends; for the others the log posterior (the log-likelihood plus log p(θ) / N)
+    when the model has a prior, else the log-likelihood. None for a sampler, which optimizes
+    nothing (it is the posterior's reference)."""
+    if backend.samples:
+        return None
+    if backend.variational:
+        return "elbo"
+    return "log_posterior" if model.has_prior else "log_likelihood"
+
+
+def _kept_rows(run: _BackendRun) -> pd.DataFrame:
+    """The metrics rows of the restart whose fit was kept."""
+    metrics = run.metrics
+    if "restart" in metrics.columns:
+        metrics = metrics[metrics["restart"] == run.summary.get("restart", 0)]
+    return metrics.reset_index(drop=True)
+
+
+def _progress(run: _BackendRun, backend: Backend[Any], options: Options) -> pd.DataFrame:
+    """``wall_seconds`` and ``value`` of the backend's target at the estimates its kept fit
+    reached after the start (step 0, the shared start, counts for nobody): each step's where the
+    step's objective is the target (``objective_is_target``), each exact log-likelihood for the
+    log-likelihood target, and the final value at the end of the fit."""
+    rows = _kept_rows(run)
+    when = rows[["step", "wall_seconds"]]
+    parts = [pd.DataFrame({"step": [], "wall_seconds": [], "value": []})]
+    if backend.objective_is_target(options):
+        values = rows["objective"].shift(-1) if backend.objective_lags else rows["objective"]
+        parts.append(when.assign(value=values))
+    if run.summary.target == "log_likelihood":
+        parts.append(when.assign(value=rows["log_likelihood"]))
+    if len(rows) and run.summary.target_value is not None:
+        parts.append(when.tail(1).assign(value=run.summary.target_value))
+    frame = pd.concat(parts, ignore_index=True).astype(float)
+    frame = frame[(frame["step"] > 0) & np.isfinite(frame["value"])]
+    return frame.sort_values(["wall_seconds", "step"], kind="stable")
+
+
 def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -> None:
-    """Add what needs every backend's results to each summary, and write comparison.csv: the
-    time each took to come within 1e-3 and 1e-4 per point of the best log-likelihood any reached
-    (by a final estimate or along the way; a sampler's individual draws do not count),
-    and parameter errors against the truth and the first completed backend, after matching."""
+    """Add what needs every backend's results to each summary, and write comparison.csv.
+
+    Backends that share a target (``target_of``) are compared with each other: ``best_target``
+    is the best value any of them reached (``_progress``), and ``seconds_to_within_1e-3`` /
+    ``1e-4`` the wall time at which a backend's own target first came within that gap per point
+    of it (null when it never did, and for a sampler). ``best_log_likelihood`` is the best train
+    log-likelihood any backend reached, by a final estimate or along the way (a sampler's draws
+    do not count). Then parameter errors against the truth and the first completed backend,
+    after matching."""
     done = {name: run for name, run in runs.items() if run.params is not None}
-    samplers = {name for name, backend, _ in plan.backends if backend.samples}
+    fitters = {name: (backend, options) for name, backend, options in plan.backends}
     reached = [run.summary.train_log_likelihood for run in done.values()]
     for name, run in done.items():
-        if name not in samplers:  # step 0 is the shared start, not something a backend reached
+        if not fitters[name][0].samples:  # step 0 is the shared start, not something a backend reached
             reached += [float(v) for v in run.metrics.loc[run.metrics["step"] > 0, "log_likelihood"].dropna()]
-    best = max((v for v in reached if v is not None and np.isfinite(v)), default=None)
+    best_log_likelihood = max((v for v in reached if v is not None and np.isfinite(v)), default=None)
+    progress = {name: _progress(run, *fitters[name]) for name, run in done.items()}
+    best: dict[str, float] = {}
+    for name, run in done.items():
+        target = run.summary.target
+        if target is not None and len(progress[name]):
+            best[target] = max(best.get(target, -math.inf), float(progress[name]["value"].max()))
     reference = next(iter(done), None)
     reference_params = done[reference].params if reference is not None else None
     for name, run in runs.items():
         if run.params is None:
             continue
-        extra: dict[str, Any] = {"best_log_likelihood": best}
+        best_target = best.get(run.summary.target) if run.summary.target is not None else None
+        extra: dict[str, Any] = {"best_log_likelihood": best_log_likelihood, "best_target": best_target}
         for gap, key in ((1e-3, "seconds_to_within_1e-3"), (1e-4, "seconds_to_within_1e-4")):
-            extra[key] = _seconds_to_reach(run, best - gap) if best is not None else None
+            extra[key] = None
+            if best_target is not None:
+                hits = progress[name].loc[progress[name]["value"] >= best_target - gap, "wall_seconds"]
+                extra[key] = float(hits.iloc[0]) if len(hits) else None
         if plan.data.truth is not None and plan.model.k == len(plan.data.truth[plan.model.pivot]):
             errors = parameter_errors(plan.model, plan.data.truth, run.params)
             extra.update({f"{key}_error_vs_truth": value for key, value in errors.items()})
@@ -341,26 +446,40 @@ def _compare_backends(plan: Plan, path: Path, runs: Mapping[str, _BackendRun]) -
     write_csv(path / Files.COMPARISON, pd.json_normalize([run.summary.to_json() for run in runs.values()]))
 
 
-def _seconds_to_reach(run: _BackendRun, target: float) -> float | None:
-    metrics = run.metrics
-    if "restart" in metrics.columns:
-        metrics = metrics[metrics["restart"] == run.summary.get("restart", 0)]
-    hits = metrics[metrics["log_likelihood"] >= target]
-    return float(hits["wall_seconds"].iloc[0]) if len(hits) else None
-
-
 @dataclass(frozen=True)
 class _Outcome:
     """How a backend's fits ended, before scoring: its status and what it reported."""
 
     status: str
     error: str | None
-    fit_seconds: float
+    fit_seconds: float  # the kept restart's (failed or interrupted: the last restart's)
+    fit_seconds_all_restarts: float
     result: FitResult | None = None
     restart: int = 0
 
 
+def _threads_of(plan: Plan, options: Options) -> int:
+    """The threads a backend runs on: its own ``threads`` option where it has one and it is
+    set (em's worker lanes), else the config's."""
+    own = getattr(options, "threads", None)
+    return own if isinstance(own, int) else plan.threads
+
+
 def _run_backend(
+    plan: Plan,
+    path: Path,
+    name: str,
+    backend: Backend[Any],
+    options: Options,
+    common: Mapping[str, Any],
+    progress: Progress,
+) -> _BackendRun:
+    threads = _threads_of(plan, options)
+    with torch_threads(threads):  # the fit and the scoring alike
+        return _fit_backend(plan, path, name, backend, options, {**common, "threads": threads}, progress)
+
+
+def _fit_backend(
     plan: Plan,
     path: Path,
     name: str,
@@ -374,7 +493,7 @@ def _run_backend(
     rows: list[dict[str, Any]] = []
     x = plan.data.train.to(plan.device, plan.dtype)
     best: tuple[Any, int, FitResult] | None = None
-    fit_seconds = 0.0
+    spent: list[float] = []  # fit seconds of each restart
     try:
         for restart, init in enumerate(plan.inits):
             pyro.clear_param_store()
@@ -386,41 +505,82 @@ def _run_backend(
                 progress.step(info)
 
             init_here = {key: value.to(plan.device, plan.dtype).clone() for key, value in init.items()}
-            progress.begin(name, restart, backend.total_steps(options))
+            progress.begin(name, restart, backend.total_steps(options, x.shape[0]))
             try:
                 result = backend.fit(plan.model, x, init_here, options, report)
             except BaseException:
-                fit_seconds += time.perf_counter() - started
+                spent.append(time.perf_counter() - started)
                 raise
             finally:
                 progress.end()
-            fit_seconds += result.fit_seconds
+            spent.append(result.fit_seconds)
             train = score(plan.model, result.params, plan.data)["train_log_likelihood"]
             if best is None or train > best[0]:
                 best = (train, restart, result)
     except KeyboardInterrupt:
         stop = Interrupted(path)
         stop.backend = name
-        ended = _Outcome("interrupted", "interrupted by the user", fit_seconds)
-        stop.run = _write_backend(out, name, ended, common, rows, plan, options)
+        ended = _Outcome("interrupted", "interrupted by the user", spent[-1] if spent else 0.0, sum(spent))
+        stop.run = _write_backend(out, name, ended, common, rows, plan, options, None)
         raise stop from None
     except Exception as exc:  # a failing backend must not take the others down
         message = " ".join(str(exc).split()) or type(exc).__name__
         progress.message(f"warning: {name} failed: {message}")
-        return _write_backend(
-            out, name, _Outcome("failed", message, fit_seconds), common, rows, plan, options
-        )
+        ended = _Outcome("failed", message, spent[-1] if spent else 0.0, sum(spent))
+        return _write_backend(out, name, ended, common, rows, plan, options, None)
     assert best is not None
     _, restart, result = best
     if not result.converged:
-        progress.message(
-            f"warning: {name} did not converge in {result.n_steps} steps; raise "
-            f"backends.{name}.max_iter (or steps) or its tolerance."
-        )
+        fix = _convergence_fix(name, backend)
+        progress.message(f"warning: {name} did not converge in {result.n_steps} steps; {fix}")
     for stem, tensors in result.tensors.items():
         save_tensors(out / Files.tensors(stem), tensors)
-    ended = _Outcome("completed", None, fit_seconds, result, restart)
-    return _write_backend(out, name, ended, common, rows, plan, options)
+    ended = _Outcome("completed", None, spent[restart], sum(spent), result, restart)
+    run = _write_backend(out, name, ended, common, rows, plan, options, target_of(backend, plan.model))
+    collapse = _collapse_warning(plan, run)
+    if collapse:
+        progress.message(f"warning: {name}: {collapse}")
+    return run
+
+
+STEP_FIELDS = ("max_iter", "steps", "max_epochs", "epochs")  # what bounds an optimizer's steps
+
+
+def _convergence_fix(name: str, backend: Backend[Any]) -> str:
+    """What to change when ``backend`` did not converge, naming fields its options have."""
+    fields = backend.options.model_fields
+    if backend.samples:
+        more = " and ".join(f"backends.{name}.{f}" for f in ("warmup_steps", "num_samples") if f in fields)
+        return f"its draws have not mixed; raise {more}." if more else "its draws have not mixed."
+    bound = next((f for f in STEP_FIELDS if f in fields), None)
+    fixes = ([f"raise backends.{name}.{bound}"] if bound else []) + (
+        [f"loosen backends.{name}.tol"] if "tol" in fields else []
+    )
+    return (" or ".join(fixes) + ".") if fixes else "its stopping rule was not met."
+
+
+def _collapse_warning(plan: Plan, run: _BackendRun) -> str | None:
+    """Why a fit's log-likelihood may be meaningless for lack of data, or None: fewer train points
+    than parameters, a component holding less than 2 points' worth of weight under maximum
+    likelihood (its covariance can then shrink onto a point, the likelihood growing without
+    bound), or a train log-likelihood that is not finite."""
+    n, k = plan.data.train.shape[0], plan.model.k
+    n_params = plan.model.n_params()
+    train = run.summary.train_log_likelihood
+    weights = run.params.get("weights") if run.params is not None else None
+    light = (
+        [] if weights is None or plan.model.has_prior else torch.nonzero(weights * n < 2).flatten().tolist()
+    )
+    if n < n_params:
+        why = f"{k} components have {n_params} parameters but the train split has only {n} points"
+    elif light:
+        why = f"component {light[0]} of {k} holds less than 2 of the {n} train points' worth of weight"
+    elif train is None or not math.isfinite(train):
+        why = f"the train log-likelihood is {train}"
+    else:
+        return None
+    shown = "" if train is None else f" (train log-likelihood {train:.4g} per point)"
+    return f"{why}, so components collapse onto points and the fit{shown} is not meaningful. Lower model.k."
 
 
 def _write_backend(
@@ -431,16 +591,19 @@ def _write_backend(
     rows: list[dict[str, Any]],
     plan: Plan,
     options: Options,
+    target: str | None,
 ) -> _BackendRun:
     metrics = pd.DataFrame(rows, columns=["restart", "step", "wall_seconds", "objective", "log_likelihood"])
     if len(plan.inits) == 1:
         metrics = metrics.drop(columns="restart")
     write_csv(out / Files.METRICS, metrics)
     result, params, scores = ended.result, None, {}
+    target_value = None
     if result is not None:
         params = {key: value.detach().to("cpu", torch.float64) for key, value in result.params.items()}
         save_tensors(out / Files.PARAMS, params)
         scores = score(plan.model, params, plan.data)
+        target_value = _target_value(target, plan, params, scores["train_log_likelihood"], result.elbo)
         if options.save_assignments:
             write_csv(out / Files.ASSIGNMENTS, assignments(plan.model, params, plan.data))
     summary = Summary(
@@ -450,14 +613,31 @@ def _write_backend(
         n_steps=result.n_steps if result else int(metrics["step"].max()) if len(metrics) else 0,
         converged=result.converged if result else False,
         fit_seconds=ended.fit_seconds,
+        fit_seconds_all_restarts=ended.fit_seconds_all_restarts,
         point_estimate=result.point_estimate if result else None,
         elbo=result.elbo if result else None,
+        target=target,
+        target_value=target_value,
         extras={"restart": ended.restart, **dict(result.extras)} if result else {},
         **scores,  # type: ignore[arg-type]
         **common,
     )
     write_summary(out, summary)
     return _BackendRun(summary, metrics, params)
+
+
+def _target_value(
+    target: str | None, plan: Plan, params: Params, train: float | int | None, elbo: float | None
+) -> float | None:
+    """The final value of ``target`` per point: the train log-likelihood, plus log p(θ) / N for
+    the log posterior; the ELBO as the backend estimated it."""
+    if target == "elbo":
+        return elbo
+    if target is None or train is None:
+        return None
+    if target == "log_posterior":
+        return float(train) + float(plan.model.log_prior(params)) / plan.data.train.shape[0]
+    return float(train)
 
 
 def run(cfg: Config, runs_dir: Path, progress: Progress | None = None) -> Outcome:

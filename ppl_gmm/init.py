@@ -1,4 +1,5 @@
-"""Initial parameters: k-means++ seeding and Lloyd's k-means in torch, random points, earlier runs.
+"""Initial parameters: k-means++ seeding and Lloyd's k-means in torch, random points, earlier runs,
+or tensors given in a safetensors file.
 
 Runs once per experiment; every backend starts from the same parameters.
 """
@@ -19,7 +20,7 @@ from .errors import UserError
 from .models.base import ClosedFormEM, LatentModel, Params
 from .runs import Files, best_backend_dir
 
-__all__ = ["kmeans_plusplus", "lloyd", "initialize", "load_run_params"]
+__all__ = ["check_given", "initialize", "kmeans_plusplus", "lloyd", "load_given_params", "load_run_params"]
 
 
 def _squared_distances(x: Tensor, centers: Tensor) -> Tensor:
@@ -95,21 +96,56 @@ def load_run_params(model: LatentModel, run: str) -> Params:
                 "Name a backend directory such as runs/<experiment>/em."
             )
         path = found
-    file = path / Files.PARAMS if path.is_dir() else path
+    return _read_params(model, path / Files.PARAMS if path.is_dir() else path, "init.run")
+
+
+def load_given_params(model: LatentModel, path: str) -> Params:
+    """The parameters in the safetensors file ``path`` (``init.method: given``)."""
+    file = Path(path)
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise UserError(f"init.path: {file} {what}; name a safetensors file with the model's tensors.")
+    return _read_params(model, file, "init.path")
+
+
+def _read_params(model: LatentModel, file: Path, field: str) -> Params:
+    """The model's tensors in ``file``, checked: every tensor present, finite and of the model's
+    shape; errors name ``field``, the file and the tensor."""
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"init.run: cannot read {file} ({exc}).") from None
-    return model.check_params(tensors, f"init.run ({file})")
+        raise UserError(f"{field}: cannot read {file} ({exc}).") from None
+    return check_given(model, tensors, f"{field} ({file})")
+
+
+def check_given(model: LatentModel, tensors: Params, where: str) -> Params:
+    """Given parameters checked: every tensor of the model present, of its shape and finite
+    (errors name ``where`` and the tensor); projected onto the model's parameter space."""
+    params = model.check_params(tensors, where)
+    for name, value in params.items():
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(f"{where}: tensor {name!r} has NaN or infinite values.")
+    return params
+
+
+def _stored_params(model: LatentModel, cfg: InitConfig) -> Params:
+    """The parameters of ``init.method: from_run`` or ``given``."""
+    if cfg.method == "from_run":
+        if cfg.run is None:
+            raise UserError("init.run: init.method is from_run, so init.run must name a run directory.")
+        return load_run_params(model, cfg.run)
+    if cfg.path is None:
+        raise UserError(
+            "init.path: init.method is given, so init.path must name a safetensors file "
+            "with the model's tensors (e.g. an earlier run's params.safetensors)."
+        )
+    return load_given_params(model, cfg.path)
 
 
 def initialize(model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restart: int = 0) -> Params:
     """Initial parameters for restart ``restart``: float64 tensors on x's device."""
-    if cfg.method == "from_run":
-        if cfg.run is None:
-            raise UserError("init.run: init.method is from_run, so init.run must name a run directory.")
-        params = load_run_params(model, cfg.run)
-        return {name: value.to(x.device) for name, value in params.items()}
+    if cfg.method in ("from_run", "given"):
+        return {name: value.to(x.device) for name, value in _stored_params(model, cfg).items()}
     state = np.random.SeedSequence([seed, 2, restart]).generate_state(1, np.uint64)[0]
     generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
     if x.shape[0] > cfg.max_rows:

@@ -47,6 +47,7 @@ class Files:
     PARAMS = "params.safetensors"
     ASSIGNMENTS = "assignments.csv"
     POSTERIOR = "posterior.safetensors"  # <name>.mean and <name>.std of a posterior
+    GUIDE = "guide.safetensors"  # svi: the fitted guide's Pyro parameters, by param-store name
 
     @staticmethod
     def tensors(stem: str) -> str:
@@ -64,7 +65,8 @@ class Summary:
     error: str | None
     n_steps: int
     converged: bool
-    fit_seconds: float
+    fit_seconds: float  # the kept restart's
+    fit_seconds_all_restarts: float | None = None  # every restart's, summed
     train_log_likelihood: float | None = None
     test_log_likelihood: float | None = None
     bic: float | None = None
@@ -75,9 +77,14 @@ class Summary:
     nmi: float | None = None
     point_estimate: str | None = None  # mle | map | posterior_mean | posterior_median
     elbo: float | None = None
+    # what the backend maximizes, per point (experiment.target_of): log_likelihood,
+    # log_posterior or elbo; null for a sampler; and its final value
+    target: str | None = None
+    target_value: float | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float64"
+    threads: int | None = None  # torch threads of the fit and the scoring
     versions: Mapping[str, str] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -110,11 +117,21 @@ def create_experiment_dir(runs_dir: Path, experiment: str) -> Path:
         return path
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask (which can only be
+    read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename into place."""
+    """Write to a temporary name in the same folder, then rename into place; the file gets the
+    permissions of an ordinary new file (mkstemp's own are 0o600, private to the owner)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -81,15 +81,29 @@ class Backend(ABC, Generic[OptionsT]):
 
     name: ClassVar[str]
     options: ClassVar[type[Options]]
-    # a sampler's per-step log-likelihoods are of random draws, not of estimates it reached
+    # a sampler's per-step log-likelihoods are of random draws, not of estimates it reached; it
+    # optimizes nothing, so the comparison gives it no target
     samples: ClassVar[bool] = False
+    # a variational backend's target is the ELBO; an optimizer's, the log posterior with a prior
+    # and the log-likelihood without (``experiment.target_of``)
+    variational: ClassVar[bool] = False
+    # the objective reported at step s is that of the estimate before the step's update (the loss
+    # that Pyro's ``SVI.step`` returns is the one it differentiated), so it describes step s - 1
+    objective_lags: ClassVar[bool] = False
+
+    def objective_is_target(self, options: OptionsT) -> bool:
+        """Whether every step's ``objective`` is the exact value of the backend's target (or a
+        lower bound of it) at that step's estimate, so that the comparison can time its progress
+        along the way. False for a stochastic estimate (mini-batches, Monte Carlo): then only the
+        final value counts, at the end of the fit. Default: False."""
+        return False
 
     def check(self, model: LatentModel, options: OptionsT) -> None:
         """Raise ``UserError`` if this backend cannot fit ``model`` with ``options``."""
         return None
 
-    def total_steps(self, options: OptionsT) -> int | None:
-        """The most steps ``fit`` takes, for progress display."""
+    def total_steps(self, options: OptionsT, n: int | None = None) -> int | None:
+        """The most steps ``fit`` takes on ``n`` train points, for progress display."""
         return None
 
     @abstractmethod

@@ -53,7 +53,8 @@ class EMOptions(Options):
     reg_covar: float | None = Field(None, ge=0)
     # rows per block, memory O(block_rows × K × D); default: see block_rows_for
     block_rows: int | None = Field(None, ge=1, le=2**31)
-    # worker threads over row blocks (CPU); default: torch's thread count
+    # worker threads over row blocks (CPU); default: torch's thread count, which the config's
+    # top-level `threads` sets
     threads: int | None = Field(None, ge=1)
 
 
@@ -199,8 +200,11 @@ class EM(Backend[EMOptions]):
     def check(self, model: LatentModel, options: EMOptions) -> None:
         needs_closed_form(model, self.name).check_em("MAP-EM")
 
-    def total_steps(self, options: EMOptions) -> int:
+    def total_steps(self, options: EMOptions, n: int | None = None) -> int:
         return options.max_iter
+
+    def objective_is_target(self, options: EMOptions) -> bool:
+        return True  # the exact log-likelihood (+ log prior) per point of each step's θ
 
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: EMOptions, report: Report

@@ -46,8 +46,11 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
         needs_closed_form(model, self.name)
         EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
 
-    def total_steps(self, options: IncrementalEMOptions) -> int:
+    def total_steps(self, options: IncrementalEMOptions, n: int | None = None) -> int:
         return options.max_epochs * options.blocks
+
+    def objective_is_target(self, options: IncrementalEMOptions) -> bool:
+        return True  # the free energy (+ log prior): a lower bound of the target at each step's θ
 
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: IncrementalEMOptions, report: Report

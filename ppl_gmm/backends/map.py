@@ -24,12 +24,18 @@ class MAPOptions(SVIOptions):
 class MAP(Backend[MAPOptions]):
     name = "map"
     options = MAPOptions
+    objective_lags = True
 
     def check(self, model: LatentModel, options: MAPOptions) -> None:
         model.check_mode("MAP")
 
-    def total_steps(self, options: MAPOptions) -> int:
+    def total_steps(self, options: MAPOptions, n: int | None = None) -> int:
         return options.steps
+
+    def objective_is_target(self, options: MAPOptions) -> bool:
+        # AutoDelta's q has no entropy, so the negative loss is log p(x, θ): with all points in
+        # each step, exactly the log posterior (flat prior: log-likelihood) of the estimate
+        return options.batch_size is None
 
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: MAPOptions, report: Report

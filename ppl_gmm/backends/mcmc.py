@@ -163,7 +163,7 @@ class MCMCBackend(Backend[MCMCOptions]):
                 "conjugate, or use em or map for maximum likelihood."
             )
 
-    def total_steps(self, options: MCMCOptions) -> int:
+    def total_steps(self, options: MCMCOptions, n: int | None = None) -> int:
         return options.num_chains * (options.warmup_steps + options.num_samples)
 
     def fit(

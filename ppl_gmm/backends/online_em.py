@@ -58,6 +58,10 @@ class OnlineEM(Backend[OnlineEMOptions]):
         needs_closed_form(model, self.name)
         EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
 
+    def total_steps(self, options: OnlineEMOptions, n: int | None = None) -> int | None:
+        """Mini-batches over all epochs; unknown without the number of train points ``n``."""
+        return None if n is None else options.epochs * math.ceil(n / min(options.batch_size, n))
+
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: OnlineEMOptions, report: Report
     ) -> FitResult:

@@ -23,15 +23,20 @@ from torch import Tensor
 from ..models.base import LatentModel, Params
 from .base import Clock, FitError, Options, Report, StepInfo, one_line
 
-__all__ = ["SVIOptions", "make_elbo", "make_optimizer", "run_svi"]
+__all__ = ["Plateau", "SVIOptions", "make_elbo", "make_optimizer", "run_svi"]
 
 
 class SVIOptions(Options):
     steps: int = Field(2000, ge=0)  # optimizer steps at most
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["adam", "clipped_adam"] = "adam"
-    tol: float = Field(0.0, ge=0)  # stop when |Δloss| / |loss| stays below tol ...
-    patience: int = Field(10, ge=1)  # ... for this many consecutive steps (tol 0: never)
+    # stopping: the loss is checked every step (window null), or its mean over each window of
+    # this many steps; a check is calm when the value moved by at most tol relative to the last
+    # one (a window's mean also when it moved by less than the standard error of that change,
+    # i.e. within the noise); the fit stops after `patience` calm checks in a row (tol 0: never)
+    tol: float = Field(0.0, ge=0)
+    patience: int = Field(10, ge=1)
+    window: int | None = Field(None, ge=2)
     num_particles: int = Field(1, ge=1)
     jit: bool = False  # JitTraceEnum_ELBO: faster steps after a compile
     eval_every: int = Field(50, ge=1)  # exact train log-likelihood every so many steps
@@ -61,6 +66,35 @@ def make_optimizer(options: SVIOptions) -> pyro.optim.PyroOptim:
     # where mypy cannot see it)
     optimizer = {"adam": torch.optim.Adam, "clipped_adam": clipped_adam.ClippedAdam}[options.optimizer]
     return pyro.optim.PyroOptim(optimizer, {"lr": options.lr})
+
+
+class Plateau:
+    """The stopping rule of ``SVIOptions`` (tol, patience, window), fed one loss per step."""
+
+    def __init__(self, tol: float, patience: int, window: int | None) -> None:
+        self.tol, self.patience, self.window = tol, patience, window
+        self.losses: list[float] = []
+        self.calm = 0
+
+    def update(self, loss: float) -> bool:
+        """Whether the fit has converged, ``loss`` included."""
+        if self.tol <= 0:
+            return False
+        self.losses.append(loss)
+        if self.window is None:
+            if len(self.losses) >= 2:
+                previous, current = self.losses[-2:]
+                self.calm = self.calm + 1 if abs(current - previous) <= self.tol * abs(previous) else 0
+            del self.losses[:-1]
+        elif len(self.losses) == 2 * self.window:
+            before = torch.tensor(self.losses[: self.window], dtype=torch.float64)
+            after = torch.tensor(self.losses[self.window :], dtype=torch.float64)
+            change = float((after.mean() - before.mean()).abs())
+            noise = float((before.var() / self.window + after.var() / self.window).sqrt())
+            calm = change <= max(self.tol * float(before.mean().abs()), noise)
+            self.calm = self.calm + 1 if calm else 0
+            del self.losses[: self.window]
+        return self.calm >= self.patience
 
 
 def run_svi(
@@ -110,15 +144,16 @@ def run_svi(
         warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
         clock = Clock()
         with clock.aside():
-            previous = initial_loss()
+            start = initial_loss()
             log_likelihood: float | None = exact_log_likelihood()
-        report(StepInfo(0, 0.0, -previous / n, log_likelihood))
-        calm, converged = 0, False
+        report(StepInfo(0, 0.0, -start / n, log_likelihood))
+        plateau = Plateau(options.tol, options.patience, options.window)
+        if options.window is None:  # a step's loss is compared with the one before, the first's too
+            plateau.update(start)
+        converged = False
         for step in range(1, options.steps + 1):
             loss = checked(lambda: svi.step(x, batch_size=options.batch_size), "loss")
-            if options.tol > 0:
-                calm = calm + 1 if abs(loss - previous) <= options.tol * abs(previous) else 0
-                converged = calm >= options.patience
+            converged = plateau.update(loss)
             seconds = clock.seconds()
             evaluate = converged or step == options.steps or step % options.eval_every == 0
             log_likelihood = None
@@ -128,5 +163,4 @@ def run_svi(
             report(StepInfo(step, seconds, -loss / n, log_likelihood))
             if converged:
                 break
-            previous = loss
         return step, converged, clock.seconds()

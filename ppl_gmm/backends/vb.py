@@ -442,6 +442,7 @@ VB_MODELS = (GaussianMixture, ConjugateVB)  # the models whose CAVI updates are 
 class VB(Backend[VBOptions]):
     name = "vb"
     options = VBOptions
+    variational = True
 
     def check(self, model: LatentModel, options: VBOptions) -> None:
         if not isinstance(model, VB_MODELS):
@@ -457,8 +458,11 @@ class VB(Backend[VBOptions]):
                 "Set model.prior: conjugate, or use the em backend for maximum likelihood."
             )
 
-    def total_steps(self, options: VBOptions) -> int:
+    def total_steps(self, options: VBOptions, n: int | None = None) -> int:
         return options.max_iter
+
+    def objective_is_target(self, options: VBOptions) -> bool:
+        return True  # CAVI's ELBO is exact: every expectation in closed form
 
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: VBOptions, report: Report
