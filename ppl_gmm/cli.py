@@ -1,4 +1,8 @@
-"""The command line: parse arguments, call, print. Nothing below this module prints or reads argv."""
+"""The command line: parse arguments, call, print. Nothing below this module prints or reads argv.
+
+Only the standard library is imported up front, so that ``--help`` and usage errors answer at
+once; torch, Pyro and the rest load inside the command that needs them.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +10,148 @@ import argparse
 import os
 import signal
 import sys
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .backends import StepInfo
-from .config import load_config
 from .errors import UserError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from .backends import StepInfo
+    from .config import Config
+    from .experiment import Progress
+
+__all__ = ["BACKEND_NAMES", "DATA_SOURCES", "MODEL_NAMES", "main"]
+
+# The registries' names, written out so that --help need not import torch; a test keeps them equal.
+BACKEND_NAMES = ("em", "incremental_em", "map", "mcmc", "online_em", "svi", "vb")
+MODEL_NAMES = ("bernoulli_mixture", "gmm", "poisson_mixture")
+DATA_SOURCES = ("synthetic", "csv", "npy", "digits", "digits_binary", "iris", "old_faithful", "wine")
+
+_DESCRIPTION = f"""\
+Fit a latent-variable model (a Gaussian, Poisson or Bernoulli mixture, or your own) with several
+inference backends on the same data from the same start, and compare them.
+
+backends:      {", ".join(BACKEND_NAMES)}
+models:        {", ".join(MODEL_NAMES)}
+data sources:  {", ".join(DATA_SOURCES)}"""
+
+_EPILOG = """\
+examples:
+  ppl-gmm run configs/quickstart.yaml                 EM on synthetic 2-D data, seconds
+  ppl-gmm run configs/compare.yaml --threads 1        em, map, svi and vb side by side
+  ppl-gmm run configs/quickstart.yaml model.k=5 seed=3
+  ppl-gmm compare runs/                               table and figures of every run in runs/
+  ppl-gmm select configs/select.yaml --k 1..8         BIC, AIC and ICL for K = 1..8
+  ppl-gmm assign runs/NAME/em new.csv                components of new data, by a fitted run
+
+A config is a YAML file; KEY=VALUE overrides a field by its dotted path. Every field, its default
+and each backend's options are described in the README (README.md, "Running experiments" and
+"Backends"). `ppl-gmm COMMAND --help` shows a command's arguments.
+
+exit codes:
+  0    success
+  1    a backend failed while fitting (its status is `failed`; the other backends are kept)
+  2    bad usage, config or data: one `error:` line on stderr, nothing written
+  130  interrupted (Ctrl-C or SIGTERM): finished backends are kept"""
+
+# the stderr lines that --quiet keeps: what went wrong, as opposed to how far the work has got
+_ALWAYS_SHOWN = ("warning:", "error:")
 
 
 class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line (exit 2); a missing argument is shown with an example."""
+
+    def __init__(self, *args: Any, example: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.example = example
+
     def error(self, message: str) -> NoReturn:
+        required = "the following arguments are required: "
+        if message.startswith(required) and self.example:
+            message = f"missing {message[len(required) :]}; for example `{self.example}`"
         sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
 
 
-class _Bars:
-    """Progress on stderr: one bar per backend fit, with the current objective."""
+# ---- progress on stderr ------------------------------------------------------------------------
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bar: tqdm | None = None
+
+class _Warnings:
+    """No progress; warnings still shown (``--quiet``)."""
+
+    def begin(self, backend: str, restart: int, total: int | None) -> None:
+        pass
+
+    def step(self, info: StepInfo) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        if text.startswith(_ALWAYS_SHOWN):
+            sys.stderr.write(f"{text}\n")
+
+
+class _Lines(_Warnings):
+    """Progress for a log file (stderr is not a terminal): no bars, whose carriage-return updates
+    pile up in a file, but a line when each fit ends and at most one every ``every`` seconds
+    while it runs."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.name = ""
+        self.total: int | None = None
+        self.started = self.last = 0.0
+        self.info: StepInfo | None = None
+
+    def begin(self, backend: str, restart: int, total: int | None) -> None:
+        self.name = backend if restart == 0 else f"{backend} (restart {restart})"
+        self.total = total
+        self.started = self.last = time.perf_counter()
+        self.info = None
+
+    def step(self, info: StepInfo) -> None:
+        self.info = info
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            of = f"/{self.total}" if self.total else ""
+            sys.stderr.write(f"{self.name}: step {info.step}{of}, objective {info.objective:.6g}\n")
+
+    def end(self) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.info is None:
+            sys.stderr.write(f"{self.name}: stopped before its first step, {seconds:.3g} s\n")
+        else:
+            steps = f"{self.info.step} step{'' if self.info.step == 1 else 's'}"
+            sys.stderr.write(
+                f"{self.name}: {steps}, {seconds:.3g} s, final objective {self.info.objective:.6g}\n"
+            )
+
+    def message(self, text: str) -> None:
+        sys.stderr.write(f"{text}\n")
+
+
+class _Bars(_Warnings):
+    """Progress for a terminal: one bar per backend fit, with the current objective."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.bar: Any = None
 
     def begin(self, backend: str, restart: int, total: int | None) -> None:
         desc = backend if restart == 0 else f"{backend} (restart {restart})"
-        self.bar = tqdm(
-            total=total,
-            desc=desc,
-            unit="step",
-            file=sys.stderr,
-            disable=self.quiet,
-            dynamic_ncols=True,
-            leave=True,
+        self.bar = self.tqdm(
+            total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True
         )
 
     def step(self, info: StepInfo) -> None:
@@ -59,8 +166,16 @@ class _Bars:
             self.bar = None
 
     def message(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
+        self.tqdm.write(text, file=sys.stderr)
+
+
+def _progress(quiet: bool) -> Progress:
+    if quiet:
+        return _Warnings()
+    return _Bars() if sys.stderr.isatty() else _Lines()
+
+
+# ---- the commands ------------------------------------------------------------------------------
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -82,13 +197,22 @@ def _print_rows(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def _load(args: argparse.Namespace) -> Config:
+    """The config with its KEY=VALUE overrides; ``--threads N`` is the override ``threads=N``."""
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    return load_config(args.config, overrides)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .experiment import Interrupted, execute, prepare
 
-    config = load_config(args.config, args.overrides)
-    plan = prepare(config)
+    plan = prepare(_load(args))
     try:
-        outcome = execute(plan, Path(args.runs_dir), _Bars(args.quiet))
+        outcome = execute(plan, Path(args.runs_dir), _progress(args.quiet))
     except Interrupted as exc:
         sys.stderr.write(f"error: interrupted; finished backends are kept in {exc.path}\n")
         print(exc.path)
@@ -137,8 +261,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from .select import CRITERIA, parse_k_range, select
 
     ks = parse_k_range(args.k)
-    config = load_config(args.config, args.overrides)
-    result = select(config, ks, args.backend, Path(args.runs_dir), _Bars(args.quiet))
+    result = select(_load(args), ks, args.backend, Path(args.runs_dir), _progress(args.quiet))
     columns = ["k", *CRITERIA, "effective_k", "status"]
     lines = [columns]
     for _, row in result.table.iterrows():
@@ -156,51 +279,149 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ppl-gmm", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"ppl-gmm {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser(
-        "run",
-        help="run every backend of a config on the same data from the same start",
-        description="Run every backend listed in CONFIG on the same data and initial parameters; "
-        "write one experiment directory and print its path last.",
-    )
-    run.add_argument("config", help="a YAML config, e.g. configs/quickstart.yaml")
-    run.add_argument(
+# ---- the arguments -----------------------------------------------------------------------------
+
+
+def _config_arguments(parser: argparse.ArgumentParser, example: str, what: str) -> None:
+    """The arguments of every command that runs a config."""
+    parser.add_argument("config", metavar="CONFIG", help=f"a YAML config, e.g. {example}")
+    parser.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # without a default argparse reports an optional list as required
         metavar="KEY=VALUE",
-        help="override a config field by its dotted path, e.g. model.k=5",
+        help="override a config field by its dotted path, e.g. model.k=5 backends.em.tol=1e-8",
     )
-    run.add_argument("--runs-dir", default="runs", help="where experiment directories go (default: runs)")
-    run.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    run.set_defaults(handler=_cmd_run)
-    comp = commands.add_parser(
-        "compare",
-        help="tabulate and plot experiment directories",
-        description="Read experiment directories (or folders holding several, such as runs/), print "
-        "one row per backend run, and write comparison.csv and PNG figures.",
+    parser.add_argument(
+        "--runs-dir", default="runs", help=f"where {what} goes (default: runs under the current folder)"
     )
-    comp.add_argument("paths", nargs="+", metavar="PATH", help="experiment directories or folders of them")
-    comp.add_argument(
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="threads of every backend and of the scoring, as the config field `threads`; 1 keeps "
+        "timings fair when other work shares the machine",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress on stderr (warnings and errors are still shown)"
+    )
+
+
+def _cmd_assign(args: argparse.Namespace) -> int:
+    from .api import assign
+
+    print(assign(args.run, args.data, args.out))
+    return 0
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser, "configs/quickstart.yaml", "the experiment directory")
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="experiment directories, or folders of them such as runs/"
+    )
+    parser.add_argument(
         "--out",
         help="where comparison.csv and the figures go (default: the single PATH, else the current folder)",
     )
-    comp.set_defaults(handler=_cmd_compare)
-    sel = commands.add_parser(
-        "select",
-        help="choose the number of components: one experiment per K",
-        description="Run one backend of CONFIG once per K on the same data; write selection.csv "
-        "(k, bic, aic, icl, elbo, effective_k) and selection.png into one directory, print its path last.",
+
+
+def _select_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser, "configs/select.yaml", "the selection directory")
+    parser.add_argument("--k", required=True, help="the range of K, e.g. 1..8")
+    parser.add_argument("--backend", default="em", help="the backend to fit for each K (default: em)")
+
+
+def _assign_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run",
+        metavar="RUN_DIR/BACKEND",
+        help="a backend directory such as runs/quickstart-20261125-101500-1a2b3c/em (an experiment "
+        "directory: its best completed backend)",
     )
-    sel.add_argument("config", help="a YAML config, e.g. configs/select.yaml")
-    sel.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config field")
-    sel.add_argument("--k", required=True, help="the range of K, e.g. 1..8")
-    sel.add_argument("--backend", default="em", help="the backend to fit for each K (default: em)")
-    sel.add_argument("--runs-dir", default="runs", help="where the selection directory goes (default: runs)")
-    sel.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    sel.set_defaults(handler=_cmd_select)
+    parser.add_argument(
+        "data",
+        metavar="DATA",
+        help="a CSV (the run's feature columns, by name) or a .npy array (the run's columns, in order)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="the CSV to write (default: <DATA stem>.assignments.csv in the current folder)",
+    )
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    help: str  # one line in `ppl-gmm --help`
+    description: str  # the top of `ppl-gmm NAME --help`
+    example: str  # shown when a required argument is missing
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+_COMMANDS: tuple[_Command, ...] = (
+    _Command(
+        "run",
+        "fit every backend of a config on the same data from the same start",
+        "Fit every backend listed in CONFIG on the same data from the same initial parameters, "
+        "one after another; write one experiment directory and print its path last.",
+        "ppl-gmm run configs/quickstart.yaml model.k=5",
+        _run_arguments,
+        _cmd_run,
+    ),
+    _Command(
+        "compare",
+        "tabulate and plot experiment directories",
+        "Read experiment directories (or folders holding several, such as runs/), print one row per "
+        "backend run, and write comparison.csv and PNG figures.",
+        "ppl-gmm compare runs/",
+        _compare_arguments,
+        _cmd_compare,
+    ),
+    _Command(
+        "select",
+        "choose the number of components: one experiment per K",
+        "Fit one backend of CONFIG once per K on the same data; write selection.csv (k, bic, aic, "
+        "icl, elbo, effective_k) and selection.png into one directory and print its path last.",
+        "ppl-gmm select configs/select.yaml --k 1..8",
+        _select_arguments,
+        _cmd_select,
+    ),
+    _Command(
+        "assign",
+        "assign new data to a fitted run's components",
+        "Read DATA with the run's own data settings (its feature columns and its standardization), "
+        "and write a CSV with the most probable component (hard), the responsibilities (p0, p1, "
+        "...) and the log-likelihood of each row; print its path last.",
+        "ppl-gmm assign runs/quickstart-20261125-101500-1a2b3c/em new.csv",
+        _assign_arguments,
+        _cmd_assign,
+    ),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ppl-gmm",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="ppl-gmm run configs/quickstart.yaml",
+    )
+    parser.add_argument("--version", action="version", version=f"ppl-gmm {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, title="commands", metavar="COMMAND"
+    )
+    for command in _COMMANDS:
+        sub = commands.add_parser(
+            command.name, help=command.help, description=command.description, example=command.example
+        )
+        command.arguments(sub)
+        sub.set_defaults(handler=command.handler)
     return parser
 
 
@@ -214,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return args.handler(args)
+        return int(args.handler(args))
     except UserError as exc:
         if os.environ.get("PPL_GMM_DEBUG") == "1":
             traceback.print_exc()

@@ -27,7 +27,8 @@ class Dataset:
     """Train (and test) features as float64 CPU tensors, with true labels when known.
 
     train: (N, D); test: (M, D) or None; *_labels: (N,) / (M,) int arrays or None;
-    truth: the generating parameters of synthetic data (weights, means, covariances) or None.
+    truth: the generating parameters of synthetic data (weights, means, covariances) or None;
+    center, scale: (D,) the train split's statistics when standardized (x - center) / scale, or None.
     """
 
     source: str
@@ -37,6 +38,8 @@ class Dataset:
     test_labels: np.ndarray | None
     feature_names: tuple[str, ...]
     truth: dict[str, Tensor] | None = None
+    center: tuple[float, ...] | None = None
+    scale: tuple[float, ...] | None = None
 
     @property
     def dim(self) -> int:
@@ -55,6 +58,10 @@ class Dataset:
             "has_labels": self.has_labels,
             "feature_names": list(self.feature_names),
             "sha256": sha256_of(self.train),
+            # what new data need to be scored by this run's fits (ppl-gmm assign)
+            "standardization": None
+            if self.center is None
+            else {"center": list(self.center), "scale": list(self.scale or ())},
         }
 
 
@@ -144,8 +151,12 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
                 f"its columns are {', '.join(map(str, frame.columns))}."
             )
         column = frame.pop(cfg.label_column)
-        if column.isna().any():
-            raise UserError(f"{path}: column {cfg.label_column!r} has missing labels.")
+        missing = np.flatnonzero(column.isna().to_numpy())
+        if missing.size:
+            raise UserError(
+                f"{path}: column {cfg.label_column!r} has {missing.size} missing label(s), the first "
+                f"in {_row(int(missing[0]), 'csv')}. Fill them in, or set data.label_column: null."
+            )
         labels = pd.factorize(column, sort=True)[0]
     if frame.shape[1] == 0:
         raise UserError(f"{path}: no feature columns.")
@@ -202,7 +213,7 @@ def load_data(
         known = ", ".join(["synthetic", "csv", "npy", *sorted(BUILTIN)])
         raise UserError(f"data.source: unknown data source {cfg.source!r}. Known sources: {known}.")
     where = cfg.path if cfg.source in ("csv", "npy") else f"data set {cfg.source!r}"
-    _check_values(x, where)
+    _check_values(x, where, names, cfg.source)
     if check is not None:
         check(x, str(where))
 
@@ -219,6 +230,7 @@ def load_data(
     train_idx, test_idx = np.sort(order[:n_train]), np.sort(order[n_train:])
     # without a test split the train rows are all rows in order: a memory-mapped file stays mapped
     train, test = (x[train_idx], x[test_idx]) if n_test else (x, None)
+    center = scale = None
     if cfg.standardize:
         # moments of x / max|x|, scaled back: values near the float64 limit do not overflow
         top = np.abs(train).max(axis=0)
@@ -240,10 +252,26 @@ def load_data(
         test_labels=None if labels is None or not n_test else np.asarray(labels)[test_idx],
         feature_names=tuple(names),
         truth=truth,
+        center=None if center is None else tuple(center.tolist()),
+        scale=None if scale is None else tuple(scale.tolist()),
     )
 
 
-def _check_values(x: np.ndarray, where: object) -> None:
+def _row(row: int, source: str) -> str:
+    """A 0-based row index as a user counts rows in the file."""
+    if source == "csv":
+        return f"row {row + 1} (counted from 1 below the header line)"
+    return f"row {row + 1} (counted from 1)"
+
+
+def _cell(row: int, col: int, names: list[str], source: str) -> str:
+    """A 0-based (row, column) as a user finds it: by name where columns have names."""
+    if source == "npy":
+        return f"{_row(row, source)}, column {col + 1} (x[{row}, {col}] in NumPy)"
+    return f"column {names[col]!r}, {_row(row, source)}"
+
+
+def _check_values(x: np.ndarray, where: object, names: list[str], source: str) -> None:
     if x.shape[0] < 2:
         raise UserError(f"{where}: has {x.shape[0]} point(s); at least 2 are needed.")
     count, first = 0, None
@@ -253,9 +281,11 @@ def _check_values(x: np.ndarray, where: object) -> None:
             count += int(bad.sum())
             if first is None:
                 row, col = np.argwhere(bad)[0]
-                first = (start + row, col)
+                first = (start + int(row), int(col))
     if first is not None:
+        # pandas reads an empty CSV cell as NaN
+        kind = "missing, NaN or infinite" if source == "csv" else "NaN or infinite"
         raise UserError(
-            f"{where}: {count} value(s) are NaN or infinite (first at row {first[0]}, "
-            f"column {first[1]}). Remove or impute them."
+            f"{where}: {count} value(s) are {kind}; the first is in {_cell(*first, names, source)}. "
+            "Remove or impute them."
         )

@@ -239,6 +239,20 @@ def test_csv_nan_names_row(work: Path, capsys: pytest.CaptureFixture[str]) -> No
         capsys,
     )
     assert "NaN or infinite" in line and "2 value(s)" in line, line
+    assert "column 'b', row 2 (counted from 1 below the header line)" in line, line
+
+
+@pytest.mark.parametrize(
+    ("model", "text"),
+    [("poisson_mixture", "a,b\n1,2\n3,4\n5,-6\n7,8\n"), ("bernoulli_mixture", "a,b\n1,0\n0,1\n1,2\n0,0\n")],
+)
+def test_values_outside_the_model_support_name_the_row_from_one(
+    work: Path, capsys: pytest.CaptureFixture[str], model: str, text: str
+) -> None:
+    path = _csv(work, "data.csv", text)
+    argv = ["run", "inputs/tiny.yaml", "data.source=csv", f"data.path={path}", f"model.name={model}"]
+    line = _expect_error(work, [*argv, "model.k=2", "data.test_fraction=0"], ["data.csv"], capsys)
+    assert "but row 3 (counted from 1, a CSV header not counted)" in line, line
 
 
 def test_csv_binary_garbage(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ppl_gmm.config import Config, DataConfig
 from ppl_gmm.data import load_data
+from ppl_gmm.errors import UserError
 from ppl_gmm.experiment import simulator
 from ppl_gmm.models.gmm import GaussianMixture
 
@@ -113,3 +114,42 @@ def test_standardize_uses_train_statistics() -> None:
     np.testing.assert_allclose(scaled.train.numpy(), scaler.transform(raw.train.numpy()), atol=1e-12)
     np.testing.assert_allclose(scaled.test.numpy(), scaler.transform(raw.test.numpy()), atol=1e-12)
     assert scaled.describe()["sha256"] != raw.describe()["sha256"]
+
+
+# ---- where a bad value is: as a user counts in the file ----------------------------------------
+
+
+def test_csv_non_finite_value_is_located_by_column_name_and_row(tmp_path) -> None:
+    # the label column comes first, so the bad feature's position among the features (0) differs
+    # from its position in the file (1): only its name identifies it
+    text = "kind,b,c\nx,1,2\ny,3,4\nx,5,\ny,inf,8\nx,9,1\n"
+    path = tmp_path / "cells.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        load_data(DataConfig(source="csv", path=str(path), label_column="kind", test_fraction=0), 0)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 2 value(s) are missing, NaN or infinite"), message
+    assert "column 'c', row 3 (counted from 1 below the header line)" in message, message
+    # the row it names is the file's line after the header, and that line is the bad one
+    assert text.splitlines()[3] == "x,5,"
+
+
+def test_npy_non_finite_value_is_located_from_one_and_in_numpy_indices(tmp_path) -> None:
+    array = np.ones((6, 3))
+    array[4, 1] = np.nan
+    np.save(tmp_path / "x.npy", array)
+    with pytest.raises(UserError) as info:
+        load_data(DataConfig(source="npy", path=str(tmp_path / "x.npy"), test_fraction=0), 0)
+    message = str(info.value)
+    assert "1 value(s) are NaN or infinite" in message, message
+    assert "row 5 (counted from 1), column 2 (x[4, 1] in NumPy)" in message, message
+
+
+def test_csv_missing_label_is_located(tmp_path) -> None:
+    path = tmp_path / "cells.csv"
+    path.write_text("a,kind\n1,x\n2,\n3,y\n4,\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        load_data(DataConfig(source="csv", path=str(path), label_column="kind"), 0)
+    message = str(info.value)
+    assert "column 'kind' has 2 missing label(s), the first in row 2 (counted from 1" in message, message
+    assert "data.label_column" in message, message

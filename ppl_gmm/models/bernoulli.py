@@ -78,8 +78,9 @@ class BernoulliMixture(IndependentMixture):
             row = int(bad[0])
             value = x[row][(x[row] != 0) & (x[row] != 1)][0]
             raise UserError(
-                f"{where}: model bernoulli_mixture needs binary values (0 or 1), but row {row} holds "
-                f"{value:g} ({bad.size} such row(s)). Binarize the data, or use model.name: gmm."
+                f"{where}: model bernoulli_mixture needs binary values (0 or 1), but row {row + 1} "
+                f"(counted from 1, a CSV header not counted) holds {value:g} ({bad.size} such row(s)). "
+                "Binarize the data, or use model.name: gmm."
             )
 
     def project(self, params: Params) -> Params:

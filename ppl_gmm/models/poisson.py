@@ -72,8 +72,9 @@ class PoissonMixture(IndependentMixture):
             row = int(bad[0])
             value = x[row][(x[row] < 0) | (x[row] != np.round(x[row]))][0]
             raise UserError(
-                f"{where}: model poisson_mixture needs counts (non-negative integers), but row {row} "
-                f"holds {value:g} ({bad.size} such row(s)). Use counts, or model.name: gmm."
+                f"{where}: model poisson_mixture needs counts (non-negative integers), but row {row + 1} "
+                f"(counted from 1, a CSV header not counted) holds {value:g} ({bad.size} such row(s)). "
+                "Use counts, or model.name: gmm."
             )
 
     # ---- closed-form EM: T(x) = x, η = log λ, A(η) = Σ_d λ_d, log h(x) = -Σ_d log x_d! ------------
