@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from .backends import BACKENDS
-from .compare import plot_selection
 from .config import Config
 from .errors import UserError
 from .experiment import Progress, execute, prepare
+from .figures import plot_selection
 from .runs import create_experiment_dir, write_csv
 
 __all__ = ["CRITERIA", "Selection", "parse_k_range", "select"]

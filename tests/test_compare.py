@@ -46,12 +46,16 @@ def test_compare_tables_and_draws_every_backend(capsys, tmp_path, monkeypatch) -
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
     assert lines[-1] == str(runs)
-    header, rows = lines[0].split(), lines[1:-1]
-    for column in ("experiment", "backend", "status", "fit_seconds", "train_log_likelihood", "elbo", "bic"):
-        assert column in header
-    backends = list(load_config(_configs() / "compare.yaml").backends)
+    assert max(len(line) for line in lines) <= 100
+    blocks = "\n".join(lines[:-1]).split("\n\n")
+    assert [block.splitlines()[0] for block in blocks] == [first.name, second.name]
+    for block in blocks:  # the experiment's name, two header lines, one row per backend
+        header = block.splitlines()[2].split()
+        for column in ("backend", "status", "steps", "seconds", "log-lik.", "ARI"):
+            assert column in header
+        backends = list(load_config(_configs() / "compare.yaml").backends)
+        assert [row.split()[0] for row in block.splitlines()[3:]] == sorted(backends)
     assert {"em", "map", "svi"} <= set(backends)
-    assert sorted(row.split()[1] for row in rows) == sorted(backends * 2)
     table = pd.read_csv(runs / "comparison.csv")
     assert len(table) == 2 * len(backends) and set(table["experiment"]) == {first.name, second.name}
     for column in (
@@ -110,7 +114,24 @@ def test_compare_with_nothing_to_compare_is_an_error(capsys, tmp_path) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and err[-1].startswith("error:") and "empty" in err[-1]
     assert main(["compare", str(tmp_path / "missing")]) == 2
-    assert "missing" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "no such directory" in err[0]
+    assert str(tmp_path / "missing") in err[0]
+    assert not (tmp_path / "comparison.csv").exists()
+
+
+def test_compare_reads_the_experiments_of_a_select_directory(capsys, tmp_path) -> None:
+    runs = tmp_path / "runs"
+    args = ["--k", "2..3", "--runs-dir", str(runs), "--quiet", "data.n=300", "init.n_init=1"]
+    assert main(["select", str(_configs() / "select.yaml"), *args]) == 0
+    selection = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    quick = _run(capsys, str(_configs() / "quickstart.yaml"), runs)
+    assert main(["compare", str(runs), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    expected = {quick.name, *pd.read_csv(selection / "selection.csv")["experiment"]}
+    assert set(table["experiment"]) == expected and len(expected) == 3
 
 
 def _configs() -> Path:

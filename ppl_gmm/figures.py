@@ -1,0 +1,584 @@
+"""The figures of a comparison: objective traces, fitted components, model selection.
+
+Drawn from what an experiment directory keeps (summaries, metrics.csv, parameters, the sample of
+train points, data.json, config.yaml); never from a backend. Every figure reads the same way: a
+backend has one colour everywhere, and a component has the colour of the truth's (or the first
+backend's) component it is matched to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Ellipse, Patch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+
+from .evaluate import match_components  # noqa: E402
+from .models import MODELS, LatentModel  # noqa: E402
+from .runs import Files, write_bytes  # noqa: E402
+
+__all__ = [
+    "KINDS",
+    "backend_color",
+    "component_color",
+    "Experiment",
+    "ema",
+    "is_noisy",
+    "matched_colors",
+    "objective_kind",
+    "plot_components",
+    "plot_selection",
+    "plot_traces",
+    "trace_figure",
+]
+
+# objective kind → its name on an axis; each kind gets its own axes (their scales differ)
+KINDS: dict[str, str] = {"log_likelihood": "log-likelihood", "log_posterior": "log posterior", "elbo": "ELBO"}
+
+# a fixed colour per known backend, whatever subset an experiment runs
+_BACKENDS = ("em", "map", "svi", "vb", "mcmc", "online_em", "incremental_em", "partial_em")
+_BACKEND_COLORS = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+# components use other hues than backends, so the two are never confused
+_COMPONENT_COLORS = [matplotlib.colormaps["Dark2"](i) for i in range(8)] + [
+    matplotlib.colormaps["Set1"](i) for i in range(9)
+]
+
+_ESTIMATES = {
+    "mle": " (MLE)",
+    "map": " (MAP)",
+    "posterior_mean": " (posterior mean)",
+    "posterior_median": " (posterior median)",
+}
+
+# the pivot parameter of count and binary models → what its colour bar shows
+_PIVOT_LABELS = {"rates": "Poisson rate (expected count)", "probs": "Bernoulli probability"}
+
+
+def backend_color(name: str) -> Any:
+    """The colour of a backend in every figure: fixed for the known ones, and stable by name for
+    others."""
+    if name in _BACKENDS:
+        return _BACKEND_COLORS[_BACKENDS.index(name)]
+    return _BACKEND_COLORS[len(_BACKENDS) + zlib.crc32(name.encode()) % (10 - len(_BACKENDS))]
+
+
+def component_color(index: int) -> Any:
+    return _COMPONENT_COLORS[index % len(_COMPONENT_COLORS)]
+
+
+def matched_colors(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The colour index of each of ``other``'s components: the index of the reference component
+    it is matched to (``evaluate.match_components``: Hungarian on squared distances). With more
+    components than the reference, the unmatched ones get new indices after the reference's.
+    reference: (R, F), other: (K, F) rows identifying components; returns (K,) ints."""
+    if reference.shape == other.shape:
+        perm = match_components(torch.as_tensor(reference), torch.as_tensor(other))
+        colors = np.empty(len(perm), dtype=int)
+        colors[perm] = np.arange(len(perm))
+        return colors
+    cost = ((reference[:, None, :] - other[None, :, :]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    colors = np.full(other.shape[0], -1, dtype=int)
+    colors[cols] = rows
+    unmatched = np.flatnonzero(colors < 0)
+    colors[unmatched] = reference.shape[0] + np.arange(len(unmatched))
+    return colors
+
+
+def objective_kind(summary: Mapping[str, Any], prior: str | None) -> str:
+    """What a backend's ``objective`` column measures: its ``target`` when the summary names one;
+    else the ELBO for variational backends, the log density of the draws (a log posterior) for
+    samplers, and the log posterior or log-likelihood, by the prior, for point estimates."""
+    target = summary.get("target")
+    if isinstance(target, str) and target in KINDS:
+        return target
+    if _number(summary.get("elbo")) is not None:
+        return "elbo"
+    if summary.get("backend") == "mcmc" or prior == "conjugate":
+        return "log_posterior"
+    return "log_likelihood"
+
+
+def is_noisy(values: np.ndarray) -> bool:
+    """Whether a trace is a stochastic estimate (SVI's ELBO, online EM's mini-batches, MCMC's
+    draws) rather than a smooth climb: its steps change direction in more than 30% of places."""
+    steps = np.diff(values[np.isfinite(values)])
+    steps = steps[steps != 0]
+    return len(steps) >= 10 and float(np.mean(np.sign(steps[1:]) != np.sign(steps[:-1]))) > 0.3
+
+
+def ema(values: np.ndarray, span: int) -> np.ndarray:
+    """Exponential moving average whose window grows with the step, 10% of it up to ``span``
+    points: early steps, where the objective moves fast, are not lagged (a log axis shows them
+    wide)."""
+    out = np.empty(len(values))
+    level = float(values[0]) if len(values) else 0.0
+    for t, value in enumerate(values):
+        alpha = max(2.0 / (span + 1), min(1.0, 10.0 / (t + 1)))
+        level += alpha * (float(value) - level)
+        out[t] = level
+    return out
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What figures need of one experiment directory, read once."""
+
+    path: Path
+    runs: pd.DataFrame  # its completed backend rows of the comparison table
+    prior: str | None
+    model: dict[str, Any]  # the config's model block
+    data: dict[str, Any]  # data.json
+    standardized: bool
+
+    @classmethod
+    def read(cls, path: Path, runs: pd.DataFrame) -> Experiment:
+        config = _read_yaml(path / Files.CONFIG)
+        model, data_cfg = (_section(config, name) for name in ("model", "data"))
+        try:
+            data = json.loads((path / Files.DATA).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        return cls(
+            path,
+            runs,
+            model.get("prior"),
+            model,
+            data if isinstance(data, dict) else {},
+            bool(data_cfg.get("standardize")),
+        )
+
+    @property
+    def model_class(self) -> type[LatentModel] | None:
+        names = self.runs["model"].dropna().unique() if "model" in self.runs.columns else []
+        return MODELS.get(str(names[0])) if len(names) and str(names[0]) in MODELS else None
+
+    def feature_name(self, j: int) -> str:
+        names = self.data.get("feature_names")
+        name = str(names[j]) if isinstance(names, list) and j < len(names) else f"feature {j + 1}"
+        return f"{name} (standardized)" if self.standardized else name
+
+
+def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = config.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+# ---- traces ----------------------------------------------------------------------------------
+
+
+def _metrics(backend_dir: Path, restart: object) -> pd.DataFrame | None:
+    try:
+        frame = pd.read_csv(backend_dir / Files.METRICS)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    if not {"step", "wall_seconds", "objective", "log_likelihood"} <= set(frame.columns):
+        return None
+    if "restart" in frame.columns:  # the kept restart's trace
+        frame = frame[frame["restart"] == (restart if isinstance(restart, int) else 0)]
+    return frame if len(frame) else None
+
+
+def plot_traces(experiment: Experiment, out: Path) -> Path | None:
+    """``trace_figure`` saved as ``<experiment>-traces.png`` in ``out``."""
+    figure = trace_figure(experiment)
+    return None if figure is None else _save(figure, out / f"{experiment.path.name}-traces.png")
+
+
+def trace_figure(experiment: Experiment) -> plt.Figure | None:
+    """One row of axes per objective kind present (each backend's own objective, with a moving
+    average over noisy ones), then the exact train log-likelihood every backend is scored by;
+    against step (left) and wall time (right), both on log axes that start at the first step."""
+    traces = []
+    for _, row in experiment.runs.iterrows():
+        frame = _metrics(Path(row["path"]), row.get("restart", 0))
+        if frame is not None:
+            traces.append((str(row["backend"]), objective_kind(row, experiment.prior), frame))
+    if not traces:
+        return None
+    kinds = [kind for kind in KINDS if any(k == kind for _, k, _ in traces)]
+    figure, axes = plt.subplots(
+        len(kinds) + 1,
+        2,
+        figsize=(11, 2.9 * (len(kinds) + 1) + 0.6),
+        sharex="col",
+        squeeze=False,
+        layout="constrained",
+    )
+    smoothed = False
+    for name, kind, frame in traces:
+        color = backend_color(name)
+        shown = frame[frame["step"] > 0]  # step 0 is the shared start, at ~0 s: off a log axis
+        evaluated = shown.dropna(subset=["log_likelihood"])
+        row = kinds.index(kind)
+        for col, x in enumerate(("step", "wall_seconds")):
+            smoothed |= _line(axes[row, col], shown[x], shown["objective"].to_numpy(dtype=float), color)
+            exact = evaluated["log_likelihood"].to_numpy(dtype=float)
+            smoothed |= _line(axes[-1, col], evaluated[x], exact, color)
+    start = _start(traces)
+    for col, (x, where) in enumerate((("step", "by step"), ("wall time (s)", "by wall time"))):
+        for row, kind in enumerate(kinds):
+            axes[row, col].set_title(f"{KINDS[kind]} per point, {where}")
+        axes[-1, col].set_title(f"exact train log-likelihood per point, {where}")
+        if start is not None:
+            axes[-1, col].axhline(start, color="0.4", ls=":", lw=1.2)
+        axes[-1, col].set_xlabel(f"{x}, log scale")
+        for ax in axes[:, col]:
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    for row, kind in enumerate(kinds):
+        axes[row, 0].set_ylabel(f"{KINDS[kind]} per point")
+    axes[-1, 0].set_ylabel("log-likelihood per point")
+    handles = [Line2D([], [], color=backend_color(n), lw=2, label=_trace_label(n, k)) for n, k, _ in traces]
+    if smoothed:
+        handles.append(Line2D([], [], color="0.3", lw=0.6, alpha=0.4, label="raw (noisy estimate)"))
+        handles.append(Line2D([], [], color="0.3", lw=1.8, label="moving average"))
+    if start is not None:
+        handles.append(Line2D([], [], color="0.4", ls=":", lw=1.2, label="shared start (step 0)"))
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), frameon=False)
+    figure.suptitle(f"{experiment.path.name}: each backend's objective, and the exact log-likelihood")
+    return figure
+
+
+def _trace_label(backend: str, kind: str) -> str:
+    return f"{backend} (log density of its draws)" if backend == "mcmc" else f"{backend} ({KINDS[kind]})"
+
+
+def _line(ax: plt.Axes, x: pd.Series, values: np.ndarray, color: Any) -> bool:
+    """A trace; a noisy one raw in a light line under its moving average. Returns whether smoothed."""
+    noisy = is_noisy(values)
+    if noisy:
+        ax.plot(x, values, color=color, lw=0.6, alpha=0.3)
+        values = ema(values, max(5, len(values) // 25))
+    ax.plot(x, values, color=color, lw=1.8, marker="." if len(values) < 30 else None)
+    return noisy
+
+
+def _start(traces: Sequence[tuple[str, str, pd.DataFrame]]) -> float | None:
+    """The train log-likelihood of the shared start (step 0), where a trace recorded it."""
+    for _, _, frame in traces:
+        first = frame[frame["step"] == 0]["log_likelihood"].dropna()
+        if len(first):
+            return float(first.iloc[0])
+    return None
+
+
+# ---- fitted components -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Panel:
+    title: str
+    params: dict[str, torch.Tensor]
+    colors: np.ndarray  # (K,) the colour index of each component
+
+
+def _panels(experiment: Experiment, pivot: str) -> list[_Panel]:
+    """The truth (simulated data) and each backend's estimate, every component coloured as the
+    reference component it matches: the truth's, else the first backend's ordered by weight."""
+    loaded: list[tuple[str, dict[str, torch.Tensor]]] = []
+    if (experiment.path / Files.TRUTH).is_file():
+        loaded.append(("truth (simulated)", load_file(str(experiment.path / Files.TRUTH))))
+    for _, row in experiment.runs.iterrows():
+        try:
+            params = load_file(str(Path(row["path"]) / Files.PARAMS))
+        except (OSError, ValueError, RuntimeError):  # a missing or broken file: no panel
+            continue
+        estimate = _ESTIMATES.get(str(row.get("point_estimate")), "")
+        ll = _number(row.get("train_log_likelihood"))
+        score = "" if ll is None else f"\ntrain log-lik. {ll:.4g} per point"
+        loaded.append((f"{row['backend']}{estimate}{score}", params))
+    loaded = [(t, p) for t, p in loaded if pivot in p]
+    if not loaded:
+        return []
+    features = [p[pivot].to(torch.float64).reshape(p[pivot].shape[0], -1).numpy() for _, p in loaded]
+    weights = loaded[0][1].get("weights")
+    order = (
+        np.argsort(-weights.numpy(), kind="stable") if weights is not None else np.arange(len(features[0]))
+    )
+    reference_colors = np.empty(len(order), dtype=int)
+    reference_colors[order] = np.arange(len(order))
+    panels = []
+    for (title, params), feature in zip(loaded, features, strict=True):
+        matched = matched_colors(features[0], feature)
+        inside = matched < len(reference_colors)
+        colors = np.where(inside, reference_colors[np.minimum(matched, len(order) - 1)], matched)
+        panels.append(_Panel(title, {k: v.to(torch.float64) for k, v in params.items()}, colors))
+    return panels
+
+
+def plot_components(experiment: Experiment, out: Path) -> Path | None:
+    """Gaussian components as ellipses over the kept train points (on the first two principal
+    components beyond two features); other models as heat maps of their pivot parameter."""
+    model = experiment.model_class
+    pivot = model.pivot if model is not None else "means"
+    panels = _panels(experiment, pivot)
+    if not panels:
+        return None
+    if all("means" in p.params and "covariances" in p.params for p in panels):
+        return _plot_ellipses(experiment, panels, out)
+    return _plot_heatmaps(experiment, panels, pivot, out)
+
+
+def _assignments(
+    experiment: Experiment, x: np.ndarray, params: Mapping[str, torch.Tensor]
+) -> np.ndarray | None:
+    """The most probable component of each point under ``params`` (the model's own log joint);
+    None when the model cannot be rebuilt from the saved config."""
+    model_class = experiment.model_class
+    if model_class is None:
+        return None
+    fields = {**experiment.model, "k": int(params[model_class.pivot].shape[0]), "prior": "none"}
+    if "covariance" in fields:  # saved covariances are full matrices whatever the type
+        fields["covariance"] = "full"
+    try:
+        points = torch.as_tensor(x)
+        model = model_class.from_config(model_class.options.model_validate(fields), points)
+        return model.log_joint(points, params).argmax(1).numpy()
+    except (ValueError, RuntimeError, KeyError):  # a config from another version: plain points
+        return None
+
+
+def _ellipse(ax: plt.Axes, mean: np.ndarray, cov: np.ndarray, color: Any) -> None:
+    """The 1- and 2-sd contours of a 2-D Gaussian: mean (2,), cov (2, 2)."""
+    values, vectors = np.linalg.eigh(cov)
+    angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1]))
+    for scale, style in ((1.0, "-"), (2.0, "--")):
+        width, height = 2 * scale * np.sqrt(np.maximum(values[::-1], 0))
+        ax.add_patch(
+            Ellipse(
+                (float(mean[0]), float(mean[1])),
+                width,
+                height,
+                angle=angle,
+                fill=False,
+                color=color,
+                lw=1.6,
+                ls=style,
+            )
+        )
+
+
+def _plot_ellipses(experiment: Experiment, panels: list[_Panel], out: Path) -> Path | None:
+    try:
+        x = load_file(str(experiment.path / Files.SAMPLE))["x"].to(torch.float64).numpy()
+    except (OSError, ValueError, RuntimeError, KeyError):  # a run directory from before the sample was kept
+        return None
+    if x.shape[1] < 2:
+        return None
+    center = x.mean(0)
+    if x.shape[1] > 2:
+        _, singular, vt = np.linalg.svd(x - center, full_matrices=False)
+        share = singular**2 / (singular**2).sum()
+        basis = vt[:2].T
+        names = [f"PC {i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)]
+        equal = True  # a rotation: both axes in the units of the (shared-unit) data space
+    else:
+        basis = np.eye(2)
+        names = [experiment.feature_name(0), experiment.feature_name(1)]
+        equal = experiment.standardized or experiment.data.get("source") == "synthetic"
+    points = (x - center) @ basis
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    spread = np.ptp(points, axis=0) + 1e-12
+    width = float(np.clip(3.6 * spread[0] / spread[1], 3.0, 5.5)) if equal else 4.2
+    figure, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=((width + 0.6) * ncols, 3.6 * nrows + 1.2),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    painted = False
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        hard = _assignments(experiment, x, panel.params)
+        if hard is None:
+            ax.scatter(points[:, 0], points[:, 1], s=4, c="0.6", alpha=0.5, linewidths=0, rasterized=True)
+        else:
+            painted = True
+            shade = [component_color(c) for c in panel.colors[hard]]
+            ax.scatter(points[:, 0], points[:, 1], s=4, c=shade, alpha=0.35, linewidths=0, rasterized=True)
+        means = (panel.params["means"].numpy() - center) @ basis
+        covs = basis.T @ panel.params["covariances"].numpy() @ basis
+        for k, (mean, cov) in enumerate(zip(means, covs, strict=True)):
+            color = component_color(int(panel.colors[k]))
+            _ellipse(ax, mean, cov, color)
+            ax.plot(*mean, "X", color=color, ms=9, mec="white", mew=1.0)
+        ax.set_title(panel.title, fontsize=10)
+        # the data set the view: a degenerate component's huge ellipse must not shrink the points
+        low, high = points.min(0), points.max(0)
+        pad = 0.08 * (high - low) + 1e-9
+        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+        if equal:
+            ax.set_aspect("equal", adjustable="box")
+        ax.grid(alpha=0.2)
+    for ax in axes.flat:
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
+        ax.label_outer()
+    spare = list(axes.flat[len(panels) :])
+    for ax in spare:
+        ax.axis("off")
+    handles = [
+        Line2D([], [], marker="X", color="0.2", mec="white", ls="", ms=9, label="component mean"),
+        Line2D([], [], color="0.2", lw=1.6, label="1σ contour"),
+        Line2D([], [], color="0.2", lw=1.6, ls="--", label="2σ contour"),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            color="0.5",
+            ls="",
+            ms=4,
+            label="train points, coloured by\nmost probable component" if painted else "train points",
+        ),
+        *(
+            Patch(color=component_color(c), label=f"component {c + 1}")
+            for c in sorted({int(c) for p in panels for c in p.colors})
+        ),
+    ]
+    if spare:
+        spare[0].legend(handles=handles, loc="center", frameon=False, title="colour = matched component")
+    else:
+        figure.legend(handles=handles, loc="outside lower center", ncols=ncols + 1, frameon=False)
+    projection = " (first two principal components)" if x.shape[1] > 2 else ""
+    figure.suptitle(f"{experiment.path.name}: fitted components{projection}")
+    return _save(figure, out / f"{experiment.path.name}-components.png")
+
+
+def _plot_heatmaps(experiment: Experiment, panels: list[_Panel], pivot: str, out: Path) -> Path | None:
+    """One heat map per panel of ``pivot`` (K, D): rows in matched-component order, each labelled
+    with its weight in its component's colour, one colour bar for all."""
+    shown = [p for p in panels if p.params[pivot].dim() == 2]
+    if not shown:
+        return None
+    dim = shown[0].params[pivot].shape[1]
+    top = max(float(p.params[pivot].max()) for p in shown)
+    figure, axes = plt.subplots(
+        len(shown),
+        1,
+        figsize=(max(7.0, 0.16 * dim + 3), 1.4 + sum(0.3 * p.colors.size + 0.6 for p in shown)),
+        squeeze=False,
+        sharex=True,
+        layout="constrained",
+        height_ratios=[p.colors.size for p in shown],
+    )
+    images = []
+    for ax, panel in zip(axes[:, 0], shown, strict=True):
+        order = np.argsort(panel.colors, kind="stable")
+        values = panel.params[pivot].numpy()[order]
+        weights = panel.params["weights"].numpy()[order] if "weights" in panel.params else None
+        images.append(
+            ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
+        )
+        labels = [
+            f"{panel.colors[k] + 1}" + ("" if weights is None else f" (π={weights[i]:.2f})")
+            for i, k in enumerate(order)
+        ]
+        ax.set_yticks(range(len(order)), labels, fontsize=7)
+        for tick, k in zip(ax.get_yticklabels(), order, strict=True):
+            tick.set_color(component_color(int(panel.colors[k])))
+        ax.set_title(panel.title.replace("\n", ", "), fontsize=9, loc="left")
+    names = [experiment.feature_name(j) for j in range(dim)]
+    every = max(1, math.ceil(dim / 32))
+    axes[-1, 0].set_xticks(range(0, dim, every), names[::every], rotation=90, fontsize=6)
+    axes[-1, 0].set_xlabel("feature")
+    figure.colorbar(images[0], ax=axes[:, 0].tolist(), label=_PIVOT_LABELS.get(pivot, pivot), shrink=0.8)
+    figure.supxlabel(
+        "rows: component (weight π), numbered and coloured as the matched components", fontsize=8
+    )
+    figure.suptitle(f"{experiment.path.name}: fitted components ({pivot})")
+    return _save(figure, out / f"{experiment.path.name}-components.png")
+
+
+# ---- model selection -------------------------------------------------------------------------
+
+
+def plot_selection(table: pd.DataFrame, chosen: Mapping[str, int | None], path: Path, title: str) -> Path:
+    """Information criteria (lower is better) and, for variational backends, the ELBO (higher is
+    better) against K, with the K each criterion picks starred."""
+    elbo = pd.to_numeric(table["elbo"], errors="coerce")
+    has_elbo = bool(elbo.notna().any())
+    figure, axes = plt.subplots(
+        1, 2 if has_elbo else 1, figsize=(11 if has_elbo else 6, 4.4), squeeze=False, layout="constrained"
+    )
+    ax = axes[0, 0]
+    for color, name in zip(("C0", "C1", "C2"), ("bic", "aic", "icl"), strict=True):
+        values = pd.to_numeric(table[name], errors="coerce")
+        if values.notna().any():
+            ax.plot(
+                table["k"], values, marker="o", color=color, label=f"{name.upper()} (picks K={chosen[name]})"
+            )
+            if chosen[name] is not None:
+                ax.plot(chosen[name], values[table["k"] == chosen[name]].iloc[0], "*", ms=16, color=color)
+    ax.set_title("information criteria")
+    ax.set_xlabel("number of components K")
+    ax.set_ylabel("criterion (lower is better)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_elbo:
+        ax = axes[0, 1]
+        ax.plot(table["k"], elbo, marker="o", color="C3", label=f"ELBO per point (picks K={chosen['elbo']})")
+        if chosen["elbo"] is not None:
+            ax.plot(chosen["elbo"], elbo[table["k"] == chosen["elbo"]].iloc[0], "*", ms=16, color="C3")
+        effective = pd.to_numeric(table.get("effective_k"), errors="coerce")
+        if effective is not None and effective.notna().any():
+            for k, value, eff in zip(table["k"], elbo, effective, strict=True):
+                if eff == eff:
+                    ax.annotate(
+                        f"eff. {int(eff)}",
+                        (k, value),
+                        textcoords="offset points",
+                        xytext=(0, 8),
+                        ha="center",
+                        fontsize=8,
+                    )
+        ax.set_title("evidence lower bound (eff. = components in use)")
+        ax.set_xlabel("number of components K")
+        ax.set_ylabel("ELBO per point (higher is better)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _save(figure, path)
