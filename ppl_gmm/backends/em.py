@@ -1,4 +1,5 @@
-"""Exact EM for mixtures: log-space E-step from the model's log-joint, closed-form M-step.
+"""Exact EM for mixtures: log-space E-step from the model's log-joint, closed-form M-step; for a
+model without one (or with ``m_step: gradient``), generalized EM (``gem.py``).
 
 With a conjugate prior the M-step is the posterior mode (MAP-EM) and the objective is the
 log posterior per point. Stops as scikit-learn does: the objective changed by less than ``tol``.
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
-from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, Clock, FitError, FitResult, Report, StepInfo
+from .gem import GEMOptions, check_gradient_em, fit_gradient, m_step_kind
 
 __all__ = [
     "EM",
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 
-class EMOptions(Options):
+class EMOptions(GEMOptions):
     max_iter: int = Field(500, ge=0)  # M-steps at most
     tol: float = Field(1e-6, ge=0)  # on the change of the mean per-point objective
     # gmm only: added to covariance diagonals in each M-step (null: 1e-6); refused by other models
@@ -198,7 +200,16 @@ class EM(Backend[EMOptions]):
     options = EMOptions
 
     def check(self, model: LatentModel, options: EMOptions) -> None:
-        needs_closed_form(model, self.name).check_em("MAP-EM")
+        if m_step_kind(model, options) == "gradient":
+            check_gradient_em(model, self.name)  # reg_covar (gmm) is the closed form's alone: unused
+            model.check_mode("MAP-EM")
+            return
+        if not isinstance(model, ClosedFormEM):
+            raise UserError(
+                f"backends.{self.name}.m_step: closed_form needs a model with a closed-form M-step, but "
+                f"model {model.name!r} has none. Set m_step: gradient (generalized EM), or leave it unset."
+            )
+        model.check_em("MAP-EM")
 
     def total_steps(self, options: EMOptions, n: int | None = None) -> int:
         return options.max_iter
@@ -209,6 +220,9 @@ class EM(Backend[EMOptions]):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: EMOptions, report: Report
     ) -> FitResult:
+        if m_step_kind(model, options) == "gradient":
+            run = EMRun(model, self.name, x.shape[0], options.tol)
+            return fit_gradient(model, x, init, options, options.max_iter, run, report)
         assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         params: Params = {name: value.to(x) for name, value in init.items()}

@@ -31,7 +31,7 @@ from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 
 from ..config import ModelOptions
 from ..errors import UserError
@@ -174,6 +174,34 @@ class LatentModel(ABC):
             if _is_global(node) and not node["is_observed"]
         ]
         return sum(math.prod(biject_to(fn.support).inverse_shape(fn.shape())) for fn in fns)
+
+    def enumerated_sites(self) -> list[str]:
+        """The local latent sites that the declaration marks for Pyro's parallel enumeration (the
+        assignments): what EM's E-step sums out. Empty for a declaration without one."""
+        return [
+            name
+            for name, node in self._declared_trace().nodes.items()
+            if _is_local(node)
+            and not node["is_observed"]
+            and (node["infer"] or {}).get("enumerate") == "parallel"
+            and cast(dist.TorchDistribution, node["fn"]).has_enumerate_support
+        ]
+
+    def global_supports(self) -> dict[str, constraints.Constraint]:
+        """The support of each latent global site of the declaration, by name: the space that
+        ``biject_to`` maps unconstrained coordinates onto for gradient M-steps."""
+        return {
+            name: cast(constraints.Constraint, cast(dist.TorchDistribution, node["fn"]).support)
+            for name, node in self._declared_trace().nodes.items()
+            if _is_global(node) and not node["is_observed"]
+        }
+
+    def _declared_trace(self) -> poutine.Trace:
+        """The declaration traced on one observed point (a train point where the model keeps one),
+        every latent site at a feasible value (no draws: flat priors cannot be sampled)."""
+        point = self.example if self.example is not None else torch.zeros(1, self.dim)
+        with InitMessenger(_at_unconstrained_zero):
+            return poutine.trace(self.model).get_trace(point)
 
     def check_params(self, params: Params, where: str) -> Params:
         """Validate shapes against this model (a ``UserError`` naming ``where`` if they differ)
