@@ -30,7 +30,7 @@ __all__ = ["BACKEND_NAMES", "DATA_SOURCES", "MODEL_NAMES", "main"]
 
 # The registries' names, written out so that --help need not import torch; a test keeps them equal.
 BACKEND_NAMES = ("em", "incremental_em", "map", "mcmc", "online_em", "svi", "vb")
-MODEL_NAMES = ("bernoulli_mixture", "gmm", "poisson_mixture")
+MODEL_NAMES = ("bernoulli_mixture", "gmm", "poisson_mixture", "student_t_mixture")
 DATA_SOURCES = ("synthetic", "csv", "npy", "digits", "digits_binary", "iris", "old_faithful", "wine")
 
 _DESCRIPTION = f"""\

@@ -17,6 +17,7 @@ from torch.distributions import biject_to
 
 from ppl_gmm.backends import BACKENDS
 from ppl_gmm.backends.em import EM, EMOptions
+from ppl_gmm.backends.vb import VB_MODELS
 from ppl_gmm.config import InitConfig, parse_config
 from ppl_gmm.errors import UserError
 from ppl_gmm.evaluate import relabel
@@ -69,9 +70,13 @@ def test_fast_log_joint_and_prior_equal_the_declaration(name: str, prior: str) -
 def test_m_step_is_stationary_for_the_declaration(name: str, prior: str) -> None:
     """θ* = m_step(r) maximizes Σ r log p(x, z | θ) + log p(θ) as Pyro computes it from the
     declaration: the gradient in unconstrained coordinates vanishes, and nearby points score lower."""
-    model, x, _, _ = _simulated(name, prior, seed=1)
+    model, x, truth, _ = _simulated(name, prior, seed=1)
     assert isinstance(model, ClosedFormEM)
-    resp = _random_resp(x.shape[0], model.k, 2)
+    # the truth's posterior responsibilities, perturbed: any r will do for a model whose M-step
+    # optimum is interior for every r, but a Student-t's maximum-likelihood ν is infinite for
+    # weighted points with lighter tails than a Gaussian's, which unrelated random r give
+    posterior = torch.softmax(model.log_joint(x, truth), dim=1)
+    resp = 0.8 * posterior + 0.2 * _random_resp(x.shape[0], model.k, 2)
     sites = model.to_sites(model.m_step(x, resp, 0.0))
     support = poutine.trace(poutine.condition(model.model, data=sites)).get_trace(x)
     transforms = {s: biject_to(support.nodes[s]["fn"].support) for s in sites}
@@ -158,7 +163,10 @@ def test_every_backend_the_model_supports_completes(name: str, tmp_path: Path) -
             assert "model" in str(exc), (backend, str(exc))  # refused because of the model, by name
             continue
         supported[backend] = options
-    assert set(supported) >= EXPECTED & set(BACKENDS.names()), sorted(supported)
+    # vb is derived for the conjugate mixtures only (backends/vb.py); every other backend is
+    # expected of every model
+    expected = EXPECTED if issubclass(MODELS.get(name), VB_MODELS) else EXPECTED - {"vb"}
+    assert set(supported) >= expected & set(BACKENDS.names()), sorted(supported)
     plan = prepare(parse_config(_small_config(name, supported)))
     outcome = execute(plan, tmp_path)
     for backend, summary in outcome.summaries.items():
