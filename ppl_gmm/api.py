@@ -19,13 +19,12 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .backends import StepInfo
 from .config import Config, load_config, parse_config
 from .data import Dataset
 from .errors import UserError
 from .estimator import Mixture, run_data
 from .evaluate import assignments
-from .experiment import Interrupted, Progress
+from .experiment import Interrupted, Progress, Silent
 from .experiment import run as run_experiment
 from .runs import Files, Summary, write_csv
 
@@ -56,26 +55,12 @@ class RunResult:
         return Mixture.from_run(self.path / name)
 
 
-class _Warnings:
+class _Warnings(Silent):
     """Progress for Python callers: no bars; the run's warnings (a backend failed or did not
     converge) as Python warnings."""
 
-    def begin(self, backend: str, restart: int, total: int | None) -> None:
-        pass
-
-    def step(self, info: StepInfo) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
     def message(self, text: str) -> None:
         warnings.warn(text.removeprefix("warning: "), RuntimeWarning, stacklevel=2)
-
-
-class _Silent(_Warnings):
-    def message(self, text: str) -> None:
-        pass
 
 
 def run(
@@ -102,7 +87,7 @@ def run(
         cfg = parse_config(dict(config), items)
     else:
         cfg = load_config(Path(config), items)
-    reporter = progress if progress is not None else _Silent() if quiet else _Warnings()
+    reporter = progress if progress is not None else Silent() if quiet else _Warnings()
     try:
         outcome = run_experiment(cfg, Path(runs_dir), reporter)
     except Interrupted as stop:

@@ -50,6 +50,7 @@ __all__ = [
     "Outcome",
     "Plan",
     "Progress",
+    "Silent",
     "auto_threads",
     "execute",
     "prepare",
@@ -69,7 +70,9 @@ class Progress(Protocol):
     def message(self, text: str) -> None: ...
 
 
-class _Silent:
+class Silent:
+    """No progress, no messages; override ``message`` to show warnings some other way."""
+
     def begin(self, backend: str, restart: int, total: int | None) -> None:
         pass
 
@@ -331,7 +334,7 @@ class _BackendRun:
 
 def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Outcome:
     """Fit every backend and write the experiment directory; returns its path and summaries."""
-    progress = progress or _Silent()
+    progress = progress or Silent()
     cfg = plan.config
     path = create_experiment_dir(runs_dir, cfg.experiment)
     write_text(path / Files.CONFIG, dump_config(cfg))
