@@ -20,6 +20,9 @@ from .errors import UserError
 from .models.base import ClosedFormEM, LatentModel, Params
 from .runs import Files, best_backend_dir
 
+INIT_M_STEP_ITERS = 100  # L-BFGS iterations of one gradient M-step of the seeding
+INIT_M_STEP_ROUNDS = 10  # M-steps at most (ECM alternates its blocks between them)
+
 __all__ = ["check_given", "initialize", "kmeans_plusplus", "lloyd", "load_given_params", "load_run_params"]
 
 
@@ -72,15 +75,36 @@ def lloyd(x: Tensor, centers: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
     return centers, labels
 
 
-def _m_step(model: LatentModel, x: Tensor, resp: Tensor, cfg: InitConfig) -> Params:
-    """The maximum-likelihood θ for responsibilities resp (N, K) on x (N, D)."""
-    if not isinstance(model, ClosedFormEM):
+def _m_step(
+    model: LatentModel, x: Tensor, resp: Tensor, cfg: InitConfig, start: Params | None = None
+) -> Params:
+    """The maximum-likelihood θ for responsibilities resp (N, K) on x (N, D): the closed-form
+    M-step, or for a model without one generalized EM's M-step (ECM's closed-form blocks, L-BFGS
+    on the other sites) repeated from ``start`` (default: ``model.default_params()``) until Q stops
+    rising."""
+    if isinstance(model, ClosedFormEM):
+        reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
+        return model.m_step(x, resp, reg_covar, use_prior=False)
+    from .backends.gem import GEMOptions, GradientMStep, MStepKind, check_gradient_em
+
+    kind: MStepKind = "ecm" if model.closed_form_sites else "gradient"
+    try:
+        transforms = check_gradient_em(model, "em", kind)
+    except UserError as exc:
         raise UserError(
-            f"init.method: {cfg.method} fits model {model.name!r} to hard assignments by its closed-form "
-            "M-step, which it does not have. Use init.method: from_run."
-        )
-    reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
-    return model.m_step(x, resp, reg_covar, use_prior=False)
+            f"init.method: {cfg.method} fits model {model.name!r} to assignments by EM's M-step, which it "
+            f"cannot have ({exc}). Use init.method: given or from_run."
+        ) from None
+    options = GEMOptions(m_step_iters=INIT_M_STEP_ITERS)
+    climb = GradientMStep(model, x, transforms, options, closed_form=kind == "ecm")
+    params = (
+        start if start is not None else {name: value.to(x) for name, value in model.default_params().items()}
+    )
+    for _ in range(INIT_M_STEP_ROUNDS):
+        params, rose = climb(params, resp)
+        if not rose:
+            break
+    return params
 
 
 def load_run_params(model: LatentModel, run: str) -> Params:
@@ -164,4 +188,8 @@ def initialize(model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restar
     else:
         labels = torch.argmin(_squared_distances(x64, centers), dim=1)
     resp = torch.nn.functional.one_hot(labels, model.k).to(x64.dtype)
-    return _m_step(model, x64, resp, cfg)
+    start = None
+    if not isinstance(model, ClosedFormEM):  # the gradient M-step starts with each component at its seed
+        defaults = {name: value.to(x64) for name, value in model.default_params().items()}
+        start = model.init_from_points(x64, index, defaults)
+    return _m_step(model, x64, resp, cfg, start)

@@ -228,3 +228,77 @@ def test_em_refuses_a_model_without_an_enumerated_assignment() -> None:
 def test_em_with_a_closed_form_m_step_refuses_a_model_without_one() -> None:
     with pytest.raises(UserError, match=r"backends\.em\.m_step: closed_form needs .*Set m_step: gradient"):
         EM().check(LogNormalMixture(2, 1), EMOptions(m_step="closed_form"))
+
+
+def test_em_with_ecm_refuses_a_model_without_closed_form_blocks() -> None:
+    with pytest.raises(UserError, match=r"backends\.em\.m_step: ecm needs .*closed-form blocks"):
+        EM().check(LogNormalMixture(2, 1), EMOptions(m_step="ecm"))
+
+
+class LogNormalECM(LogNormalMixture):
+    """The log-normal mixture with the weights and locations in closed form given the scales (the
+    locations' maximum does not depend on them): ECM, the scales climbed by gradient."""
+
+    closed_form_sites = ("weights", "locs")
+
+    def conditional_m_step(self, x: Tensor, resp: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        nk = resp.sum(0)
+        return {"weights": nk / nk.sum(), "locs": resp.T @ torch.log(x) / nk[:, None]}
+
+
+def _lognormal_data(
+    n: int, seed: int, locs: list[list[float]] | None = None, scale: float = 1.0
+) -> tuple[dict[str, Tensor], Tensor]:
+    truth = {
+        "weights": torch.tensor([0.4, 0.6], dtype=torch.float64),
+        "locs": torch.tensor(locs or [[0.0, 1.0], [2.0, -1.0]], dtype=torch.float64),
+        "scales": torch.tensor([[0.5, 0.3], [0.4, 0.6]], dtype=torch.float64) * scale,
+    }
+    x, _ = LogNormalMixture(2, 2).simulate(truth, n, np.random.default_rng(seed))
+    return truth, x
+
+
+def test_ecm_reaches_the_maximum_likelihood_of_scikit_learn_on_the_logarithms() -> None:
+    """A log-normal mixture of x is a diagonal Gaussian mixture of log x (the Jacobian does not
+    depend on θ), so scikit-learn's EM on log x from the same start is an independent reference."""
+    from sklearn.mixture import GaussianMixture as SklearnMixture
+
+    _, x = _lognormal_data(600, 5)
+    start = {
+        "weights": torch.tensor([0.5, 0.5], dtype=torch.float64),
+        "locs": torch.tensor([[1.0, 0.0], [1.5, 0.5]], dtype=torch.float64),
+        "scales": torch.ones(2, 2, dtype=torch.float64),
+    }
+    model = LogNormalECM(2, 2)
+    result, objective = _fit(model, x, start, max_iter=3000, tol=1e-13)
+    assert result.extras["m_step"] == "ecm" and result.converged
+    assert np.all(np.diff(objective) >= -1e-12)
+    reference = SklearnMixture(
+        2,
+        covariance_type="diag",
+        reg_covar=0.0,
+        tol=1e-13,
+        max_iter=5000,
+        weights_init=start["weights"].numpy(),
+        means_init=start["locs"].numpy(),
+        precisions_init=1.0 / start["scales"].numpy() ** 2,
+    ).fit(np.log(x.numpy()))
+    assert reference.converged_
+    fitted = result.params
+    assert np.allclose(fitted["weights"].numpy(), reference.weights_, atol=1e-6)
+    assert np.allclose(fitted["locs"].numpy(), reference.means_, atol=1e-6)
+    assert np.allclose(fitted["scales"].numpy(), np.sqrt(reference.covariances_), atol=1e-6)
+
+
+def test_kmeans_seeding_fits_a_model_without_a_closed_form_m_step() -> None:
+    # clusters that k-means, which measures x rather than log x, tells apart
+    truth, x = _lognormal_data(2000, 6, locs=[[2.0, 3.0], [3.0, 2.0]], scale=0.25)
+    for model in (LogNormalMixture(2, 2), LogNormalECM(2, 2)):
+        model.example = x[:1]
+        init = initialize(model, x, InitConfig(method="kmeans++"), seed=1)
+        order = torch.cdist(truth["locs"], init["locs"]).argmin(1)
+        assert sorted(order.tolist()) == [0, 1]
+        # the maximum-likelihood fit to the hard assignments of well-separated clusters
+        assert torch.allclose(init["locs"][order], truth["locs"], atol=0.03), init["locs"]
+        assert torch.allclose(init["scales"][order], truth["scales"], atol=0.03), init["scales"]
+        assert torch.allclose(init["weights"][order], truth["weights"], atol=0.05)

@@ -200,8 +200,9 @@ class EM(Backend[EMOptions]):
     options = EMOptions
 
     def check(self, model: LatentModel, options: EMOptions) -> None:
-        if m_step_kind(model, options) == "gradient":
-            check_gradient_em(model, self.name)  # reg_covar (gmm) is the closed form's alone: unused
+        kind = m_step_kind(model, options)
+        if kind != "closed_form":
+            check_gradient_em(model, self.name, kind)  # reg_covar (gmm) is the closed form's alone: unused
             model.check_mode("MAP-EM")
             return
         if not isinstance(model, ClosedFormEM):
@@ -220,7 +221,7 @@ class EM(Backend[EMOptions]):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: EMOptions, report: Report
     ) -> FitResult:
-        if m_step_kind(model, options) == "gradient":
+        if m_step_kind(model, options) != "closed_form":
             run = EMRun(model, self.name, x.shape[0], options.tol)
             return fit_gradient(model, x, init, options, options.max_iter, run, report)
         assert isinstance(model, ClosedFormEM)

@@ -104,6 +104,16 @@ class LatentModel(ABC):
         """A plausible random θ for synthetic data, components about ``separation`` apart on
         the model's natural scale."""
 
+    # global sites whose conditional maximum ``conditional_m_step`` gives in closed form: ECM's
+    # closed-form blocks; generalized EM climbs only the other sites by gradient
+    closed_form_sites: ClassVar[tuple[str, ...]] = ()
+
+    def conditional_m_step(self, x: Tensor, resp: Tensor, params: Params) -> dict[str, Tensor]:
+        """Values of the ``closed_form_sites`` that maximize Q(θ) = Σ_n Σ_k resp[n, k] log p(x_n,
+        z_n = k | θ) + log p(θ) over those sites, the other sites held at θ (expectation
+        conditional maximization, Meng & Rubin 1993), for x (N, D) and resp (N, K). Default: none."""
+        return {}
+
     def check_mode(self, method: str) -> None:
         """Raise ``UserError`` if the prior has no posterior mode for ``method`` (MAP) to find.
         Default: it has one."""
@@ -195,6 +205,17 @@ class LatentModel(ABC):
             for name, node in self._declared_trace().nodes.items()
             if _is_global(node) and not node["is_observed"]
         }
+
+    def default_params(self) -> Params:
+        """A feasible θ that needs no data: each global site at zero in its unconstrained
+        coordinates (equal weights, unit scales, zero locations), where gradient M-steps start."""
+        trace = self._declared_trace()
+        sites = {
+            name: cast(Tensor, node["value"]).detach().to(torch.float64)
+            for name, node in trace.nodes.items()
+            if _is_global(node) and not node["is_observed"]
+        }
+        return self.from_sites(sites)
 
     def _declared_trace(self) -> poutine.Trace:
         """The declaration traced on one observed point (a train point where the model keeps one),
