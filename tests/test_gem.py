@@ -19,6 +19,8 @@ from torch.distributions import constraints
 
 import ppl_gmm
 from ppl_gmm.backends.em import EM, EMOptions
+from ppl_gmm.backends.incremental_em import IncrementalEM, IncrementalEMOptions
+from ppl_gmm.backends.online_em import OnlineEM, OnlineEMOptions
 from ppl_gmm.config import InitConfig, ModelOptions
 from ppl_gmm.errors import UserError
 from ppl_gmm.init import initialize
@@ -258,21 +260,19 @@ def _lognormal_data(
     return truth, x
 
 
-def test_ecm_reaches_the_maximum_likelihood_of_scikit_learn_on_the_logarithms() -> None:
+LOGNORMAL_START = {
+    "weights": torch.tensor([0.5, 0.5], dtype=torch.float64),
+    "locs": torch.tensor([[1.0, 0.0], [1.5, 0.5]], dtype=torch.float64),
+    "scales": torch.ones(2, 2, dtype=torch.float64),
+}
+
+
+def _reference_on_logarithms(x: Tensor) -> dict[str, Tensor]:
     """A log-normal mixture of x is a diagonal Gaussian mixture of log x (the Jacobian does not
     depend on θ), so scikit-learn's EM on log x from the same start is an independent reference."""
     from sklearn.mixture import GaussianMixture as SklearnMixture
 
-    _, x = _lognormal_data(600, 5)
-    start = {
-        "weights": torch.tensor([0.5, 0.5], dtype=torch.float64),
-        "locs": torch.tensor([[1.0, 0.0], [1.5, 0.5]], dtype=torch.float64),
-        "scales": torch.ones(2, 2, dtype=torch.float64),
-    }
-    model = LogNormalECM(2, 2)
-    result, objective = _fit(model, x, start, max_iter=3000, tol=1e-13)
-    assert result.extras["m_step"] == "ecm" and result.converged
-    assert np.all(np.diff(objective) >= -1e-12)
+    start = LOGNORMAL_START
     reference = SklearnMixture(
         2,
         covariance_type="diag",
@@ -284,10 +284,58 @@ def test_ecm_reaches_the_maximum_likelihood_of_scikit_learn_on_the_logarithms() 
         precisions_init=1.0 / start["scales"].numpy() ** 2,
     ).fit(np.log(x.numpy()))
     assert reference.converged_
-    fitted = result.params
-    assert np.allclose(fitted["weights"].numpy(), reference.weights_, atol=1e-6)
-    assert np.allclose(fitted["locs"].numpy(), reference.means_, atol=1e-6)
-    assert np.allclose(fitted["scales"].numpy(), np.sqrt(reference.covariances_), atol=1e-6)
+    return {
+        "weights": torch.from_numpy(reference.weights_),
+        "locs": torch.from_numpy(reference.means_),
+        "scales": torch.from_numpy(np.sqrt(reference.covariances_)),
+    }
+
+
+def test_ecm_reaches_the_maximum_likelihood_of_scikit_learn_on_the_logarithms() -> None:
+    _, x = _lognormal_data(600, 5)
+    result, objective = _fit(LogNormalECM(2, 2), x, LOGNORMAL_START, max_iter=3000, tol=1e-13)
+    assert result.extras["m_step"] == "ecm" and result.converged
+    assert np.all(np.diff(objective) >= -1e-12)
+    reference = _reference_on_logarithms(x)
+    for name, value in reference.items():
+        assert torch.allclose(result.params[name], value, atol=1e-6), name
+
+
+def test_incremental_em_without_a_closed_form_never_lowers_its_bound_and_reaches_the_maximum() -> None:
+    _, x = _lognormal_data(600, 5)
+    # ECM to convergence; plain GEM (a slower climb per block) for two epochs
+    for model, epochs in ((LogNormalECM(2, 2), 300), (LogNormalMixture(2, 2), 2)):
+        options = IncrementalEMOptions(blocks=4, max_epochs=epochs, tol=1e-12)
+        IncrementalEM().check(model, options)
+        steps: list = []
+        result = IncrementalEM().fit(model, x, LOGNORMAL_START, options, steps.append)
+        # the free energy F(q, θ): each block's E-step and each M-step raise it
+        assert np.all(np.diff([step.objective for step in steps]) >= -1e-12)
+        assert steps[-1].objective > steps[0].objective + 0.1
+        if isinstance(model, LogNormalECM):
+            assert result.extras["m_step"] == "ecm" and result.converged
+            for name, value in _reference_on_logarithms(x).items():
+                assert torch.allclose(result.params[name], value, atol=1e-6), name
+        else:
+            assert result.extras["m_step"] == "gradient" and result.n_steps == 8
+
+
+def test_online_em_without_a_closed_form_reaches_the_batch_maximum() -> None:
+    _, x = _lognormal_data(6000, 5)
+    reference = _reference_on_logarithms(x)
+    model = LogNormalMixture(2, 2)
+    options = OnlineEMOptions(batch_size=100, epochs=3)
+    OnlineEM().check(model, options)
+    steps: list = []
+    torch.manual_seed(0)
+    result = OnlineEM().fit(model, x, LOGNORMAL_START, options, steps.append)
+    assert result.extras["m_step"] == "gradient" and result.n_steps == 180
+    best = float(model.log_likelihood(x, reference).mean())
+    # stochastic gradient EM ends near the batch maximum, not on it
+    assert best - 2e-3 < steps[-1].log_likelihood <= best + 1e-12
+    order = torch.cdist(reference["locs"], result.params["locs"]).argmin(1)
+    assert sorted(order.tolist()) == [0, 1]
+    assert torch.allclose(result.params["locs"][order], reference["locs"], atol=0.05)
 
 
 def test_kmeans_seeding_fits_a_model_without_a_closed_form_m_step() -> None:

@@ -111,7 +111,7 @@ def test_svi_elbo_stays_below_the_log_evidence() -> None:
         model,
         x,
         init,
-        SVIBackendOptions(steps=1500, lr=0.02, guide="mvn", elbo_particles=2000),
+        SVIBackendOptions(steps=600, lr=0.05, guide="mvn", elbo_particles=300),
         lambda s: None,
     )
     elbo = fit.elbo * x.shape[0]

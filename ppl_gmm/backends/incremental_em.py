@@ -12,24 +12,32 @@ statistics (the model's ``expected_log_joint``); the entropies are kept per bloc
 full pass at the initial θ fills every block. Stops as batch EM does, on the change of the exact
 train log-likelihood (+ log prior) per point over one epoch; that evaluation, one extra pass per
 epoch, is left out of the timings like the other backends' evaluations.
+
+A model without a closed-form M-step (or ``m_step: gradient | ecm``) keeps the responsibilities
+of each block instead of statistics (memory O(N × K)), and each M-step is generalized EM's
+(``gem.py``): Q(θ) = Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) (+ log p(θ)) raised, never lowered, over
+all points, so the free energy still never decreases; a step costs a gradient climb over the
+whole data, against batch GEM's one per pass.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
-from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, FitResult, Report, StepInfo
 from .em import EM, EMOptions, EMRun, add_stats, data_constant, needs_closed_form, reg_covar
+from .gem import GEMOptions, GradientMStep, check_gradient_em, m_step_kind
 from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows
 
 __all__ = ["IncrementalEM", "IncrementalEMOptions"]
 
 
-class IncrementalEMOptions(Options):
+class IncrementalEMOptions(GEMOptions):
     blocks: int = Field(10, ge=1)  # fixed blocks; one M-step after each block's E-step
     max_epochs: int = Field(100, ge=1)  # passes over the data at most
     tol: float = Field(1e-6, ge=0)  # on the change of the per-point objective over one epoch
@@ -43,8 +51,10 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
     options = IncrementalEMOptions
 
     def check(self, model: LatentModel, options: IncrementalEMOptions) -> None:
-        needs_closed_form(model, self.name)
-        EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
+        kind = m_step_kind(model, options)
+        if kind == "closed_form":
+            needs_closed_form(model, self.name)
+        EM().check(model, EMOptions(m_step=kind))  # the posterior mode must exist, as for MAP-EM
 
     def total_steps(self, options: IncrementalEMOptions, n: int | None = None) -> int:
         return options.max_epochs * options.blocks
@@ -55,6 +65,8 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: IncrementalEMOptions, report: Report
     ) -> FitResult:
+        if m_step_kind(model, options) != "closed_form":
+            return self._fit_gradient(model, x, init, options, report)
         assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         parts = x.tensor_split(min(options.blocks, n))
@@ -113,6 +125,69 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
                 break
             total = _sum(model, stats)  # once per epoch, so that float32 rounding does not pile up
         return run.result(params, step, converged, epochs=step // len(parts))
+
+    def _fit_gradient(
+        self, model: LatentModel, x: Tensor, init: Params, options: IncrementalEMOptions, report: Report
+    ) -> FitResult:
+        """Incremental generalized EM: responsibilities kept per block, gradient M-steps."""
+        kind = m_step_kind(model, options)
+        climb = GradientMStep(model, x, check_gradient_em(model, self.name, kind), options, kind == "ecm")
+        n = x.shape[0]
+        blocks = [
+            (int(part[0]), int(part[-1]) + 1) for part in torch.arange(n).tensor_split(min(options.blocks, n))
+        ]
+        params: Params = {name: value.to(x) for name, value in init.items()}
+        run = EMRun(model, self.name, n, options.tol)
+        clock = run.clock
+
+        def e_step(rows: Tensor) -> tuple[Tensor, float, float]:
+            """Responsibilities, their summed entropy and the summed log-likelihood of rows at θ."""
+            with torch.no_grad():
+                try:
+                    log_joint = model.log_joint(rows, params)
+                except torch.linalg.LinAlgError:
+                    raise run.singular(step, params) from None
+                log_norm = torch.logsumexp(log_joint, dim=1, keepdim=True)
+                log_resp = log_joint - log_norm
+                resp = torch.exp(log_resp)
+                entropy = -float((resp * log_resp).nan_to_num().sum(dtype=torch.float64))
+            return resp, entropy, float(log_norm.sum(dtype=torch.float64))
+
+        step = 0
+        resp = x.new_empty(n, model.k)
+        entropies, log_likelihood = [0.0] * len(blocks), 0.0
+        for b, (start, stop) in enumerate(blocks):
+            resp[start:stop], entropies[b], block_log_likelihood = e_step(x[start:stop])
+            log_likelihood += block_log_likelihood
+        # right after a full E-step the free energy is the log-likelihood
+        first = run.objective(log_likelihood, params, step, aside=True)
+        report(StepInfo(step, clock.seconds(), first, log_likelihood / n))
+        run.settled(first)
+        rejected = 0
+        params, rose = climb(params, resp)
+        rejected += not rose
+        converged = False
+        for _ in range(options.max_epochs):
+            for b, (start, stop) in enumerate(blocks):
+                step += 1
+                resp[start:stop], entropies[b], _ = e_step(x[start:stop])
+                params, rose = climb(params, resp)
+                rejected += not rose
+                seconds = clock.seconds()
+                at_end = b == len(blocks) - 1
+                with clock.aside(), torch.no_grad():
+                    log_joint = model.log_joint(x, params)
+                    bound = float((resp * log_joint).sum(dtype=torch.float64)) + math.fsum(entropies)
+                    if at_end:
+                        log_likelihood = float(torch.logsumexp(log_joint, dim=1).sum(dtype=torch.float64))
+                objective = run.objective(bound, params, step, aside=True)
+                report(StepInfo(step, seconds, objective, log_likelihood / n if at_end else None))
+            if run.settled(run.objective(log_likelihood, params, step, aside=True)):
+                converged = True
+                break
+        return run.result(
+            params, step, converged, epochs=step // len(blocks), m_step=kind, m_steps_rejected=rejected
+        )
 
 
 def _free_energy(model: ClosedFormEM, total: Stats, params: Params, center: Tensor | None) -> float:

@@ -8,11 +8,20 @@ move towards the batch's, scaled to the whole data set, by a decreasing step siz
 and θ = m_step(s) after every batch (MAP with a conjugate prior: the N / B scaling keeps the
 prior's weight that of the full data). γ_1 = 1: the first statistics are the initial parameters'
 on the first batch. There is no stopping rule: the fit runs its ``epochs`` and reports converged.
+
+A model without a closed-form M-step has no statistics to average. For it (or with ``m_step:
+gradient``) each mini-batch's exact E-step is followed by ``m_step_iters`` Adam steps on the
+batch's Q(θ) = (N / B) Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) (+ log p(θ)), in unconstrained
+coordinates, with the learning rate ``m_step_lr`` · γ_t: stochastic gradient EM, in the spirit of
+Titterington's (1984) recursive EM (the batch's ∇Q at θ is an unbiased estimate of the
+log-likelihood's gradient, Fisher's identity), with one Adam state across batches.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -21,6 +30,7 @@ from torch import Tensor
 from ..models.base import ClosedFormEM, LatentModel, Params
 from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo
 from .em import EM, EMOptions, EMRun, needs_closed_form, reg_covar
+from .gem import check_gradient_em
 from .partial_em import (
     CHUNK_ROWS,
     check_not_empty,
@@ -42,6 +52,11 @@ class OnlineEMOptions(Options):
     reg_covar: float | None = Field(None, ge=0)
     shuffle: bool = True  # a fresh random order each epoch (False: rows in file order)
     eval_every: int = Field(50, ge=1)  # exact train log-likelihood every so many mini-batches
+    # closed_form: running statistics (Cappé & Moulines); gradient: stochastic gradient EM (the only
+    # one for a model without a closed form); null: closed_form where the model has one
+    m_step: Literal["closed_form", "gradient"] | None = None
+    m_step_iters: int = Field(1, ge=1, le=10_000)  # gradient: Adam steps per mini-batch
+    m_step_lr: float = Field(0.2, gt=0)  # gradient: Adam's learning rate at γ_t = 1
 
 
 def step_size(t: int, power: float, offset: float) -> float:
@@ -55,8 +70,12 @@ class OnlineEM(Backend[OnlineEMOptions]):
     options = OnlineEMOptions
 
     def check(self, model: LatentModel, options: OnlineEMOptions) -> None:
-        needs_closed_form(model, self.name)
-        EM().check(model, EMOptions())  # the posterior mode must exist, as for MAP-EM
+        kind = _m_step_kind(model, options)
+        if kind == "closed_form":
+            needs_closed_form(model, self.name)
+        else:
+            check_gradient_em(model, self.name)
+        EM().check(model, EMOptions(m_step=kind))  # the posterior mode must exist, as for MAP-EM
 
     def total_steps(self, options: OnlineEMOptions, n: int | None = None) -> int | None:
         """Mini-batches over all epochs; unknown without the number of train points ``n``."""
@@ -65,6 +84,8 @@ class OnlineEM(Backend[OnlineEMOptions]):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: OnlineEMOptions, report: Report
     ) -> FitResult:
+        if _m_step_kind(model, options) == "gradient":
+            return self._fit_gradient(model, x, init, options, report)
         assert isinstance(model, ClosedFormEM)
         n = x.shape[0]
         size = min(options.batch_size, n)
@@ -72,41 +93,112 @@ class OnlineEM(Backend[OnlineEMOptions]):
         params: Params = {name: value.to(x) for name, value in init.items()}
         center = model.em_center(x[:size])
         regularization = reg_covar(model, options.reg_covar)
-        # drawn from torch's global generator, so that pyro.set_rng_seed fixes the order
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         stats = None
         run = EMRun(model, self.name, n)
         step = 0
-        for _ in range(options.epochs):
-            order = torch.randperm(n, generator=generator).to(x.device) if options.shuffle else None
-            for start in range(0, n, size):
-                step += 1
-                rows = (
-                    x[start : start + size]
-                    if order is None
-                    else x.index_select(0, order[start : start + size])
-                )
-                prepared = run.prepare(params, center, step)
-                batch = model.new_stats(x)
-                seen = e_step_rows(model, rows, prepared, center, batch, buffer)
-                scale = n / rows.shape[0]
-                gamma = step_size(step, options.step_power, options.step_offset)
-                stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * scale)
-                check_not_empty(
-                    model,
-                    stats,
-                    step,
-                    f"Increase backends.{self.name}.batch_size, lower model.k, or use the em backend, "
-                    "which re-seeds empty components.",
-                )
-                objective = run.objective(seen.log_likelihood, params, step, rows.shape[0], aside=True)
-                params = model.m_step_stats(stats, center, regularization)
-                seconds = run.clock.seconds()
-                log_likelihood = None
-                if step % options.eval_every == 0 or step == last:
-                    with run.clock.aside():
-                        done = run.prepare(params, center, step)
-                        log_likelihood = e_step_rows(model, x, done, center, None, buffer).log_likelihood / n
-                report(StepInfo(step, seconds, objective, log_likelihood))
+        for step, rows in _batches(x, options):
+            prepared = run.prepare(params, center, step)
+            batch = model.new_stats(x)
+            seen = e_step_rows(model, rows, prepared, center, batch, buffer)
+            scale = n / rows.shape[0]
+            gamma = step_size(step, options.step_power, options.step_offset)
+            stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * scale)
+            check_not_empty(
+                model,
+                stats,
+                step,
+                f"Increase backends.{self.name}.batch_size, lower model.k, or use the em backend, "
+                "which re-seeds empty components.",
+            )
+            objective = run.objective(seen.log_likelihood, params, step, rows.shape[0], aside=True)
+            params = model.m_step_stats(stats, center, regularization)
+            seconds = run.clock.seconds()
+            log_likelihood = None
+            if step % options.eval_every == 0 or step == last:
+                with run.clock.aside():
+                    done = run.prepare(params, center, step)
+                    log_likelihood = e_step_rows(model, x, done, center, None, buffer).log_likelihood / n
+            report(StepInfo(step, seconds, objective, log_likelihood))
         return run.result(params, step, converged=True)
+
+    def _fit_gradient(
+        self, model: LatentModel, x: Tensor, init: Params, options: OnlineEMOptions, report: Report
+    ) -> FitResult:
+        """Stochastic gradient EM: an exact E-step per mini-batch, then Adam steps on its Q."""
+        transforms = check_gradient_em(model, self.name)
+        n = x.shape[0]
+        last = options.epochs * math.ceil(n / min(options.batch_size, n))
+        sites = model.to_sites({name: value.to(x) for name, value in init.items()})
+        names = list(sites)
+        free = [transforms[name].inv(sites[name]).detach().clone().requires_grad_(True) for name in names]
+        optimizer = torch.optim.Adam(free, lr=options.m_step_lr)
+        run = EMRun(model, self.name, n)
+
+        def theta() -> Params:
+            return model.from_sites({name: transforms[name](u) for name, u in zip(names, free, strict=True)})
+
+        def current() -> Params:
+            """θ now, apart from the optimizer's variables."""
+            with torch.no_grad():
+                return {name: value.detach().clone() for name, value in theta().items()}
+
+        def log_joint(rows: Tensor, params: Params) -> Tensor:
+            try:
+                return model.log_joint(rows, params)
+            except torch.linalg.LinAlgError:
+                raise run.singular(step, params) from None
+
+        params = current()
+        step = 0
+        for step, rows in _batches(x, options):
+            with torch.no_grad():
+                joint = log_joint(rows, params)
+                log_norm = torch.logsumexp(joint, dim=1, keepdim=True)
+                resp = torch.exp(joint - log_norm)
+            objective = run.objective(
+                float(log_norm.sum(dtype=torch.float64)), params, step, rows.shape[0], aside=True
+            )
+            gamma = step_size(step, options.step_power, options.step_offset)
+            for group in optimizer.param_groups:
+                group["lr"] = options.m_step_lr * gamma
+            for _ in range(options.m_step_iters):
+                optimizer.zero_grad()
+                moving = theta()
+                q = (n / rows.shape[0]) * (resp * log_joint(rows, moving)).sum()
+                if model.has_prior:
+                    q = q + model.log_prior(moving)
+                (-q / n).backward()
+                optimizer.step()
+            params = current()
+            seconds = run.clock.seconds()
+            log_likelihood = None
+            if step % options.eval_every == 0 or step == last:
+                with run.clock.aside(), torch.no_grad():
+                    log_likelihood = float(model.log_likelihood(x, params).sum(dtype=torch.float64)) / n
+            report(StepInfo(step, seconds, objective, log_likelihood))
+        return run.result(params, step, converged=True, m_step="gradient")
+
+
+def _m_step_kind(model: LatentModel, options: OnlineEMOptions) -> Literal["closed_form", "gradient"]:
+    if options.m_step is not None:
+        return options.m_step
+    return "closed_form" if isinstance(model, ClosedFormEM) else "gradient"
+
+
+def _batches(x: Tensor, options: OnlineEMOptions) -> Iterator[tuple[int, Tensor]]:
+    """(t, rows) for mini-batches t = 1, 2, ... over ``epochs`` passes, in a fresh random order
+    each epoch (drawn from torch's global generator, so that pyro.set_rng_seed fixes it) or in
+    file order."""
+    n = x.shape[0]
+    size = min(options.batch_size, n)
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    step = 0
+    for _ in range(options.epochs):
+        order = torch.randperm(n, generator=generator).to(x.device) if options.shuffle else None
+        for start in range(0, n, size):
+            step += 1
+            yield (
+                step,
+                x[start : start + size] if order is None else x.index_select(0, order[start : start + size]),
+            )
