@@ -31,7 +31,17 @@ __all__ = ["BACKEND_NAMES", "DATA_SOURCES", "MODEL_NAMES", "main"]
 # The registries' names, written out so that --help need not import torch; a test keeps them equal.
 BACKEND_NAMES = ("em", "incremental_em", "map", "mcmc", "online_em", "svi", "vb")
 MODEL_NAMES = ("bernoulli_mixture", "gmm", "poisson_mixture", "student_t_mixture")
-DATA_SOURCES = ("synthetic", "csv", "npy", "digits", "digits_binary", "iris", "old_faithful", "wine")
+DATA_SOURCES = (
+    "synthetic",
+    "csv",
+    "npy",
+    "digits",
+    "digits_binary",
+    "iris",
+    "old_faithful",
+    "old_faithful_outliers",
+    "wine",
+)
 
 _DESCRIPTION = f"""\
 Fit a latent-variable model (a Gaussian, Poisson or Bernoulli mixture, or your own) with several

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from .errors import UserError
 from .evaluate import match_components, permute
-from .figures import Experiment, plot_components, plot_traces
+from .figures import Experiment, plot_components, plot_models, plot_traces
 from .models import MODELS, LatentModel
 from .runs import Files, read_summary, write_csv
 
@@ -30,6 +30,7 @@ __all__ = [
     "find_experiments",
     "format_table",
     "load_table",
+    "models_on_same_data",
     "posterior_errors",
 ]
 
@@ -248,11 +249,36 @@ def compare(paths: Sequence[Path], out: Path) -> Comparison:
         table = table.merge(posterior, on=["experiment", "backend"], how="left")
     write_csv(out / Files.COMPARISON, table)
     figures: list[Path] = []
+    read: list[Experiment] = []
     for path in experiments:
         runs = table[(table["experiment_dir"] == str(path)) & (table["status"] == "completed")]
         if runs.empty:
             continue
         experiment = Experiment.read(path, runs)
+        read.append(experiment)
         drawn = [plot_traces(experiment, out), plot_components(experiment, out)]
         figures += [figure for figure in drawn if figure is not None]
+    for name, group in models_on_same_data(read).items():
+        figure = plot_models(group, out / f"{name}-models.png")
+        if figure is not None:
+            figures.append(figure)
     return Comparison(table, figures, skipped)
+
+
+def models_on_same_data(experiments: Sequence[Experiment]) -> dict[str, list[Experiment]]:
+    """Experiments fitting different models to the same data (the same data.json sha256: the
+    same train rows, standardized alike), one per model (the last given: the newest of a sorted
+    folder), by a figure name: the data source, with the data's hash when one source has
+    several. Only data fitted by two or more models are kept."""
+    groups: dict[str, dict[str, Experiment]] = {}
+    for experiment in experiments:
+        digest = experiment.data.get("sha256")
+        model = experiment.model_class
+        if isinstance(digest, str) and model is not None:
+            groups.setdefault(digest, {})[model.name] = experiment
+    kept = {digest: list(by_model.values()) for digest, by_model in groups.items() if len(by_model) > 1}
+    sources = [str(group[0].data.get("source", "data")) for group in kept.values()]
+    return {
+        source if sources.count(source) == 1 else f"{source}-{digest[:8]}": group
+        for source, (digest, group) in zip(sources, kept.items(), strict=True)
+    }

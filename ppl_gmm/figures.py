@@ -42,8 +42,10 @@ __all__ = [
     "ema",
     "is_noisy",
     "matched_colors",
+    "models_figure",
     "objective_kind",
     "plot_components",
+    "plot_models",
     "plot_selection",
     "plot_traces",
     "trace_figure",
@@ -396,29 +398,103 @@ def _ellipse(ax: plt.Axes, mean: np.ndarray, cov: np.ndarray, color: Any) -> Non
         )
 
 
-def _plot_ellipses(experiment: Experiment, panels: list[_Panel], out: Path) -> Path | None:
+def _read_sample(experiment: Experiment) -> np.ndarray | None:
+    """The kept train points (N, D), or None for a run directory from before they were kept or
+    with fewer than two features."""
     try:
         x = load_file(str(experiment.path / Files.SAMPLE))["x"].to(torch.float64).numpy()
-    except (OSError, ValueError, RuntimeError, KeyError):  # a run directory from before the sample was kept
+    except (OSError, ValueError, RuntimeError, KeyError):
         return None
-    if x.shape[1] < 2:
-        return None
-    center = x.mean(0)
-    if x.shape[1] > 2:
-        _, singular, vt = np.linalg.svd(x - center, full_matrices=False)
-        share = singular**2 / (singular**2).sum()
-        basis = vt[:2].T
-        names = [f"PC {i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2)]
-        equal = True  # a rotation: both axes in the units of the (shared-unit) data space
-    else:
-        basis = np.eye(2)
-        names = [experiment.feature_name(0), experiment.feature_name(1)]
+    return x if x.shape[1] >= 2 else None
+
+
+@dataclass(frozen=True)
+class _View:
+    """A 2-D view of the data: points → (points - center) @ basis, axes named ``names``."""
+
+    center: np.ndarray  # (D,)
+    basis: np.ndarray  # (D, 2)
+    names: tuple[str, str]
+    equal: bool  # whether both axes share one unit, so that circles stay round
+
+    @classmethod
+    def of(cls, experiment: Experiment, x: np.ndarray) -> _View:
+        """The two features, or beyond two the first two principal components of ``x``."""
+        center = x.mean(0)
+        if x.shape[1] > 2:
+            _, singular, vt = np.linalg.svd(x - center, full_matrices=False)
+            share = singular**2 / (singular**2).sum()
+            names = tuple(f"PC {i + 1} ({100 * share[i]:.0f}% of variance)" for i in range(2))
+            # a rotation: both axes in the units of the (shared-unit) data space
+            return cls(center, vt[:2].T, (names[0], names[1]), True)
         equal = experiment.standardized or experiment.data.get("source") == "synthetic"
-    points = (x - center) @ basis
+        return cls(center, np.eye(2), (experiment.feature_name(0), experiment.feature_name(1)), equal)
+
+    def points(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.center) @ self.basis
+
+    def gaussians(self, params: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Component means (K, 2) and covariance (or scale) matrices (K, 2, 2) in the view."""
+        means = self.points(params["means"].numpy())
+        return means, self.basis.T @ params["covariances"].numpy() @ self.basis
+
+
+def _draw_panel(
+    ax: plt.Axes,
+    points: np.ndarray,
+    hard: np.ndarray | None,
+    gaussians: tuple[np.ndarray, np.ndarray],
+    colors: np.ndarray,
+    marker: tuple[float, float],
+) -> None:
+    """Points (coloured by ``colors[hard]`` when known), and each component's mean and its 1σ and
+    2σ contours; the view set by the points, not by a degenerate component's huge ellipse.
+    marker: the points' size and opacity."""
+    size, alpha = marker
+    if hard is None:
+        ax.scatter(points[:, 0], points[:, 1], s=size, c="0.6", alpha=alpha, linewidths=0, rasterized=True)
+    else:
+        shade = [component_color(c) for c in colors[hard]]
+        ax.scatter(points[:, 0], points[:, 1], s=size, c=shade, alpha=alpha, linewidths=0, rasterized=True)
+    for k, (mean, cov) in enumerate(zip(*gaussians, strict=True)):
+        color = component_color(int(colors[k]))
+        _ellipse(ax, mean, cov, color)
+        ax.plot(*mean, "X", color=color, ms=9, mec="white", mew=1.0)
+    low, high = points.min(0), points.max(0)
+    pad = 0.08 * (high - low) + 1e-9
+    ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+    ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+    ax.grid(alpha=0.2)
+
+
+def _legend_handles(painted: bool, colors: set[int], contour: str = "") -> list[Any]:
+    return [
+        Line2D([], [], marker="X", color="0.2", mec="white", ls="", ms=9, label="component mean"),
+        Line2D([], [], color="0.2", lw=1.6, label=f"1σ contour{contour}"),
+        Line2D([], [], color="0.2", lw=1.6, ls="--", label=f"2σ contour{contour}"),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            color="0.5",
+            ls="",
+            ms=4,
+            label="train points, coloured by\nmost probable component" if painted else "train points",
+        ),
+        *(Patch(color=component_color(c), label=f"component {c + 1}") for c in sorted(colors)),
+    ]
+
+
+def _plot_ellipses(experiment: Experiment, panels: list[_Panel], out: Path) -> Path | None:
+    x = _read_sample(experiment)
+    if x is None:
+        return None
+    view = _View.of(experiment, x)
+    points = view.points(x)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     spread = np.ptp(points, axis=0) + 1e-12
-    width = float(np.clip(3.6 * spread[0] / spread[1], 3.0, 5.5)) if equal else 4.2
+    width = float(np.clip(3.6 * spread[0] / spread[1], 3.0, 5.5)) if view.equal else 4.2
     figure, axes = plt.subplots(
         nrows,
         ncols,
@@ -431,52 +507,19 @@ def _plot_ellipses(experiment: Experiment, panels: list[_Panel], out: Path) -> P
     painted = False
     for ax, panel in zip(axes.flat, panels, strict=False):
         hard = _assignments(experiment, x, panel.params)
-        if hard is None:
-            ax.scatter(points[:, 0], points[:, 1], s=4, c="0.6", alpha=0.5, linewidths=0, rasterized=True)
-        else:
-            painted = True
-            shade = [component_color(c) for c in panel.colors[hard]]
-            ax.scatter(points[:, 0], points[:, 1], s=4, c=shade, alpha=0.35, linewidths=0, rasterized=True)
-        means = (panel.params["means"].numpy() - center) @ basis
-        covs = basis.T @ panel.params["covariances"].numpy() @ basis
-        for k, (mean, cov) in enumerate(zip(means, covs, strict=True)):
-            color = component_color(int(panel.colors[k]))
-            _ellipse(ax, mean, cov, color)
-            ax.plot(*mean, "X", color=color, ms=9, mec="white", mew=1.0)
+        painted |= hard is not None
+        _draw_panel(ax, points, hard, view.gaussians(panel.params), panel.colors, (4.0, 0.35))
         ax.set_title(panel.title, fontsize=10)
-        # the data set the view: a degenerate component's huge ellipse must not shrink the points
-        low, high = points.min(0), points.max(0)
-        pad = 0.08 * (high - low) + 1e-9
-        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
-        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
-        if equal:
+        if view.equal:
             ax.set_aspect("equal", adjustable="box")
-        ax.grid(alpha=0.2)
     for ax in axes.flat:
-        ax.set_xlabel(names[0])
-        ax.set_ylabel(names[1])
+        ax.set_xlabel(view.names[0])
+        ax.set_ylabel(view.names[1])
         ax.label_outer()
     spare = list(axes.flat[len(panels) :])
     for ax in spare:
         ax.axis("off")
-    handles = [
-        Line2D([], [], marker="X", color="0.2", mec="white", ls="", ms=9, label="component mean"),
-        Line2D([], [], color="0.2", lw=1.6, label="1σ contour"),
-        Line2D([], [], color="0.2", lw=1.6, ls="--", label="2σ contour"),
-        Line2D(
-            [],
-            [],
-            marker="o",
-            color="0.5",
-            ls="",
-            ms=4,
-            label="train points, coloured by\nmost probable component" if painted else "train points",
-        ),
-        *(
-            Patch(color=component_color(c), label=f"component {c + 1}")
-            for c in sorted({int(c) for p in panels for c in p.colors})
-        ),
-    ]
+    handles = _legend_handles(painted, {int(c) for p in panels for c in p.colors})
     if spare:
         spare[0].legend(handles=handles, loc="center", frameon=False, title="colour = matched component")
     else:
@@ -529,6 +572,125 @@ def _plot_heatmaps(experiment: Experiment, panels: list[_Panel], pivot: str, out
     )
     figure.suptitle(f"{experiment.path.name}: fitted components ({pivot})")
     return _save(figure, out / f"{experiment.path.name}-components.png")
+
+
+# ---- models side by side ---------------------------------------------------------------------
+
+
+def _model_run(experiment: Experiment) -> pd.Series | None:
+    """The run that stands for an experiment's model: its em run, else its best backend by train
+    log-likelihood."""
+    runs = experiment.runs
+    em = runs[runs["backend"] == "em"]
+    if len(em):
+        return em.iloc[0]
+    if "train_log_likelihood" not in runs.columns:
+        return None
+    scores = pd.to_numeric(runs["train_log_likelihood"], errors="coerce")
+    return None if scores.isna().all() else runs.loc[scores.idxmax()]
+
+
+def _data_view(experiment: Experiment, x: np.ndarray) -> _View:
+    """``_View.of``, but two standardized features are shown in the data's own units, by the
+    standardization data.json records: x · scale + center = (x + center / scale) @ diag(scale)."""
+    standardization = experiment.data.get("standardization")
+    names = experiment.data.get("feature_names")
+    if x.shape[1] != 2 or not isinstance(standardization, dict) or not isinstance(names, list):
+        return _View.of(experiment, x)
+    scale = np.asarray(standardization["scale"], dtype=np.float64)
+    center = np.asarray(standardization["center"], dtype=np.float64)
+    return _View(-center / scale, np.diag(scale), (str(names[0]), str(names[1])), False)
+
+
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def _by_color(colors: np.ndarray) -> list[tuple[int, int]]:
+    """(component index, colour index) pairs, in colour order (the legend's)."""
+    return [(int(k), int(colors[k])) for k in np.argsort(colors, kind="stable")]
+
+
+def _model_title(model: str, row: pd.Series, params: Mapping[str, torch.Tensor], colors: np.ndarray) -> str:
+    estimate = _ESTIMATES.get(str(row.get("point_estimate")), "")
+    lines = [f"{model}: {row['backend']}{estimate}"]
+    ll = _number(row.get("train_log_likelihood"))
+    if ll is not None:
+        lines.append(f"train log-lik. {ll:.4g} per point")
+    if "dofs" in params:  # a t: its ellipses are scale matrices, and its tails have a ν each
+        dofs = ", ".join(
+            f"ν{str(c + 1).translate(_SUBSCRIPT)} = {float(params['dofs'][k]):.3g}"
+            for k, c in _by_color(colors)
+        )
+        lines.append(f"{dofs}; ellipses: scale matrices Σ_k")
+    else:
+        lines.append("ellipses: covariances")
+    return "\n".join(lines)
+
+
+def models_figure(experiments: Sequence[Experiment]) -> plt.Figure | None:
+    """One panel per experiment, each a different model fitted to the same data: its em run (else
+    its best backend) as the points coloured by their most probable component and each
+    component's mean and 1σ / 2σ contours (of the covariance, or for a model with degrees of
+    freedom, such as student_t_mixture, of the scale matrix Σ_k). Components are coloured as the
+    first panel's (largest weight first) they are matched to by mean. Two standardized features
+    are shown in the data's own units; beyond two, the first two principal components."""
+    loaded = []
+    for experiment in experiments:
+        row, x, model = _model_run(experiment), _read_sample(experiment), experiment.model_class
+        if row is None or x is None or model is None:
+            continue
+        try:
+            params = {
+                k: v.to(torch.float64) for k, v in load_file(str(Path(row["path"]) / Files.PARAMS)).items()
+            }
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if "means" in params and "covariances" in params:
+            loaded.append((experiment, model.name, row, x, params))
+    if len(loaded) < 2:
+        return None
+    first = loaded[0][4]
+    order = (
+        np.argsort(-first["weights"].numpy(), kind="stable")
+        if "weights" in first
+        else np.arange(first["means"].shape[0])
+    )
+    view = _data_view(loaded[0][0], loaded[0][3])
+    figure, axes = plt.subplots(
+        1,
+        len(loaded),
+        figsize=(4.9 * len(loaded), 5.2),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    shown: set[int] = set()
+    painted = True
+    for ax, (experiment, name, row, x, params) in zip(axes[0], loaded, strict=True):
+        colors = matched_colors(first["means"].numpy()[order], params["means"].numpy())
+        shown |= {int(c) for c in colors}
+        hard = _assignments(experiment, x, params)
+        painted &= hard is not None
+        _draw_panel(ax, view.points(x), hard, view.gaussians(params), colors, (12.0, 0.7))
+        ax.set_title(_model_title(name, row, params, colors), fontsize=10)
+        ax.set_xlabel(view.names[0])
+        ax.set_ylabel(view.names[1])
+        ax.label_outer()
+    handles = _legend_handles(painted, shown)
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False, fontsize=9)
+    data = loaded[0][0].data
+    source = str(data.get("source", loaded[0][0].path.name))
+    n = data.get("n_train")
+    points = f", {n} train points" if isinstance(n, int) else ""
+    figure.suptitle(f"{source}{points}: the same data, one panel per model")
+    return figure
+
+
+def plot_models(experiments: Sequence[Experiment], path: Path) -> Path | None:
+    """``models_figure`` saved as ``path``."""
+    figure = models_figure(experiments)
+    return None if figure is None else _save(figure, path)
 
 
 # ---- model selection -------------------------------------------------------------------------
