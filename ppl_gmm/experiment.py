@@ -193,8 +193,8 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     init_cfg = _model_fields(cfg.init, model_cls, "init")
     if cfg.data.standardize and not model_cls.standardizable:
         raise UserError(
-            f"data.standardize: model {model_cls.name!r} needs the data's own values (counts or "
-            "binary), which z-scores would change. Set data.standardize: false."
+            f"data.standardize: model {model_cls.name!r} needs the data's own values (its support is "
+            "not the real line), which z-scores would change. Set data.standardize: false."
         )
     if data is None:
         try:

@@ -31,7 +31,14 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-for _entry in entry_points(group=ENTRY_POINT_GROUP):
-    _model = _entry.load()
-    if isinstance(_model, type) and issubclass(_model, LatentModel) and _model.name not in MODELS:
-        MODELS.register(_model.name)(_model)
+
+def _load_entry_points() -> None:
+    """Register the models of other packages (the entry-point group ``ppl_gmm.models``): at the
+    registry's first lookup, so that such a module may import ``ppl_gmm.models`` itself."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        model = entry.load()
+        if isinstance(model, type) and issubclass(model, LatentModel) and model.name not in MODELS:
+            MODELS.register(model.name)(model)
+
+
+MODELS.loader = _load_entry_points
