@@ -79,11 +79,11 @@ def test_nuts_matches_the_grid_posterior_of_two_means() -> None:
 
     start = {"locs": torch.tensor([[-1.0], [1.0]], dtype=torch.float64)}
     # jit only for speed: the traced potential is the same function (the backend test runs without)
-    options = MCMCOptions(num_samples=1000, warmup_steps=500, num_chains=2, jit_compile=True)
+    options = MCMCOptions(num_samples=500, warmup_steps=300, num_chains=2, jit_compile=True)
     chains = run_nuts(conditioned, x, start, options, model.max_plate_nesting)
     assert set(chains.samples) == {"locs"}
     locs = chains.samples["locs"][..., 0]  # (chains, draws, 2)
-    assert locs.shape == (2, 1000, 2)
+    assert locs.shape == (2, 500, 2)
     assert bool((locs[..., 0] < locs[..., 1]).all())  # never switched: the same region as the grid
 
     r_hat, ess_min = convergence({"locs": locs})
