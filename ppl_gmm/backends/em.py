@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from pydantic import Field
@@ -28,6 +28,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import BACKENDS, Backend, Clock, FitError, FitResult, Report, StepInfo
+from .baum_welch import SequentialEM, baum_welch
 from .gem import GEMOptions, check_gradient_em, fit_gradient, m_step_kind
 
 __all__ = [
@@ -200,6 +201,14 @@ class EM(Backend[EMOptions]):
     options = EMOptions
 
     def check(self, model: LatentModel, options: EMOptions) -> None:
+        if model.sequential:
+            if options.m_step not in (None, "closed_form"):
+                raise UserError(
+                    f"backends.{self.name}.m_step: model {model.name!r} is fitted by Baum–Welch, its "
+                    f"closed-form EM; found m_step: {options.m_step}. Leave m_step unset."
+                )
+            model.check_mode("MAP-EM")
+            return
         kind = m_step_kind(model, options)
         if kind != "closed_form":
             check_gradient_em(model, self.name, kind)  # reg_covar (gmm) is the closed form's alone: unused
@@ -221,6 +230,17 @@ class EM(Backend[EMOptions]):
     def fit(
         self, model: LatentModel, x: Tensor, init: Params, options: EMOptions, report: Report
     ) -> FitResult:
+        if model.sequential:
+            run = EMRun(model, self.name, x.shape[0], options.tol)
+            return baum_welch(
+                cast(SequentialEM, model),
+                x,
+                init,
+                options.max_iter,
+                reg_covar(model, options.reg_covar),
+                run,
+                report,
+            )
         if m_step_kind(model, options) != "closed_form":
             run = EMRun(model, self.name, x.shape[0], options.tol)
             return fit_gradient(model, x, init, options, options.max_iter, run, report)

@@ -69,6 +69,9 @@ class LatentModel(ABC):
     # whether z-scored data are still data of the model (not for counts or binary values)
     standardizable: ClassVar[bool] = True
     max_plate_nesting: ClassVar[int] = 1
+    # whether the data are sequences whose latent states depend on each other (a hidden Markov
+    # model): rows are not independent, and backends that treat them so refuse the model
+    sequential: ClassVar[bool] = False
 
     k: int
     dim: int

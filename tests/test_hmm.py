@@ -1,0 +1,149 @@
+"""The Gaussian hidden Markov model: its forward–backward recursions and Baum–Welch EM against
+hmmlearn 0.3, and its log density against Pyro's enumeration of its own declaration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hmmlearn import hmm
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from scipy.stats import multivariate_normal
+
+from ppl_gmm.backends.em import EM, EMOptions
+from ppl_gmm.models.gmm import GMMHyperparameters, _default_prior
+from ppl_gmm.models.hmm import GaussianHMM
+
+LENGTHS = np.array([60, 7, 1, 90, 33, 2])  # unequal, one of length 1
+COVARIANCE_TYPES = ["full", "diag", "spherical", "tied"]
+
+
+def _reference(covariance: str, k: int = 3, dim: int = 2, seed: int = 0) -> hmm.GaussianHMM:
+    """hmmlearn's GaussianHMM at a random θ of the covariance type, its priors and covariance
+    floor switched off, fitting every parameter from the current one (no initialization)."""
+    rng = np.random.default_rng(seed)
+    reference = hmm.GaussianHMM(
+        k,
+        covariance_type=covariance,
+        min_covar=0.0,
+        covars_prior=0.0,
+        covars_weight=0.0,
+        means_weight=0.0,
+        startprob_prior=1.0,
+        transmat_prior=1.0,
+        init_params="",
+        params="stmc",
+        n_iter=1,
+        tol=-np.inf,
+        implementation="log",
+    )
+    reference.n_features = dim
+    reference.startprob_ = rng.dirichlet(np.ones(k) * 3)
+    reference.transmat_ = 0.6 * np.eye(k) + 0.4 * rng.dirichlet(np.ones(k), size=k)
+    reference.means_ = rng.normal(0, 3, (k, dim))
+    a = rng.normal(size=(k, dim, dim))
+    full = a @ a.transpose(0, 2, 1) + np.eye(dim)
+    reference.covars_ = {
+        "full": full,
+        "diag": np.diagonal(full, axis1=1, axis2=2).copy(),
+        "spherical": np.diagonal(full, axis1=1, axis2=2).mean(1),
+        "tied": full[0],
+    }[covariance]
+    return reference
+
+
+def _params(reference: hmm.GaussianHMM) -> dict[str, torch.Tensor]:
+    """hmmlearn's θ as the model's tensors (full covariance matrices whatever the type)."""
+    return {
+        "start": torch.from_numpy(reference.startprob_.copy()),
+        "transitions": torch.from_numpy(reference.transmat_.copy()),
+        "means": torch.from_numpy(reference.means_.copy()),
+        "covariances": torch.from_numpy(_full_covariances(reference)),
+    }
+
+
+def _full_covariances(reference: hmm.GaussianHMM) -> np.ndarray:
+    """hmmlearn's covariances as (K, D, D) matrices. Its ``covars_`` gives them, except for the
+    spherical type after a fit, whose M-step stores each variance D times, (K, D)."""
+    if reference.covariance_type == "spherical":
+        variances = np.asarray(reference._covars_).reshape(reference.n_components, -1)[:, 0]
+        return variances[:, None, None] * np.eye(reference.n_features)
+    return reference.covars_.copy()
+
+
+def _data(reference: hmm.GaussianHMM, seed: int = 1) -> torch.Tensor:
+    x, _ = reference.sample(int(LENGTHS.sum()), random_state=seed)
+    return torch.from_numpy(x)
+
+
+def test_forward_backward_agrees_with_hmmlearn() -> None:
+    reference = _reference("full")
+    x = _data(reference)
+    model = GaussianHMM(3, 2, "full", None).bind(LENGTHS)
+    params = _params(reference)
+    estep = model.e_step(x, params)
+    assert estep.log_likelihood == pytest.approx(reference.score(x.numpy(), LENGTHS), abs=1e-9)
+    assert float(model.log_likelihood(x, params).sum()) == pytest.approx(estep.log_likelihood, abs=1e-9)
+    np.testing.assert_allclose(
+        estep.posteriors.numpy(), reference.predict_proba(x.numpy(), LENGTHS), atol=1e-10
+    )
+    np.testing.assert_array_equal(
+        model.most_probable_states(x, params).numpy(), reference.predict(x.numpy(), LENGTHS)
+    )
+    # the expected counts, from hmmlearn's own accumulation per sequence
+    stats = reference._initialize_sufficient_statistics()
+    for start, stop in zip(np.cumsum(LENGTHS) - LENGTHS, np.cumsum(LENGTHS), strict=True):
+        rows = x.numpy()[start:stop]
+        lattice, _, posteriors, forward, backward = reference._fit_log(rows)
+        reference._accumulate_sufficient_statistics(stats, rows, lattice, posteriors, forward, backward)
+    np.testing.assert_allclose(estep.transitions.numpy(), stats["trans"], atol=1e-9)
+    np.testing.assert_allclose(estep.first.numpy(), stats["start"], atol=1e-12)
+    # each row's one-step predictive density: for a sequence's first row, the mixture at start
+    first = np.cumsum(LENGTHS) - LENGTHS
+    mixture = sum(
+        reference.startprob_[k]
+        * multivariate_normal(reference.means_[k], reference.covars_[k]).pdf(x.numpy()[first])
+        for k in range(3)
+    )
+    np.testing.assert_allclose(model.log_likelihood(x, params).numpy()[first], np.log(mixture), atol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", COVARIANCE_TYPES)
+@pytest.mark.parametrize("prior", ["none", "conjugate"])
+def test_log_density_equals_pyro_enumeration_of_the_declaration(covariance: str, prior: str) -> None:
+    reference = _reference(covariance, seed=2)
+    x = _data(reference, seed=3)
+    gaussian_prior = None
+    if prior == "conjugate":
+        gaussian_prior = _default_prior(GMMHyperparameters(), covariance, 3, x)
+    model = GaussianHMM(3, 2, covariance, gaussian_prior, 1.5, 2.0).bind(LENGTHS)
+    params = _params(reference)
+    conditioned = poutine.condition(model.model, data=model.to_sites(params))
+    # every global site observed: -loss = log p(x | θ) + log p(θ), the states summed out by Pyro
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(conditioned, lambda x: None, x)
+    expected = model.e_step(x, params, posteriors=False).log_likelihood + float(model.log_prior(params))
+    assert -float(loss) == pytest.approx(expected, abs=1e-8)
+    if prior == "conjugate":
+        assert abs(float(model.log_prior(params))) > 1.0  # the prior's terms are in both
+
+
+@pytest.mark.parametrize("covariance", COVARIANCE_TYPES)
+def test_baum_welch_agrees_with_hmmlearn_step_by_step(covariance: str) -> None:
+    reference = _reference(covariance, seed=4)
+    x = _data(reference, seed=5)
+    model = GaussianHMM(3, 2, covariance, None).bind(LENGTHS)
+    start = _params(reference)
+    steps: list = []
+    result = EM().fit(model, x, start, EMOptions(max_iter=25, tol=0.0, reg_covar=0.0), steps.append)
+    ours = np.array([step.log_likelihood for step in steps])
+    expected = []
+    for iteration in range(26):
+        expected.append(reference.score(x.numpy(), LENGTHS) / len(x))
+        if iteration < 25:
+            reference.fit(x.numpy(), LENGTHS)  # one EM iteration from the current θ
+    # hmmlearn adds 1e-7 to covariance diagonals when it evaluates densities: agreement to ~1e-7
+    np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
+    assert np.all(np.diff(ours) >= -1e-12)  # never decreases
+    for name, value in _params(reference).items():  # θ after 25 iterations
+        np.testing.assert_allclose(result.params[name].numpy(), value.numpy(), atol=1e-5, err_msg=name)
