@@ -40,6 +40,9 @@ class DataConfig(Strict):
     separation: float = Field(4.0, gt=0, le=1e6)  # synthetic: minimal distance between true means
     path: str | None = None  # csv / npy: the file
     label_column: str | None = None  # csv: true labels, kept out of the features
+    # sequences (e.g. for hidden Markov models); null: the rows are independent points
+    sequence_column: str | None = None  # csv: rows with the same value form one sequence, in file order
+    lengths_path: str | None = None  # npy: one integer length per sequence, in row order (.npy or text)
     standardize: bool = False  # z-score with the train split's statistics
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # 0 = no test split
 

@@ -1,5 +1,8 @@
 """Data: synthetic mixtures with known truth, CSV and .npy files, built-in sets; split, standardize.
 
+Rows are independent points, or, with ``data.sequence_column`` (CSV) or ``data.lengths_path``
+(.npy), consecutive runs of rows form sequences, which the split keeps whole.
+
 Everything is checked here, once: a bad file or value becomes a one-line ``UserError``.
 """
 
@@ -19,7 +22,7 @@ from torch import Tensor
 from .config import DataConfig
 from .errors import UserError
 
-__all__ = ["BUILTIN", "Checker", "Dataset", "Simulator", "load_data", "sha256_of"]
+__all__ = ["BUILTIN", "Checker", "Dataset", "Simulator", "check_sequence_lengths", "load_data", "sha256_of"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Dataset:
     train: (N, D); test: (M, D) or None; *_labels: (N,) / (M,) int arrays or None;
     truth: the generating parameters of synthetic data (weights, means, covariances) or None;
     center, scale: (D,) the train split's statistics when standardized (x - center) / scale, or None.
+    train_lengths: (S,) / test_lengths: (T,) int64 rows per sequence, in row order (as hmmlearn's
+    ``lengths``; each sequence's rows are contiguous), or None: the rows are independent points.
     """
 
     source: str
@@ -40,6 +45,8 @@ class Dataset:
     truth: dict[str, Tensor] | None = None
     center: tuple[float, ...] | None = None
     scale: tuple[float, ...] | None = None
+    train_lengths: np.ndarray | None = None
+    test_lengths: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -57,23 +64,51 @@ class Dataset:
             "dim": self.dim,
             "has_labels": self.has_labels,
             "feature_names": list(self.feature_names),
-            "sha256": sha256_of(self.train),
+            "sha256": sha256_of(self.train, self.train_lengths),
             # what new data need to be scored by this run's fits (ppl-gmm assign)
             "standardization": None
             if self.center is None
             else {"center": list(self.center), "scale": list(self.scale or ())},
+            **self._describe_sequences(),
+        }
+
+    def _describe_sequences(self) -> dict[str, int | None]:
+        lengths = self.train_lengths
+        if lengths is None:
+            return dict.fromkeys(["n_sequences_train", "n_sequences_test", "min_length", "max_length"])
+        return {
+            "n_sequences_train": int(lengths.size),
+            "n_sequences_test": 0 if self.test_lengths is None else int(self.test_lengths.size),
+            "min_length": int(lengths.min()),  # of the train sequences
+            "max_length": int(lengths.max()),
         }
 
 
 HASH_ROWS = 1 << 16  # rows hashed (and checked) at a time: no full-size temporaries
 
 
-def sha256_of(x: Tensor) -> str:
-    """SHA-256 of the data as C-ordered float64 bytes, computed a chunk of rows at a time."""
+def sha256_of(x: Tensor, lengths: np.ndarray | None = None) -> str:
+    """SHA-256 of the data as C-ordered float64 bytes, computed a chunk of rows at a time, then of
+    the sequence lengths as little-endian int64 when there are sequences (so that the same rows
+    cut differently hash differently, and data without sequences hash as the rows alone)."""
     digest = hashlib.sha256()
     for rows in x.split(HASH_ROWS):
         digest.update(np.ascontiguousarray(rows.numpy(), dtype=np.float64).data)
+    if lengths is not None:
+        digest.update(b"lengths")
+        digest.update(np.ascontiguousarray(lengths, dtype="<i8").data)
     return digest.hexdigest()
+
+
+def check_sequence_lengths(lengths: np.ndarray, minimum: int, reason: str) -> None:
+    """Raise ``UserError`` if a sequence has fewer than ``minimum`` rows; ``reason`` says who needs
+    them, e.g. "the transitions of model 'gaussian_hmm' need 2 rows per sequence"."""
+    short = np.flatnonzero(lengths < minimum)
+    if short.size:
+        raise UserError(
+            f"data: {short.size} of the {lengths.size} train sequences have fewer than {minimum} rows "
+            f"(the shortest has {int(lengths.min())}); {reason}. Drop or merge the short sequences."
+        )
 
 
 Simulator = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray, dict[str, Tensor]]]
@@ -144,7 +179,7 @@ def _need_path(cfg: DataConfig) -> Path:
     return path
 
 
-def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None]:
     path = _need_path(cfg)
     try:
         frame = pd.read_csv(path)
@@ -166,6 +201,7 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
                 f"in {_row(int(missing[0]), 'csv')}. Fill them in, or set data.label_column: null."
             )
         labels = pd.factorize(column, sort=True)[0]
+    lengths = None if cfg.sequence_column is None else _sequence_lengths(frame, cfg.sequence_column, path)
     if frame.shape[1] == 0:
         raise UserError(f"{path}: no feature columns.")
     for name in frame.columns:
@@ -174,10 +210,38 @@ def _read_csv(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
                 f"{path}: column {name!r} is not numeric. Drop it, or name it in data.label_column."
             )
     # a writable copy: pandas hands out read-only views, which torch warns about
-    return frame.to_numpy(dtype=np.float64, copy=True), labels, [str(c) for c in frame.columns]
+    return frame.to_numpy(dtype=np.float64, copy=True), labels, [str(c) for c in frame.columns], lengths
 
 
-def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def _sequence_lengths(frame: pd.DataFrame, name: str, path: Path) -> np.ndarray:
+    """Pops the sequence column off ``frame``; the rows of each of its values, which must be
+    contiguous, form one sequence. Returns (S,) int64 lengths in row order."""
+    if name not in frame.columns:
+        raise UserError(
+            f"data.sequence_column: {path} has no column {name!r}; "
+            f"its columns are {', '.join(map(str, frame.columns))}."
+        )
+    column = frame.pop(name)
+    missing = np.flatnonzero(column.isna().to_numpy())
+    if missing.size:
+        raise UserError(
+            f"{path}: column {name!r} has {missing.size} missing sequence value(s), the first in "
+            f"{_row(int(missing[0]), 'csv')}. Give every row the sequence it belongs to."
+        )
+    codes, values = pd.factorize(column, sort=False)  # codes count sequences in order of appearance
+    back = np.flatnonzero(np.diff(codes) < 0)
+    if back.size:
+        row = int(back[0]) + 1
+        raise UserError(
+            f"{path}: column {name!r}: sequence {values.tolist()[codes[row]]!r} reappears in "
+            f"{_row(row, 'csv')} after other sequences; the rows of a sequence must be contiguous. "
+            f"Sort the rows by {name!r} (keeping each sequence's order), or give each run its own value."
+        )
+    starts = np.flatnonzero(np.diff(codes)) + 1
+    return np.diff(np.concatenate([[0], starts, [codes.size]])).astype(np.int64)
+
+
+def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None]:
     path = _need_path(cfg)
     if cfg.label_column is not None:
         raise UserError("data.label_column: only CSV files have named columns; set it to null.")
@@ -195,7 +259,61 @@ def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
         raise UserError(f"{path}: expected a 2-D array (points × features), but found shape {array.shape}.")
     if array.shape[1] == 0:
         raise UserError(f"{path}: no feature columns (shape {array.shape}).")
-    return np.asarray(array, dtype=np.float64), None, [f"x{j}" for j in range(array.shape[1])]
+    lengths = (
+        None if cfg.lengths_path is None else _read_lengths(Path(cfg.lengths_path), array.shape[0], path)
+    )
+    return np.asarray(array, dtype=np.float64), None, [f"x{j}" for j in range(array.shape[1])], lengths
+
+
+def _read_lengths(path: Path, n_rows: int, data_path: Path) -> np.ndarray:
+    """(S,) int64 sequence lengths from a .npy file or a text file of one integer per line,
+    checked: each at least 1, summing to the data's ``n_rows``."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise UserError(f"data.lengths_path: {what}: {path}.")
+    try:
+        with path.open("rb") as handle:
+            is_npy = handle.read(6) == b"\x93NUMPY"
+        lengths = np.load(path, allow_pickle=False) if is_npy else _read_lengths_text(path)
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read as sequence lengths ({exc}).") from None
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise UserError(
+            f"data.lengths_path: expected a 1-D array of integers (one length per sequence), but {path} "
+            f"holds shape {lengths.shape} of dtype {lengths.dtype}."
+        )
+    bad = np.flatnonzero(lengths <= 0)
+    if bad.size:
+        i = int(bad[0])
+        raise UserError(
+            f"{path}: every sequence length must be at least 1, but entry {i + 1} (counted from 1) "
+            f"is {int(lengths[i])}."
+        )
+    # exact even where an int64 sum would overflow
+    big = lengths.size > 0 and lengths.size * int(lengths.max()) >= 2**63
+    total = int(lengths.sum(dtype=object)) if big else int(lengths.sum(dtype=np.int64))
+    if total != n_rows:
+        raise UserError(
+            f"{path}: the sequence lengths sum to {total}, but {data_path} has {n_rows} rows; "
+            "they must be equal."
+        )
+    return lengths.astype(np.int64)
+
+
+def _read_lengths_text(path: Path) -> np.ndarray:
+    values = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            values.append(int(line))
+        except ValueError:
+            raise UserError(
+                f"{path}: line {number} is {line.strip()!r}, not an integer; "
+                "expected one sequence length per line."
+            ) from None
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise UserError(f"{path}: a sequence length does not fit in 64 bits.") from None
 
 
 def load_data(
@@ -203,18 +321,20 @@ def load_data(
 ) -> Dataset:
     """Load or draw the data, check it (``check``: against the model's support), split it and
     optionally standardize it. ``simulate`` draws synthetic data."""
+    _check_sequence_fields(cfg)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     truth = None
     labels: np.ndarray | None
+    lengths: np.ndarray | None = None
     if cfg.source == "synthetic":
         if simulate is None:
             raise UserError("data.source: synthetic data are drawn from a model, and none was given.")
         x, labels, truth = simulate(cfg.n, rng)
         names = [f"x{j}" for j in range(cfg.dim)]
     elif cfg.source == "csv":
-        x, labels, names = _read_csv(cfg)
+        x, labels, names, lengths = _read_csv(cfg)
     elif cfg.source == "npy":
-        x, labels, names = _read_npy(cfg)
+        x, labels, names, lengths = _read_npy(cfg)
     elif cfg.source in BUILTIN:
         x, labels, names = BUILTIN[cfg.source]()
     else:
@@ -225,17 +345,21 @@ def load_data(
     if check is not None:
         check(x, str(where))
 
-    order = rng.permutation(x.shape[0])
-    n_test = int(round(cfg.test_fraction * x.shape[0])) if cfg.test_fraction > 0 else 0
-    if cfg.test_fraction > 0:
-        n_test = max(n_test, 1)
-    n_train = x.shape[0] - n_test
-    if n_train < 2:
-        raise UserError(
-            f"data.test_fraction: {where} has {x.shape[0]} points, which leaves {n_train} for "
-            "training; at least 2 are needed. Lower data.test_fraction or use more data."
-        )
-    train_idx, test_idx = np.sort(order[:n_train]), np.sort(order[n_train:])
+    train_lengths = test_lengths = None
+    if lengths is None:
+        train_idx, test_idx = _split(x.shape[0], cfg.test_fraction, rng, where, "points", 2)
+    else:
+        seq_train, seq_test = _split(lengths.size, cfg.test_fraction, rng, where, "sequences", 1)
+        starts = np.cumsum(lengths) - lengths
+        train_idx, test_idx = _rows_of(starts, lengths, seq_train), _rows_of(starts, lengths, seq_test)
+        train_lengths = lengths[seq_train]
+        test_lengths = lengths[seq_test] if seq_test.size else None
+        if train_idx.size < 2:
+            raise UserError(
+                f"data.test_fraction: the {seq_train.size} train sequence(s) of {where} have "
+                f"{train_idx.size} row(s); at least 2 are needed. Lower data.test_fraction or use more data."
+            )
+    n_test = test_idx.size
     # without a test split the train rows are all rows in order: a memory-mapped file stays mapped
     train, test = (x[train_idx], x[test_idx]) if n_test else (x, None)
     center = scale = None
@@ -262,7 +386,55 @@ def load_data(
         truth=truth,
         center=None if center is None else tuple(center.tolist()),
         scale=None if scale is None else tuple(scale.tolist()),
+        train_lengths=train_lengths,
+        test_lengths=test_lengths,
     )
+
+
+def _check_sequence_fields(cfg: DataConfig) -> None:
+    if cfg.sequence_column is not None and cfg.source != "csv":
+        fix = "give the lengths in data.lengths_path" if cfg.source == "npy" else "set it to null"
+        raise UserError(
+            f"data.sequence_column: expected null with data.source {cfg.source!r} (only CSV files have "
+            f"named columns), but found {cfg.sequence_column!r}. Try: {fix}."
+        )
+    if cfg.lengths_path is not None and cfg.source != "npy":
+        fix = "name the sequence column in data.sequence_column" if cfg.source == "csv" else "set it to null"
+        raise UserError(
+            f"data.lengths_path: expected null with data.source {cfg.source!r} (lengths cut .npy rows "
+            f"into sequences), but found {cfg.lengths_path!r}. Try: {fix}."
+        )
+    if cfg.sequence_column is not None and cfg.sequence_column == cfg.label_column:
+        raise UserError(
+            f"data.sequence_column: {cfg.sequence_column!r} is also data.label_column; a column holds "
+            "either the sequences or the true labels."
+        )
+
+
+def _split(
+    n: int, test_fraction: float, rng: np.random.Generator, where: object, what: str, least: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded partition of ``n`` items (points or sequences) into sorted train and test indices:
+    round(test_fraction · n) test items, at least one when test_fraction > 0."""
+    order = rng.permutation(n)
+    n_test = max(int(round(test_fraction * n)), 1) if test_fraction > 0 else 0
+    n_train = n - n_test
+    if n_train < least:
+        raise UserError(
+            f"data.test_fraction: {where} has {n} {what}, which leaves {n_train} for training; at least "
+            f"{least} {'is' if least == 1 else 'are'} needed. Lower data.test_fraction or use more data."
+        )
+    return np.sort(order[:n_train]), np.sort(order[n_train:])
+
+
+def _rows_of(starts: np.ndarray, lengths: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """The row indices of the ``chosen`` sequences, in their order, each one's rows in order.
+
+    starts, lengths: (S,) first row and rows of every sequence; chosen: (C,) sequence indices.
+    """
+    size = lengths[chosen]
+    offset = np.cumsum(size) - size  # where each chosen sequence starts among the chosen rows
+    return np.repeat(starts[chosen] - offset, size) + np.arange(int(size.sum()))
 
 
 def _row(row: int, source: str) -> str:
