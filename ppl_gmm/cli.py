@@ -30,7 +30,7 @@ __all__ = ["BACKEND_NAMES", "DATA_SOURCES", "MODEL_NAMES", "main"]
 
 # The registries' names, written out so that --help need not import torch; a test keeps them equal.
 BACKEND_NAMES = ("em", "incremental_em", "map", "mcmc", "online_em", "svi", "vb")
-MODEL_NAMES = ("bernoulli_mixture", "gmm", "poisson_mixture", "student_t_mixture")
+MODEL_NAMES = ("bernoulli_mixture", "gaussian_hmm", "gmm", "poisson_mixture", "student_t_mixture")
 DATA_SOURCES = (
     "synthetic",
     "csv",
@@ -44,8 +44,9 @@ DATA_SOURCES = (
 )
 
 _DESCRIPTION = f"""\
-Fit a latent-variable model (a Gaussian, Poisson or Bernoulli mixture, or your own) with several
-inference backends on the same data from the same start, and compare them.
+Fit a latent-variable model (a Gaussian, Student-t, Poisson or Bernoulli mixture, a Gaussian hidden
+Markov model, or your own) with several inference backends on the same data from the same start,
+and compare them.
 
 backends:      {", ".join(BACKEND_NAMES)}
 models:        {", ".join(MODEL_NAMES)}

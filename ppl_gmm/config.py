@@ -38,6 +38,9 @@ class DataConfig(Strict):
     dim: int = Field(2, ge=1, le=10**4)
     k: int = Field(3, ge=1, le=10**4)  # synthetic: true number of components
     separation: float = Field(4.0, gt=0, le=1e6)  # synthetic: minimal distance between true means
+    # synthetic data of a sequence model (hidden Markov): rows per simulated sequence, the last
+    # one shorter where data.n is not a multiple (null: the n rows are one sequence)
+    sequence_length: int | None = Field(None, ge=1)
     path: str | None = None  # csv / npy: the file
     label_column: str | None = None  # csv: true labels, kept out of the features
     # sequences (e.g. for hidden Markov models); null: the rows are independent points

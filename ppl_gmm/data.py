@@ -111,9 +111,12 @@ def check_sequence_lengths(lengths: np.ndarray, minimum: int, reason: str) -> No
         )
 
 
-Simulator = Callable[[int, np.random.Generator], tuple[np.ndarray, np.ndarray, dict[str, Tensor]]]
-"""Draws n points (n, D), their labels (n,) and the generating parameters: the model's own
-(``LatentModel.simulate``), handed in by the experiment."""
+Simulator = Callable[
+    [int, np.random.Generator], tuple[np.ndarray, np.ndarray, dict[str, Tensor], np.ndarray | None]
+]
+"""Draws n points (n, D), their labels (n,), the generating parameters and the lengths of the
+sequences the rows form (None: independent points): the model's own (``LatentModel.simulate``),
+handed in by the experiment."""
 
 Checker = Callable[[np.ndarray, str], None]
 """Raises ``UserError`` naming the file if values lie outside the model's support."""
@@ -329,7 +332,7 @@ def load_data(
     if cfg.source == "synthetic":
         if simulate is None:
             raise UserError("data.source: synthetic data are drawn from a model, and none was given.")
-        x, labels, truth = simulate(cfg.n, rng)
+        x, labels, truth, lengths = simulate(cfg.n, rng)
         names = [f"x{j}" for j in range(cfg.dim)]
     elif cfg.source == "csv":
         x, labels, names, lengths = _read_csv(cfg)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .data import Dataset
 from .models.base import LatentModel, Params
+from .models.hmm import GaussianHMM
 
 __all__ = [
     "assignments",
@@ -47,6 +48,8 @@ def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float 
     n = data.train.shape[0]
     total = entropy = 0.0
     predicted = []
+    if model.sequential:
+        return _score_sequences(model, params, data)
     for rows in data.train.split(SCORE_ROWS):  # O(rows × K) memory, whatever N is
         log_joint = model.log_joint(rows.to(torch.float64), params)
         log_norm = torch.logsumexp(log_joint, dim=1, keepdim=True)
@@ -55,13 +58,41 @@ def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float 
         entropy += float(-(log_resp.exp() * log_resp).nan_to_num().sum())
         if data.train_labels is not None:
             predicted.append(torch.argmax(log_joint, dim=1).numpy())
-    train = total / n
     test = None if data.test is None else mean_log_likelihood(model, data.test, params)
+    labels = None if not predicted else np.concatenate(predicted)
+    return _scores(model, n, total / n, test, entropy, data.train_labels, labels)
+
+
+def _score_sequences(model: LatentModel, params: Params, data: Dataset) -> dict[str, float | int | None]:
+    """``score`` for a hidden Markov model bound to the train sequences: the train rows at once
+    (forward–backward runs along whole sequences), ICL with the entropy of the state sequences'
+    posterior, ARI and NMI of the Viterbi paths against the true states."""
+    assert isinstance(model, GaussianHMM)
+    n = data.train.shape[0]
+    x = data.train.to(torch.float64)
+    total = float(model.log_likelihood(x, params).sum())
+    entropy = model.state_entropy(x, params)
+    predicted = model.most_probable_states(x, params).numpy() if data.train_labels is not None else None
+    test = None
+    if data.test is not None:
+        test = mean_log_likelihood(model.bind(data.test_lengths), data.test, params)
+    return _scores(model, n, total / n, test, entropy, data.train_labels, predicted)
+
+
+def _scores(
+    model: LatentModel,
+    n: int,
+    train: float,
+    test: float | None,
+    entropy: float,
+    labels: np.ndarray | None,
+    predicted: np.ndarray | None,
+) -> dict[str, float | int | None]:
     n_params = model.n_params()
     ari = nmi = None
-    if data.train_labels is not None and math.isfinite(train):
-        ari = float(adjusted_rand_score(data.train_labels, np.concatenate(predicted)))
-        nmi = float(normalized_mutual_info_score(data.train_labels, np.concatenate(predicted)))
+    if labels is not None and predicted is not None and math.isfinite(train):
+        ari = float(adjusted_rand_score(labels, predicted))
+        nmi = float(normalized_mutual_info_score(labels, predicted))
     return {
         "train_log_likelihood": train,
         "test_log_likelihood": test,
@@ -120,10 +151,13 @@ def parameter_errors(model: LatentModel, reference: Params, other: Params) -> di
 
 def assignments(model: LatentModel, params: Params, data: Dataset) -> pd.DataFrame:
     """Hard (most probable) and soft assignments p(z_n = k | x_n, θ) of the train points, with the
-    true label when the data have one."""
+    true label when the data have one. For a hidden Markov model (bound to the train sequences)
+    the soft ones are the smoothed p(z_t = k | x, θ) and the hard one the Viterbi path."""
     log_joint = model.log_joint(data.train, _cpu64(params))
     resp = torch.softmax(log_joint, dim=1).numpy()
     frame = pd.DataFrame({"hard": resp.argmax(1)})
+    if isinstance(model, GaussianHMM):  # smoothed state probabilities; hard: the Viterbi path
+        frame["hard"] = model.most_probable_states(data.train, _cpu64(params)).numpy()
     for k in range(resp.shape[1]):
         frame[f"p{k}"] = resp[:, k]
     if data.train_labels is not None:

@@ -27,7 +27,7 @@ from . import __version__
 from .backends import BACKENDS, Backend, FitResult, Options, StepInfo
 from .backends.base import one_line
 from .config import Config, dump_config, format_validation_error
-from .data import Dataset, Simulator, load_data
+from .data import Dataset, Simulator, check_sequence_lengths, load_data
 from .errors import UserError
 from .evaluate import assignments, parameter_errors, score
 from .init import initialize
@@ -171,11 +171,20 @@ def _model_fields(options: M, model_cls: type[LatentModel], where: str) -> M:
 def simulator(cfg: Config, model_cls: type[LatentModel]) -> Simulator:
     """Draws synthetic data from the model itself: a random truth of ``data.k`` components."""
 
-    def simulate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    def simulate(
+        n: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor], np.ndarray | None]:
         truth_model = model_cls.for_simulation(cfg.model.model_copy(update={"k": cfg.data.k}), cfg.data.dim)
+        lengths = None
+        if model_cls.sequential:
+            size = cfg.data.sequence_length or n
+            lengths = np.full(n // size, size, dtype=np.int64)
+            if n % size:
+                lengths = np.append(lengths, n % size)
+            truth_model = truth_model.bind(lengths)
         truth = truth_model.sample_truth(rng, cfg.data.separation)
         x, labels = truth_model.simulate(truth, n, rng)
-        return x.numpy(), labels.numpy(), truth
+        return x.numpy(), labels.numpy(), truth, lengths
 
     return simulate
 
@@ -207,7 +216,22 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
             f"model.k: {cfg.model.k} components need at least as many train points, but the data "
             f"have {n_train}. Lower model.k or data.test_fraction."
         )
-    model = model_cls.from_config(cfg.model, data.train)
+    if cfg.data.sequence_length is not None and not model_cls.sequential:
+        raise UserError(
+            f"data.sequence_length: model {model_cls.name!r} draws independent points, not sequences; "
+            "set it to null."
+        )
+    if model_cls.sequential and data.train_lengths is None and data.test is not None:
+        raise UserError(
+            f"data.test_fraction: model {model_cls.name!r} reads the rows as one sequence (no "
+            "data.sequence_column or data.lengths_path), which a random test split would cut. Set "
+            "data.test_fraction: 0, or give the sequences."
+        )
+    if model_cls.sequential and data.train_lengths is not None:
+        check_sequence_lengths(
+            data.train_lengths, 2, f"the transitions of model {model_cls.name!r} need 2 rows per sequence"
+        )
+    model = model_cls.from_config(cfg.model, data.train).bind(data.train_lengths)
     for _, backend, options in backends:
         backend.check(model, options)
     x = data.train.to(device)
@@ -221,7 +245,7 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     try:
         # the first use of torch's linear algebra and distributions initializes them lazily:
         # done here, it is not charged to the first backend's timings
-        model.log_likelihood(x[:2].to(torch.float64), inits[0])
+        model.bind(None).log_likelihood(x[:2].to(torch.float64), inits[0])
         log_prior = float(model.log_prior(inits[0]))
     except (torch.linalg.LinAlgError, ValueError) as exc:
         raise UserError(
@@ -237,7 +261,7 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     if dtype != torch.float64:
         try:  # what float64 holds may round to a singular covariance or prior scale
             narrow = {name: value.to(device, dtype) for name, value in inits[0].items()}
-            model.log_likelihood(x[:2].to(dtype), narrow)
+            model.bind(None).log_likelihood(x[:2].to(dtype), narrow)
             model.log_prior(narrow)
         except (torch.linalg.LinAlgError, ValueError) as exc:
             raise UserError(

@@ -172,7 +172,11 @@ def test_config_runs_end_to_end(
             assert params[key].dtype == torch.float64, key
             assert tuple(params[key].shape) == shape, key
             assert torch.isfinite(params[key]).all(), key
-        assert torch.isclose(params["weights"].sum(), torch.tensor(1.0, dtype=torch.float64))
+        for simplex in ("weights", "start"):  # a mixture's weights, an HMM's start probabilities
+            if simplex in params:
+                assert torch.isclose(params[simplex].sum(), torch.tensor(1.0, dtype=torch.float64))
+        if "transitions" in params:
+            assert torch.allclose(params["transitions"].sum(1), torch.ones((), dtype=torch.float64))
         checked = model.check_params(params, "params")  # on the model's parameter space already
         for key, value in params.items():
             torch.testing.assert_close(checked[key], value, rtol=1e-9, atol=1e-12)

@@ -3,15 +3,24 @@ hmmlearn 0.3, and its log density against Pyro's enumeration of its own declarat
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hmmlearn import hmm
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
+from safetensors.torch import load_file
 from scipy.stats import multivariate_normal
 
+import ppl_gmm
 from ppl_gmm.backends.em import EM, EMOptions
+from ppl_gmm.config import parse_config
+from ppl_gmm.errors import UserError
+from ppl_gmm.experiment import prepare
 from ppl_gmm.models.gmm import GMMHyperparameters, _default_prior
 from ppl_gmm.models.hmm import GaussianHMM
 
@@ -147,3 +156,84 @@ def test_baum_welch_agrees_with_hmmlearn_step_by_step(covariance: str) -> None:
     assert np.all(np.diff(ours) >= -1e-12)  # never decreases
     for name, value in _params(reference).items():  # θ after 25 iterations
         np.testing.assert_allclose(result.params[name].numpy(), value.numpy(), atol=1e-5, err_msg=name)
+
+
+def _config(backends: dict, **data: object) -> dict:
+    return {
+        "experiment": "hmm",
+        "data": {"source": "synthetic", "n": 400, "dim": 2, "k": 2, "separation": 5.0}
+        | {"sequence_length": 20, "test_fraction": 0.25}
+        | data,
+        "model": {"name": "gaussian_hmm", "k": 2, "prior": "conjugate"},
+        "backends": backends,
+    }
+
+
+def test_a_synthetic_config_runs_through_em_map_svi_and_mcmc(tmp_path: Path) -> None:
+    backends = {
+        "em": {"max_iter": 200, "tol": 1e-10, "save_assignments": True},
+        "map": {"steps": 5},
+        "svi": {"steps": 5, "mean_samples": 5, "elbo_particles": 2},
+        "mcmc": {"num_samples": 4, "warmup_steps": 4},
+    }
+    result = ppl_gmm.run(_config(backends), runs_dir=tmp_path / "runs", quiet=True)
+    for backend, summary in result.summaries.items():
+        assert summary.status == "completed", (backend, summary.error)
+        assert summary.n_params == (2 - 1) + 2 * (2 - 1) + 2 * 2 + 2 * 3
+        assert summary.test_log_likelihood is not None
+    data = json.loads((result.path / "data.json").read_text())
+    assert (data["n_sequences_train"], data["n_sequences_test"]) == (15, 5)
+    em = result.summaries["em"]
+    assert em.converged and em.ari == 1.0  # the Viterbi paths are the simulated states
+    # em from the truth's neighbourhood: its estimate recovers the simulated transitions
+    truth = load_file(str(result.path / "truth.safetensors"))
+    fitted = result.params["em"]
+    order = torch.cdist(truth["means"], fitted["means"]).argmin(1)
+    assert sorted(order.tolist()) == [0, 1]
+    # ~4 standard errors at ~150 rows a state (variances ≤ 1.5; a transition row's counts ~150)
+    assert torch.allclose(fitted["transitions"][order][:, order], truth["transitions"], atol=0.15)
+    assert torch.allclose(fitted["means"][order], truth["means"], atol=0.4)
+    # the saved assignments: the Viterbi path and smoothed probabilities that sum to one
+    frame = pd.read_csv(result.path / "em" / "assignments.csv")
+    assert len(frame) == 300 and np.allclose(frame[["p0", "p1"]].sum(axis=1), 1.0)
+    assert (frame["hard"] == frame["label"].map(dict(enumerate(order.argsort().tolist())))).all()
+
+
+@pytest.mark.parametrize(
+    ("backends", "data", "message"),
+    [
+        ({"online_em": {}}, {}, r"backends\.online_em: model 'gaussian_hmm' is a hidden Markov model"),
+        ({"incremental_em": {}}, {}, r"backends\.incremental_em: .*hidden Markov model"),
+        ({"vb": {}}, {}, r"backends\.vb: .*hidden Markov model"),
+        ({"map": {"batch_size": 10}}, {}, r"backends\.map: .*batch_size"),
+        ({"svi": {"local": "mean_field"}}, {}, r"backends\.svi: .*mean_field"),
+        (
+            {"em": {}},
+            {"sequence_length": 7, "n": 400},
+            r"data: 1 of the \d+ train sequences have fewer than 2 rows",
+        ),
+    ],
+)
+def test_what_cannot_serve_sequences_is_refused_up_front(backends: dict, data: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        prepare(parse_config(_config(backends, **data)))
+
+
+def test_rows_without_sequences_are_one_sequence_that_a_test_split_would_cut() -> None:
+    config = _config({"em": {}}) | {"data": {"source": "old_faithful", "test_fraction": 0.2}}
+    with pytest.raises(UserError, match=r"data\.test_fraction: .*one sequence.*would cut"):
+        prepare(parse_config(config))
+    # with test_fraction 0 the 272 eruptions, in recording order, are one sequence
+    plan = prepare(parse_config(config | {"data": {"source": "old_faithful", "test_fraction": 0.0}}))
+    reference = _reference("full", k=2, dim=2)
+    params = _params(reference)
+    x = plan.data.train
+    assert float(plan.model.log_likelihood(x, params).sum()) == pytest.approx(
+        reference.score(x.numpy()), abs=1e-8
+    )
+
+
+def test_a_mixture_refuses_a_sequence_length() -> None:
+    config = _config({"em": {}}) | {"model": {"name": "gmm", "k": 2}}
+    with pytest.raises(UserError, match=r"data\.sequence_length: model 'gmm' draws independent points"):
+        prepare(parse_config(config))

@@ -46,8 +46,8 @@ def test_select_with_vb_picks_three_components_by_bic_and_elbo(capsys, tmp_path)
 
 def test_compare_reports_each_posterior_against_mcmc(capsys, tmp_path) -> None:
     overrides = [
-        "backends.mcmc.num_samples=150",
-        "backends.mcmc.warmup_steps=150",
+        "backends.mcmc.num_samples=100",
+        "backends.mcmc.warmup_steps=100",
         "backends.svi.steps=400",
         "backends.svi.elbo_particles=5",
         "--quiet",

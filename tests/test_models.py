@@ -25,7 +25,8 @@ from ppl_gmm.experiment import execute, prepare
 from ppl_gmm.init import initialize
 from ppl_gmm.models import MODELS, ClosedFormEM, LatentModel
 
-NAMES = MODELS.names()
+# the mixtures: a hidden Markov model's rows are not independent (tests/test_hmm.py checks it)
+NAMES = [name for name in MODELS.names() if not MODELS.get(name).sequential]
 CASES = [(name, prior) for name in NAMES for prior in ("none", "conjugate")]
 DIM = 3
 

@@ -25,6 +25,7 @@ __all__ = [
     "Report",
     "StepInfo",
     "one_line",
+    "refuse_sequences",
 ]
 
 
@@ -134,3 +135,15 @@ class Clock:
 
 
 BACKENDS: Registry[type[Backend[Any]]] = Registry("backend")
+
+
+def refuse_sequences(model: LatentModel, backend: str, why: str) -> None:
+    """A ``UserError`` if ``model``'s data are sequences (a hidden Markov model) that ``backend``
+    cannot serve, ``why`` saying why: refused up front, never a wrong answer."""
+    if model.sequential:
+        from ..errors import UserError
+
+        raise UserError(
+            f"backends.{backend}: model {model.name!r} is a hidden Markov model, whose states depend on "
+            f"each other along a sequence; {why}. Use em (Baum–Welch), map, svi or mcmc."
+        )

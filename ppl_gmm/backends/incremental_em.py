@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
-from .base import BACKENDS, Backend, FitResult, Report, StepInfo
+from .base import BACKENDS, Backend, FitResult, Report, StepInfo, refuse_sequences
 from .em import EM, EMOptions, EMRun, add_stats, data_constant, needs_closed_form, reg_covar
 from .gem import GEMOptions, GradientMStep, check_gradient_em, m_step_kind
 from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows
@@ -51,6 +51,7 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
     options = IncrementalEMOptions
 
     def check(self, model: LatentModel, options: IncrementalEMOptions) -> None:
+        refuse_sequences(model, self.name, "incremental EM's blocks of rows would cut the sequences")
         kind = m_step_kind(model, options)
         if kind == "closed_form":
             needs_closed_form(model, self.name)

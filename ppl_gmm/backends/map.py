@@ -10,7 +10,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch import Tensor
 
 from ..models.base import LatentModel, Params
-from .base import BACKENDS, Backend, FitResult, Report
+from .base import BACKENDS, Backend, FitResult, Report, refuse_sequences
 from .pyro_svi import SVIOptions, run_svi
 
 __all__ = ["MAP", "MAPOptions"]
@@ -27,6 +27,8 @@ class MAP(Backend[MAPOptions]):
     objective_lags = True
 
     def check(self, model: LatentModel, options: MAPOptions) -> None:
+        if options.batch_size is not None:
+            refuse_sequences(model, self.name, "mini-batches of rows (batch_size) would cut the sequences")
         model.check_mode("MAP")
 
     def total_steps(self, options: MAPOptions, n: int | None = None) -> int:

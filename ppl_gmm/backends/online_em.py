@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..models.base import ClosedFormEM, LatentModel, Params
-from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo
+from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo, refuse_sequences
 from .em import EM, EMOptions, EMRun, needs_closed_form, reg_covar
 from .gem import check_gradient_em
 from .partial_em import (
@@ -70,6 +70,7 @@ class OnlineEM(Backend[OnlineEMOptions]):
     options = OnlineEMOptions
 
     def check(self, model: LatentModel, options: OnlineEMOptions) -> None:
+        refuse_sequences(model, self.name, "online EM's mini-batches of rows would cut the sequences")
         kind = _m_step_kind(model, options)
         if kind == "closed_form":
             needs_closed_form(model, self.name)

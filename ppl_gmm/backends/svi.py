@@ -24,7 +24,7 @@ from torch.distributions import constraints
 from ..errors import UserError
 from ..evaluate import posterior_moments
 from ..models.base import LatentModel, Params
-from .base import BACKENDS, Backend, FitError, FitResult, Report, one_line
+from .base import BACKENDS, Backend, FitError, FitResult, Report, one_line, refuse_sequences
 from .pyro_svi import SVIOptions, make_elbo, run_svi
 
 __all__ = ["SVIBackend", "SVIBackendOptions", "GUIDES"]
@@ -60,6 +60,12 @@ class SVIBackend(Backend[SVIBackendOptions]):
     objective_lags = True
 
     def check(self, model: LatentModel, options: SVIBackendOptions) -> None:
+        if options.batch_size is not None:
+            refuse_sequences(model, self.name, "mini-batches of rows (batch_size) would cut the sequences")
+        if options.local == "mean_field":
+            refuse_sequences(
+                model, self.name, "local: mean_field gives each row its own q(z), cut from its neighbours"
+            )
         if not model.has_prior:
             raise UserError(
                 "backends.svi: SVI approximates a posterior, which needs a proper prior over the "

@@ -56,7 +56,17 @@ from ..models.gmm import (
     gaussian_log_prob,
     precision_cholesky,
 )
-from .base import BACKENDS, Backend, FitError, FitResult, Options, Report, StepInfo, one_line
+from .base import (
+    BACKENDS,
+    Backend,
+    FitError,
+    FitResult,
+    Options,
+    Report,
+    StepInfo,
+    one_line,
+    refuse_sequences,
+)
 from .em import e_step, fixes, reg_covar
 
 __all__ = [
@@ -445,6 +455,7 @@ class VB(Backend[VBOptions]):
     variational = True
 
     def check(self, model: LatentModel, options: VBOptions) -> None:
+        refuse_sequences(model, self.name, "its variational Bayes is not derived yet")
         if not isinstance(model, VB_MODELS):
             derived = ", ".join(name for name in MODELS if issubclass(MODELS.get(name), VB_MODELS))
             raise UserError(

@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = ["EStep", "forward_backward", "padding", "viterbi"]
 
-CHUNK_ENTRIES = 1 << 22  # padded (step, sequence, state) entries per chunk: ~32 MB per float64 array
+CHUNK_ENTRIES = 1 << 23  # padded (step, sequence, state) entries per chunk: 64 MB per float64 array
 
 
 @dataclass
@@ -63,6 +63,53 @@ def _chunks(lengths: Tensor, k: int) -> list[tuple[int, int]]:
     return chunks
 
 
+class _Layout:
+    """How a chunk of sequences (rows ``first`` to ``last`` of x) maps to its padded time-major
+    (T, S, K) arrays, longest sequence first. Sequences of one length are a reshape and a
+    transpose of their rows (a strided copy); others go through an index of their rows."""
+
+    def __init__(self, lengths: Tensor, offsets: Tensor) -> None:
+        self.first = int(offsets[0])
+        self.last = int(offsets[-1] + lengths[-1])
+        self.equal = bool((lengths == lengths[0]).all())
+        if self.equal:
+            self.shape = (len(lengths), int(lengths[0]))
+            self.running = [len(lengths)] * int(lengths[0])
+            return
+        order = torch.argsort(lengths, descending=True, stable=True)
+        ordered = lengths[order]
+        rows, mask = padding(ordered)
+        self.rows = (rows - (torch.cumsum(ordered, 0) - ordered) + offsets[order] - self.first)[mask]
+        self.mask = mask
+        self.running = mask.sum(1).tolist()  # sequences (a prefix) still running at each step
+
+    def gather(self, values: Tensor) -> Tensor:
+        """The chunk's rows of values (N, ...) as a new padded (T, S, ...) array."""
+        mine = values[self.first : self.last]
+        if self.equal:
+            return mine.view(*self.shape, *mine.shape[1:]).transpose(0, 1).contiguous()
+        out = mine.new_zeros(*self.mask.shape, *mine.shape[1:])
+        out[self.mask] = mine[self.rows]
+        return out
+
+    def scatter(self, padded: Tensor, values: Tensor) -> None:
+        """Write a padded (T, S, ...) array's observed entries into the chunk's rows of values."""
+        mine = values[self.first : self.last]
+        if self.equal:
+            mine.view(*self.shape, *mine.shape[1:]).copy_(padded.transpose(0, 1))
+        else:
+            mine.index_put_((self.rows,), padded[self.mask])
+
+
+def _gram(a: Tensor, b: Tensor, rows: int = 8192) -> Tensor:
+    """a^T b for a (N, K), b (N, K), in blocks of rows: a single GEMM with an inner dimension of
+    millions is several times slower than its blocks'."""
+    return sum(
+        (x.T @ y for x, y in zip(a.split(rows), b.split(rows), strict=True)),
+        a.new_zeros(a.shape[1], b.shape[1]),
+    )
+
+
 def forward_backward(
     log_emission: Tensor, lengths: Tensor, start: Tensor, transitions: Tensor, posteriors: bool = True
 ) -> EStep:
@@ -77,52 +124,59 @@ def forward_backward(
     step_ll = like.new_empty(n)
     offsets = torch.cumsum(lengths, 0) - lengths
     for a, b in _chunks(lengths, k):
-        chunk_lengths = lengths[a:b]
-        rows, mask = padding(chunk_lengths)
-        rows = rows + offsets[a]
-        log_b = log_emission[rows]  # (T, S, K)
-        peak = log_b.amax(-1, keepdim=True)
-        emission = torch.exp(log_b - peak)
-        alpha, scale = _forward(emission, mask, start, transitions)
-        log_c = torch.where(mask, torch.log(scale) + peak[..., 0], 0.0)
-        step_ll.index_put_((rows[mask],), log_c[mask])
+        layout = _Layout(lengths[a:b], offsets[a:b])
+        emission = layout.gather(log_emission)  # (T, S, K), log densities until scaled in place
+        peak = emission.amax(-1, keepdim=True)
+        emission.sub_(peak).exp_()
+        alpha, scale = _forward(emission, layout.running, start, transitions)
+        layout.scatter(torch.log(scale).add_(peak[..., 0]), step_ll)
         if not posteriors:
             continue
-        beta = _backward(emission, mask, scale, transitions)
-        gamma_chunk = alpha * beta
-        gamma.index_put_((rows[mask],), gamma_chunk[mask])
-        first += gamma_chunk[0].sum(0)
+        weighted = emission.div_(scale[..., None])  # b_k(x_t) / c_t, the backward pass's factor
+        beta = _backward(weighted, layout.running, transitions)  # weighted: b β̂ / c at steps ≥ 2
         if alpha.shape[0] > 1:
-            # ξ_t(i, j) ∝ α̂_t-1(i) A_ij b_j(x_t) β̂_t(j) / c_t, summed over valid t ≥ 2 and sequences
-            weight = emission[1:] * beta[1:] / scale[1:, :, None] * mask[1:, :, None]
-            counts += alpha[:-1].reshape(-1, k).T @ weight.reshape(-1, k)
+            # Σ_t ξ_t(i, j) = A_ij Σ_t α̂_t-1(i) b_j(x_t) β̂_t(j) / c_t, padded steps zero
+            counts += _gram(alpha[:-1].reshape(-1, k), weighted[1:].reshape(-1, k))
+        state = beta.mul_(alpha)  # γ
+        layout.scatter(state, gamma)
+        first += state[0].sum(0)
     log_likelihood = float(step_ll.sum(dtype=torch.float64))
     return EStep(log_likelihood, gamma, first, counts * transitions, step_ll)
 
 
-def _forward(emission: Tensor, mask: Tensor, start: Tensor, transitions: Tensor) -> tuple[Tensor, Tensor]:
-    """α̂ (T, S, K) and the scales c (T, S) (1 at padded steps) of the scaled forward pass, for
-    emission probabilities (T, S, K) divided by each step's largest."""
-    alpha = torch.empty_like(emission)
+def _forward(
+    emission: Tensor, running: list[int], start: Tensor, transitions: Tensor
+) -> tuple[Tensor, Tensor]:
+    """α̂ (T, S, K) and the scales c (T, S) of the scaled forward pass, for emission probabilities
+    (T, S, K) divided by each step's largest; ``running[t]``: the sequences (a prefix, longest
+    first) observed at step t. Padded steps keep α̂ = 0 and c = 1."""
+    alpha = torch.zeros_like(emission)
     scale = torch.ones(emission.shape[:2], dtype=emission.dtype, device=emission.device)
-    joint = start * emission[0]
-    scale[0] = joint.sum(-1)
-    alpha[0] = joint / scale[0, :, None]
+    torch.mul(start, emission[0], out=alpha[0])
+    torch.sum(alpha[0], -1, out=scale[0])
+    alpha[0].div_(scale[0, :, None])
     for t in range(1, emission.shape[0]):
-        joint = (alpha[t - 1] @ transitions) * emission[t]
-        total = joint.sum(-1)
-        valid = mask[t]
-        scale[t] = torch.where(valid, total, 1.0)
-        alpha[t] = torch.where(valid[:, None], joint / scale[t, :, None], alpha[t - 1])
+        m = running[t]
+        now = alpha[t, :m]
+        torch.mm(alpha[t - 1, :m], transitions, out=now)
+        now.mul_(emission[t, :m])
+        torch.sum(now, -1, out=scale[t, :m])
+        now.div_(scale[t, :m, None])
     return alpha, scale
 
 
-def _backward(emission: Tensor, mask: Tensor, scale: Tensor, transitions: Tensor) -> Tensor:
-    """β̂ (T, S, K) of the scaled backward pass: 1 at each sequence's last step and after it."""
-    beta = torch.ones_like(emission)
-    for t in range(emission.shape[0] - 2, -1, -1):
-        message = (emission[t + 1] * beta[t + 1] / scale[t + 1, :, None]) @ transitions.T
-        beta[t] = torch.where(mask[t + 1][:, None], message, 1.0)
+def _backward(weighted: Tensor, running: list[int], transitions: Tensor) -> Tensor:
+    """β̂ (T, S, K) of the scaled backward pass (1 at each sequence's last step and after it),
+    for b_k(x_t) / c_t ``weighted`` (T, S, K), which it turns into b_k(x_t) β̂_t(k) / c_t at the
+    steps t ≥ 2 that are observed and 0 at the padded ones."""
+    steps = weighted.shape[0]
+    beta = torch.ones_like(weighted)
+    for t in range(steps - 2, -1, -1):
+        m = running[t + 1]
+        message = weighted[t + 1]
+        message[:m].mul_(beta[t + 1, :m])
+        message[m:] = 0.0
+        torch.mm(message[:m], transitions.T, out=beta[t, :m])
     return beta
 
 

@@ -117,6 +117,11 @@ class LatentModel(ABC):
         conditional maximization, Meng & Rubin 1993), for x (N, D) and resp (N, K). Default: none."""
         return {}
 
+    def bind(self, lengths: np.ndarray | None) -> LatentModel:
+        """The model for data cut into sequences of ``lengths`` rows each (row order), or for rows
+        that are one sequence (None). A model of independent points is the same for any cut."""
+        return self
+
     def check_mode(self, method: str) -> None:
         """Raise ``UserError`` if the prior has no posterior mode for ``method`` (MAP) to find.
         Default: it has one."""

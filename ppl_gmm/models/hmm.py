@@ -33,7 +33,7 @@ from torch.distributions import constraints
 from ..config import ModelOptions, Strict
 from ..errors import UserError
 from ._hmm import EStep, forward_backward, padding, viterbi
-from .base import Flat, LatentModel, Params
+from .base import MODELS, Flat, LatentModel, Params
 from .gmm import ConjugatePrior, GaussianMixture, GMMHyperparameters, _default_prior
 
 __all__ = ["GaussianHMM", "GaussianHMMOptions", "HMMHyperparameters"]
@@ -58,6 +58,7 @@ class GaussianHMMOptions(ModelOptions):
     hyperparameters: HMMHyperparameters = HMMHyperparameters()
 
 
+@MODELS.register("gaussian_hmm")
 class GaussianHMM(LatentModel):
     """K-state hidden Markov model with Gaussian emissions of a covariance type."""
 
@@ -107,11 +108,12 @@ class GaussianHMM(LatentModel):
         model.example = x[:2].clone().to(torch.float64)
         return model
 
-    def bind(self, lengths: Tensor | np.ndarray | list[int]) -> GaussianHMM:
-        """This model for data cut into sequences of ``lengths`` (one per sequence, row order)."""
+    def bind(self, lengths: np.ndarray | None) -> GaussianHMM:
+        """This model for data cut into sequences of ``lengths`` rows (one per sequence, row
+        order); None: the rows are one sequence."""
         bound = copy.copy(self)
-        bound.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
-        if bool((bound.lengths < 1).any()):
+        bound.lengths = None if lengths is None else torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        if bound.lengths is not None and bool((bound.lengths < 1).any()):
             raise UserError("data: every sequence needs at least one observation.")
         return bound
 
@@ -152,19 +154,22 @@ class GaussianHMM(LatentModel):
         }
 
     def simulate(self, params: Params, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        """The bound sequences' rows (their lengths sum to n) and states, drawn in NumPy."""
-        lengths = self._lengths(n).tolist()
+        """The bound sequences' rows (their lengths sum to n) and states, drawn in NumPy, all
+        sequences a time step at a time."""
+        lengths = self._lengths(n)
         start, transitions, means, covariances = (
             params[name].numpy() for name in ("start", "transitions", "means", "covariances")
         )
+        rows, mask = (value.numpy() for value in padding(lengths))
+        uniform = rng.random(rows.shape)
+        padded = np.empty(rows.shape, dtype=np.int64)
+        start_cdf = np.cumsum(start / start.sum())
+        transition_cdf = np.cumsum(transitions / transitions.sum(1, keepdims=True), axis=1)
+        padded[0] = (uniform[0][:, None] > start_cdf[None, :-1]).sum(1)
+        for t in range(1, rows.shape[0]):
+            padded[t] = (uniform[t][:, None] > transition_cdf[padded[t - 1], :-1]).sum(1)
         states = np.empty(n, dtype=np.int64)
-        row = 0
-        for length in lengths:
-            state = rng.choice(self.k, p=start / start.sum())
-            for _ in range(length):
-                states[row] = state
-                row += 1
-                state = rng.choice(self.k, p=transitions[state] / transitions[state].sum())
+        states[rows[mask]] = padded[mask]
         noise = np.einsum(
             "nij,nj->ni", np.linalg.cholesky(covariances)[states], rng.standard_normal((n, self.dim))
         )
@@ -251,6 +256,30 @@ class GaussianHMM(LatentModel):
             "means": emissions["means"],
             "covariances": emissions["covariances"],
         }
+
+    def m_step(self, x: Tensor, resp: Tensor, reg_covar: float = 0.0, use_prior: bool = True) -> Params:
+        """θ for assignments resp (N, K) of rows taken as independent (the seeding's k-means
+        labels): the emissions by the gmm's M-step, start and transitions uniform."""
+        emissions = self.emission.m_step(x, resp, reg_covar, use_prior)
+        uniform = x.new_full((self.k,), 1.0 / self.k)
+        return {
+            "start": uniform,
+            "transitions": uniform.expand(self.k, self.k).clone(),
+            "means": emissions["means"],
+            "covariances": emissions["covariances"],
+        }
+
+    def state_entropy(self, x: Tensor, params: Params) -> float:
+        """H(z_1..T | x, θ) summed over the bound sequences: log p(x) - E[log p(x, z)] under the
+        smoothed posterior, whose expectation needs only γ and the expected transition counts."""
+        estep = self.e_step(x, params)
+        log_b = self.log_emission(x, params)
+        expected = (
+            float((estep.first * torch.log(params["start"]).nan_to_num(neginf=0.0)).sum())
+            + float((estep.transitions * torch.log(params["transitions"]).nan_to_num(neginf=0.0)).sum())
+            + float((estep.posteriors * log_b).sum())
+        )
+        return estep.log_likelihood - expected
 
     def log_likelihood(self, x: Tensor, params: Params) -> Tensor:
         """log p(x_t | x_1..t-1, θ) per row (N,): the one-step predictive densities, whose sum over a
