@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .data import Dataset
 from .models.base import LatentModel, Params
-from .models.hmm import GaussianHMM
+from .models.hmm import HiddenMarkovModel
 
 __all__ = [
     "assignments",
@@ -67,7 +67,7 @@ def _score_sequences(model: LatentModel, params: Params, data: Dataset) -> dict[
     """``score`` for a hidden Markov model bound to the train sequences: the train rows at once
     (forward–backward runs along whole sequences), ICL with the entropy of the state sequences'
     posterior, ARI and NMI of the Viterbi paths against the true states."""
-    assert isinstance(model, GaussianHMM)
+    assert isinstance(model, HiddenMarkovModel)
     n = data.train.shape[0]
     x = data.train.to(torch.float64)
     total = float(model.log_likelihood(x, params).sum())
@@ -156,7 +156,7 @@ def assignments(model: LatentModel, params: Params, data: Dataset) -> pd.DataFra
     log_joint = model.log_joint(data.train, _cpu64(params))
     resp = torch.softmax(log_joint, dim=1).numpy()
     frame = pd.DataFrame({"hard": resp.argmax(1)})
-    if isinstance(model, GaussianHMM):  # smoothed state probabilities; hard: the Viterbi path
+    if isinstance(model, HiddenMarkovModel):  # smoothed state probabilities; hard: the Viterbi path
         frame["hard"] = model.most_probable_states(data.train, _cpu64(params)).numpy()
     for k in range(resp.shape[1]):
         frame[f"p{k}"] = resp[:, k]

@@ -18,7 +18,7 @@ from torch import Tensor
 from .config import InitConfig
 from .errors import UserError
 from .models.base import ClosedFormEM, LatentModel, Params
-from .models.hmm import GaussianHMM
+from .models.hmm import HiddenMarkovModel
 from .runs import Files, best_backend_dir
 
 INIT_M_STEP_ITERS = 100  # L-BFGS iterations of one gradient M-step of the seeding
@@ -83,7 +83,7 @@ def _m_step(
     M-step, or for a model without one generalized EM's M-step (ECM's closed-form blocks, L-BFGS
     on the other sites) repeated from ``start`` (default: ``model.default_params()``) until Q stops
     rising."""
-    if isinstance(model, ClosedFormEM | GaussianHMM):  # a hidden Markov model: its emissions
+    if isinstance(model, ClosedFormEM | HiddenMarkovModel):  # a hidden Markov model: its emissions
         reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
         return model.m_step(x, resp, reg_covar, use_prior=False)
     from .backends.gem import GEMOptions, GradientMStep, MStepKind, check_gradient_em
@@ -190,7 +190,7 @@ def initialize(model: LatentModel, x: Tensor, cfg: InitConfig, seed: int, restar
         labels = torch.argmin(_squared_distances(x64, centers), dim=1)
     resp = torch.nn.functional.one_hot(labels, model.k).to(x64.dtype)
     start = None
-    if not isinstance(model, ClosedFormEM | GaussianHMM):
+    if not isinstance(model, ClosedFormEM | HiddenMarkovModel):
         # the gradient M-step starts with each component at its seed
         defaults = {name: value.to(x64) for name, value in model.default_params().items()}
         start = model.init_from_points(x64, index, defaults)

@@ -22,7 +22,7 @@ from ppl_gmm.config import parse_config
 from ppl_gmm.errors import UserError
 from ppl_gmm.experiment import prepare
 from ppl_gmm.models.gmm import GMMHyperparameters, _default_prior
-from ppl_gmm.models.hmm import GaussianHMM
+from ppl_gmm.models.hmm import GaussianHMM, PoissonHMM
 
 LENGTHS = np.array([60, 7, 1, 90, 33, 2])  # unequal, one of length 1
 COVARIANCE_TYPES = ["full", "diag", "spherical", "tied"]
@@ -237,3 +237,83 @@ def test_a_mixture_refuses_a_sequence_length() -> None:
     config = _config({"em": {}}) | {"model": {"name": "gmm", "k": 2}}
     with pytest.raises(UserError, match=r"data\.sequence_length: model 'gmm' draws independent points"):
         prepare(parse_config(config))
+
+
+def _poisson_reference(k: int = 3, dim: int = 4, seed: int = 6) -> hmm.PoissonHMM:
+    """hmmlearn's PoissonHMM at a random θ, its priors off, fitting from the current θ."""
+    rng = np.random.default_rng(seed)
+    reference = hmm.PoissonHMM(
+        k,
+        lambdas_prior=0.0,
+        lambdas_weight=0.0,
+        startprob_prior=1.0,
+        transmat_prior=1.0,
+        init_params="",
+        params="stl",
+        n_iter=1,
+        tol=-np.inf,
+        implementation="log",
+    )
+    reference.n_features = dim
+    reference.startprob_ = rng.dirichlet(np.ones(k) * 3)
+    reference.transmat_ = 0.6 * np.eye(k) + 0.4 * rng.dirichlet(np.ones(k), size=k)
+    reference.lambdas_ = rng.gamma(2.0, 3.0, size=(k, dim))
+    return reference
+
+
+def _poisson_params(reference: hmm.PoissonHMM) -> dict[str, torch.Tensor]:
+    return {
+        "start": torch.from_numpy(reference.startprob_.copy()),
+        "transitions": torch.from_numpy(reference.transmat_.copy()),
+        "rates": torch.from_numpy(reference.lambdas_.copy()),
+    }
+
+
+def test_poisson_baum_welch_agrees_with_hmmlearn_step_by_step() -> None:
+    reference = _poisson_reference()
+    x = torch.from_numpy(reference.sample(int(LENGTHS.sum()), random_state=7)[0].astype(np.float64))
+    model = PoissonHMM(3, 4, None).bind(LENGTHS)
+    start = _poisson_params(reference)
+    steps: list = []
+    result = EM().fit(model, x, start, EMOptions(max_iter=25, tol=0.0), steps.append)
+    expected = []
+    for iteration in range(26):
+        expected.append(reference.score(x.numpy(), LENGTHS) / len(x))
+        if iteration < 25:
+            reference.fit(x.numpy(), LENGTHS)
+    np.testing.assert_allclose([step.log_likelihood for step in steps], expected, atol=1e-9, rtol=0)
+    for name, value in _poisson_params(reference).items():
+        np.testing.assert_allclose(result.params[name].numpy(), value.numpy(), atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("prior", ["none", "conjugate"])
+def test_poisson_log_density_equals_pyro_enumeration_of_the_declaration(prior: str) -> None:
+    reference = _poisson_reference(seed=8)
+    x = torch.from_numpy(reference.sample(int(LENGTHS.sum()), random_state=9)[0].astype(np.float64))
+    model = PoissonHMM(3, 4, None if prior == "none" else (1.0, 2.0, 0.5), 1.5, 2.0).bind(LENGTHS)
+    params = _poisson_params(reference)
+    conditioned = poutine.condition(model.model, data=model.to_sites(params))
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(conditioned, lambda x: None, x)
+    expected = model.e_step(x, params, posteriors=False).log_likelihood + float(model.log_prior(params))
+    assert -float(loss) == pytest.approx(expected, abs=1e-8)
+    assert estep_matches_hmmlearn(model, reference, x, params)
+
+
+def estep_matches_hmmlearn(
+    model: PoissonHMM, reference: hmm.PoissonHMM, x: torch.Tensor, params: dict
+) -> bool:
+    estep = model.e_step(x, params)
+    return bool(
+        np.isclose(estep.log_likelihood, reference.score(x.numpy(), LENGTHS), atol=1e-9)
+        and np.allclose(estep.posteriors.numpy(), reference.predict_proba(x.numpy(), LENGTHS), atol=1e-10)
+    )
+
+
+def test_a_poisson_hmm_runs_from_a_config(tmp_path: Path) -> None:
+    config = _config({"em": {"max_iter": 100}, "map": {"steps": 3}}, dim=8)
+    config["model"] = {"name": "poisson_hmm", "k": 2, "prior": "conjugate"}
+    result = ppl_gmm.run(config, runs_dir=tmp_path / "runs", quiet=True)
+    for backend, summary in result.summaries.items():
+        assert summary.status == "completed", (backend, summary.error)
+        assert summary.n_params == (2 - 1) + 2 * (2 - 1) + 2 * 8
+    assert result.summaries["em"].ari > 0.95  # eight count features tell the two states apart

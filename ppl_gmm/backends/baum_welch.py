@@ -21,7 +21,7 @@ __all__ = ["SequentialEM", "baum_welch"]
 
 
 class SequentialEM(Protocol):
-    """What Baum–Welch needs of a sequential model (``models.hmm.GaussianHMM`` gives it)."""
+    """What Baum–Welch needs of a sequential model (``models.hmm.HiddenMarkovModel`` gives it)."""
 
     def e_step(self, x: Tensor, params: Params, posteriors: bool = True) -> Any: ...
 

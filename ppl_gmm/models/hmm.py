@@ -1,7 +1,9 @@
-"""The Gaussian hidden Markov model (Bishop ch. 13): states z_t with start probabilities ``start``
-(K) and a transition matrix ``transitions`` (K, K), rows the state moved from; each observation
-x_t | z_t = k ~ N(``means``[k], ``covariances``[k]) with the Gaussian mixture's four covariance
-types (their parameters and conjugate prior are the gmm's).
+"""Hidden Markov models (Bishop ch. 13): states z_t with start probabilities ``start`` (K) and a
+transition matrix ``transitions`` (K, K), rows the state moved from; each observation x_t given
+z_t = k from the k-th component of a mixture family, whose parameters, conjugate prior, M-step and
+data checks the model borrows (its weights unused): ``gaussian_hmm`` (the gmm's four covariance
+types: ``means`` (K, D), ``covariances`` (K, D, D)) and ``poisson_hmm`` (independent Poisson
+counts: ``rates`` (K, D)).
 
 The data are sequences: rows of x one sequence after another, each sequence's number of rows in
 ``lengths`` (bound to the model for the data it fits: ``bind``). Declared once in Pyro: the states
@@ -10,7 +12,7 @@ padding masked out), each z_t enumerated, so Pyro's ``TraceEnum_ELBO`` sums them
 forward algorithm in time linear in the length.
 
 Exact EM is Baum–Welch: the scaled forward–backward recursions batched over sequences
-(``_hmm.py``), the emissions' M-step the gmm's with the smoothed state probabilities as
+(``_hmm.py``), the emissions' M-step the mixture's with the smoothed state probabilities as
 responsibilities, the start and transition probabilities from expected counts.
 """
 
@@ -35,8 +37,16 @@ from ..errors import UserError
 from ._hmm import EStep, forward_backward, padding, viterbi
 from .base import MODELS, Flat, LatentModel, Params
 from .gmm import ConjugatePrior, GaussianMixture, GMMHyperparameters, _default_prior
+from .poisson import PoissonHyperparameters, PoissonMixture
 
-__all__ = ["GaussianHMM", "GaussianHMMOptions", "HMMHyperparameters"]
+__all__ = [
+    "GaussianHMM",
+    "GaussianHMMOptions",
+    "HMMHyperparameters",
+    "HiddenMarkovModel",
+    "PoissonHMM",
+    "PoissonHMMOptions",
+]
 
 
 class HMMHyperparameters(Strict):
@@ -58,57 +68,57 @@ class GaussianHMMOptions(ModelOptions):
     hyperparameters: HMMHyperparameters = HMMHyperparameters()
 
 
-@MODELS.register("gaussian_hmm")
-class GaussianHMM(LatentModel):
-    """K-state hidden Markov model with Gaussian emissions of a covariance type."""
+class PoissonHMMHyperparameters(Strict):
+    """Dirichlet priors on the start probabilities and on each transition row; Gamma(a0, rate b0)
+    on each rate as the Poisson mixture's (b0 null: a0 / the train mean count)."""
 
-    name = "gaussian_hmm"
-    options = GaussianHMMOptions
-    component_axes = {"start": (0,), "transitions": (0, 1), "means": (0,), "covariances": (0,)}
-    pivot = "means"
-    backend_fields = {"reg_covar": 1e-6}
+    start_concentration: float = Field(1.0, ge=1.0)
+    transition_concentration: float = Field(1.0, ge=1.0)
+    rate_shape: float = Field(2.0, ge=1.0)  # at least 1, so that the mode exists
+    rate_rate: float | None = Field(None, gt=0)
+
+
+class PoissonHMMOptions(ModelOptions):
+    name: Literal["poisson_hmm"] = "poisson_hmm"
+    hyperparameters: PoissonHMMHyperparameters = PoissonHMMHyperparameters()
+
+
+class HiddenMarkovModel(LatentModel):
+    """A K-state hidden Markov model whose emissions are the components of ``emission``, a mixture
+    with a closed-form M-step (its weights unused). A subclass declares the emissions' global
+    sites (``declare_emissions``) and an observation's distribution given its state
+    (``emission_distribution``), and says which concentration the mixture's weights prior has."""
+
     sequential = True
+    emission: Any  # a LatentModel with ClosedFormEM's m_step
 
     def __init__(
-        self,
-        k: int,
-        dim: int,
-        covariance: str,
-        prior: ConjugatePrior | None,
-        start_concentration: float = 1.0,
-        transition_concentration: float = 1.0,
+        self, emission: Any, start_concentration: float = 1.0, transition_concentration: float = 1.0
     ) -> None:
-        self.k, self.dim, self.covariance = k, dim, covariance
-        self.emission = GaussianMixture(k, dim, covariance, prior)
+        self.emission = emission
+        self.k, self.dim = emission.k, emission.dim
         self.start_concentration = start_concentration
         self.transition_concentration = transition_concentration
         self.lengths: Tensor | None = None
 
-    @classmethod
-    def from_config(cls, cfg: ModelOptions, x: Tensor) -> GaussianHMM:
-        assert isinstance(cfg, GaussianHMMOptions)
-        hyper = cfg.hyperparameters
-        prior = None
-        if cfg.prior == "conjugate":
-            gaussian = GMMHyperparameters(
-                mean_precision=hyper.mean_precision,
-                mean_prior=hyper.mean_prior,
-                degrees_of_freedom=hyper.degrees_of_freedom,
-                covariance_prior=hyper.covariance_prior,
-            )
-            prior = _default_prior(gaussian, cfg.covariance, cfg.k, x)
-        model = cls(
-            cfg.k,
-            int(x.shape[1]),
-            cfg.covariance,
-            prior,
-            hyper.start_concentration,
-            hyper.transition_concentration,
-        )
-        model.example = x[:2].clone().to(torch.float64)
-        return model
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mixture = getattr(cls, "mixture", None)
+        if mixture is not None:
+            axes = {name: axis for name, axis in mixture.component_axes.items() if name != "weights"}
+            cls.component_axes = {"start": (0,), "transitions": (0, 1), **axes}
+            cls.pivot = mixture.pivot
+            cls.backend_fields = mixture.backend_fields
+            cls.standardizable = mixture.standardizable
 
-    def bind(self, lengths: np.ndarray | None) -> GaussianHMM:
+    @classmethod
+    def check_data(cls, x: np.ndarray, where: str) -> None:
+        cls.mixture.check_data(x, where)  # type: ignore[attr-defined]
+
+    def check_mode(self, method: str) -> None:
+        self.emission.check_mode(method)
+
+    def bind(self, lengths: np.ndarray | None) -> HiddenMarkovModel:
         """This model for data cut into sequences of ``lengths`` rows (one per sequence, row
         order); None: the rows are one sequence."""
         bound = copy.copy(self)
@@ -127,39 +137,31 @@ class GaussianHMM(LatentModel):
 
     @property
     def has_prior(self) -> bool:
-        return self.emission.prior is not None
+        return bool(self.emission.has_prior)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        k, d = self.k, self.dim
-        return {"start": (k,), "transitions": (k, k), "means": (k, d), "covariances": (k, d, d)}
+        shapes = {name: shape for name, shape in self.emission.param_shapes().items() if name != "weights"}
+        return {"start": (self.k,), "transitions": (self.k, self.k), **shapes}
 
     def sample_truth(self, rng: np.random.Generator, separation: float) -> dict[str, Tensor]:
-        """The gmm's means and covariances; start from Dirichlet(10); transitions that stay with
-        probability about 0.8 and move elsewhere uniformly at random."""
-        gaussian = self.emission.sample_truth(rng, separation)
+        """The mixture's components; start from Dirichlet(10); transitions that stay with
+        probability 0.7–0.9 and move elsewhere at random."""
+        components = self._emissions(self.emission.sample_truth(rng, separation))
         stay = rng.uniform(0.7, 0.9, size=self.k)
-        moves = rng.dirichlet(np.full(max(self.k - 1, 1), 5.0), size=self.k)
-        transitions = np.zeros((self.k, self.k))
-        for i in range(self.k):
-            if self.k == 1:
-                transitions[i, i] = 1.0
-                continue
-            transitions[i, np.arange(self.k) != i] = (1 - stay[i]) * moves[i]
-            transitions[i, i] = stay[i]
-        return {
-            "start": torch.from_numpy(rng.dirichlet(np.full(self.k, 10.0))),
-            "transitions": torch.from_numpy(transitions),
-            "means": gaussian["means"],
-            "covariances": gaussian["covariances"],
-        }
+        transitions = np.eye(self.k)
+        if self.k > 1:
+            moves = rng.dirichlet(np.full(self.k - 1, 5.0), size=self.k)
+            for i in range(self.k):
+                transitions[i, np.arange(self.k) != i] = (1 - stay[i]) * moves[i]
+                transitions[i, i] = stay[i]
+        start = torch.from_numpy(rng.dirichlet(np.full(self.k, 10.0)))
+        return {"start": start, "transitions": torch.from_numpy(transitions), **components}
 
     def simulate(self, params: Params, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-        """The bound sequences' rows (their lengths sum to n) and states, drawn in NumPy, all
-        sequences a time step at a time."""
+        """The bound sequences' rows (their lengths sum to n) and states: the chain drawn in NumPy,
+        all sequences a time step at a time, then each state's rows from its component."""
         lengths = self._lengths(n)
-        start, transitions, means, covariances = (
-            params[name].numpy() for name in ("start", "transitions", "means", "covariances")
-        )
+        start, transitions = params["start"].numpy(), params["transitions"].numpy()
         rows, mask = (value.numpy() for value in padding(lengths))
         uniform = rng.random(rows.shape)
         padded = np.empty(rows.shape, dtype=np.int64)
@@ -170,20 +172,33 @@ class GaussianHMM(LatentModel):
             padded[t] = (uniform[t][:, None] > transition_cdf[padded[t - 1], :-1]).sum(1)
         states = np.empty(n, dtype=np.int64)
         states[rows[mask]] = padded[mask]
-        noise = np.einsum(
-            "nij,nj->ni", np.linalg.cholesky(covariances)[states], rng.standard_normal((n, self.dim))
-        )
-        return torch.from_numpy(means[states] + noise), torch.from_numpy(states)
+        x = torch.empty(n, self.dim, dtype=torch.float64)
+        for k in range(self.k):
+            mine = np.flatnonzero(states == k)
+            if mine.size:
+                one = torch.zeros(self.k, dtype=torch.float64)
+                one[k] = 1.0
+                drawn, _ = self.emission.simulate({**self._emissions(params), "weights": one}, mine.size, rng)
+                x[torch.from_numpy(mine)] = drawn.to(torch.float64)
+        return x, torch.from_numpy(states)
 
     # ---- the declaration -------------------------------------------------------------------
 
     def _dirichlet(
         self, concentration: float, shape: tuple[int, ...], like: Tensor
     ) -> dist.TorchDistribution:
-        batch = shape[:-1]
-        if self.emission.prior is None:
-            return Flat(constraints.simplex, batch, shape[-1:])
+        if not self.has_prior:
+            return Flat(constraints.simplex, shape[:-1], shape[-1:])
         return dist.Dirichlet(torch.full(shape, concentration, dtype=like.dtype, device=like.device))
+
+    def declare_emissions(self, like: Tensor, components: pyro.plate) -> Any:
+        """Sample the emissions' global sites (in the plate ``components`` where they are per
+        state); returns what ``emission_distribution`` needs."""
+        raise NotImplementedError
+
+    def emission_distribution(self, declared: Any, z: Tensor) -> dist.TorchDistribution:
+        """The distribution of an observation (event D) in state(s) z."""
+        raise NotImplementedError
 
     def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Any:
         if batch_size is not None:
@@ -192,18 +207,13 @@ class GaussianHMM(LatentModel):
         rows_total = x.shape[0] if x is not None else n
         assert rows_total is not None
         lengths = self._lengths(rows_total)
-        emission = self.emission
         start = pyro.sample("start", self._dirichlet(self.start_concentration, (self.k,), like))
-        if emission._type.shared:
-            precision = pyro.sample("precision", emission.precision_prior(like))
-        with pyro.plate("components", self.k):
+        components = pyro.plate("components", self.k)  # one plate, entered again by the emissions
+        with components:
             transitions = pyro.sample(
                 "transitions", self._dirichlet(self.transition_concentration, (self.k, self.k), like)
             )
-            if not emission._type.shared:
-                precision = pyro.sample("precision", emission.precision_prior(like))
-            full_precision = emission.full_precision(precision)
-            locs = pyro.sample("locs", emission.locs_prior(full_precision))
+        declared = self.declare_emissions(like, components)
         rows, mask = padding(lengths)
         padded = None if x is None else x[rows]  # (T, S, D)
         z: Tensor | int = 0
@@ -214,21 +224,29 @@ class GaussianHMM(LatentModel):
                     z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
                     pyro.sample(
                         f"x_{t}",
-                        dist.MultivariateNormal(
-                            Vindex(locs)[..., z, :], precision_matrix=Vindex(full_precision)[..., z, :, :]
-                        ),
+                        self.emission_distribution(declared, z),
                         obs=None if padded is None else padded[t],
                     )
 
     # ---- exact inference, equal to the declaration -----------------------------------------
 
-    def _emission_params(self, params: Params) -> Params:
-        weights = params["means"].new_full((self.k,), 1.0 / self.k)
-        return {"weights": weights, "means": params["means"], "covariances": params["covariances"]}
+    def _emissions(self, params: Params) -> dict[str, Tensor]:
+        """The emission parameters of θ (or of a mixture's parameters): all but the weights."""
+        skip = ("weights", "start", "transitions")
+        return {name: value for name, value in params.items() if name not in skip}
+
+    def _mixture(self, params: Params) -> dict[str, Tensor]:
+        """θ's emissions as the mixture's parameters, at equal weights."""
+        like = params[self.pivot]
+        return {"weights": like.new_full((self.k,), 1.0 / self.k), **self._emissions(params)}
+
+    def weights_concentration(self) -> float:
+        """The concentration of the mixture's Dirichlet prior on its weights."""
+        raise NotImplementedError
 
     def log_emission(self, x: Tensor, params: Params) -> Tensor:
         """log p(x_n | z_n = k) (N, K)."""
-        return self.emission.log_joint(x, self._emission_params(params)) + float(np.log(self.k))
+        return self.emission.log_joint(x, self._mixture(params)) + float(np.log(self.k))
 
     def e_step(self, x: Tensor, params: Params, posteriors: bool = True) -> EStep:
         """Forward–backward on the bound sequences: the E-step's sums and log-likelihoods."""
@@ -242,31 +260,27 @@ class GaussianHMM(LatentModel):
 
     def m_step_hmm(self, x: Tensor, estep: EStep, reg_covar: float = 0.0, use_prior: bool = True) -> Params:
         """θ maximizing the expected complete-data log-likelihood (+ log prior) for the E-step's
-        posteriors: start and transitions from expected counts, the emissions by the gmm's
+        posteriors: start and transitions from expected counts, the emissions by the mixture's
         M-step with γ as responsibilities."""
         first, counts = estep.first, estep.transitions
         if use_prior and self.has_prior:
             first = first + (self.start_concentration - 1.0)
             counts = counts + (self.transition_concentration - 1.0)
-        emissions = self.emission.m_step(x, estep.posteriors, reg_covar, use_prior)
         tiny = torch.finfo(x.dtype).tiny
         return {
             "start": first / first.sum().clamp_min(tiny),
             "transitions": counts / counts.sum(1, keepdim=True).clamp_min(tiny),
-            "means": emissions["means"],
-            "covariances": emissions["covariances"],
+            **self._emissions(self.emission.m_step(x, estep.posteriors, reg_covar, use_prior)),
         }
 
     def m_step(self, x: Tensor, resp: Tensor, reg_covar: float = 0.0, use_prior: bool = True) -> Params:
         """θ for assignments resp (N, K) of rows taken as independent (the seeding's k-means
-        labels): the emissions by the gmm's M-step, start and transitions uniform."""
-        emissions = self.emission.m_step(x, resp, reg_covar, use_prior)
+        labels): the emissions by the mixture's M-step, start and transitions uniform."""
         uniform = x.new_full((self.k,), 1.0 / self.k)
         return {
             "start": uniform,
             "transitions": uniform.expand(self.k, self.k).clone(),
-            "means": emissions["means"],
-            "covariances": emissions["covariances"],
+            **self._emissions(self.emission.m_step(x, resp, reg_covar, use_prior)),
         }
 
     def state_entropy(self, x: Tensor, params: Params) -> float:
@@ -300,55 +314,150 @@ class GaussianHMM(LatentModel):
         )
 
     def log_prior(self, params: Params) -> Tensor:
-        prior = self.emission.prior
-        if prior is None:
-            return params["means"].new_zeros(())
-        gaussian = self.emission.log_prior(self._emission_params(params))
-        # the gmm's log prior includes its weights' Dirichlet at uniform weights: take it out
-        weights_term = dist.Dirichlet(
-            torch.full((self.k,), prior.weight_concentration, dtype=params["means"].dtype)
-        ).log_prob(self._emission_params(params)["weights"])
-        start = dist.Dirichlet(torch.full_like(params["start"], self.start_concentration)).log_prob(
-            params["start"]
-        )
+        like = params[self.pivot]
+        if not self.has_prior:
+            return like.new_zeros(())
+        mixture = self._mixture(params)
+        # the mixture's log prior includes its weights' Dirichlet, here at equal weights: out
+        weights = dist.Dirichlet(torch.full((self.k,), self.weights_concentration(), dtype=like.dtype))
+        emissions = self.emission.log_prior(mixture) - weights.log_prob(mixture["weights"])
+        start = dist.Dirichlet(torch.full_like(params["start"], self.start_concentration))
         rows = dist.Dirichlet(torch.full_like(params["transitions"], self.transition_concentration))
-        return gaussian - weights_term + start + rows.log_prob(params["transitions"]).sum()
+        return emissions + start.log_prob(params["start"]) + rows.log_prob(params["transitions"]).sum()
 
     def n_params(self) -> int:
-        k, d = self.k, self.dim
-        return (k - 1) + k * (k - 1) + k * d + self.emission._type.n_cov_params(k, d)
+        k = self.k
+        return int(self.emission.n_params()) - (k - 1) + (k - 1) + k * (k - 1)
 
     def to_sites(self, params: Params) -> dict[str, Tensor]:
-        gaussian = self.emission.to_sites(self._emission_params(params))
-        return {
-            "start": params["start"].clone(),
-            "transitions": params["transitions"].clone(),
-            "locs": gaussian["locs"],
-            "precision": gaussian["precision"],
-        }
+        sites = self.emission.to_sites(self._mixture(params))
+        sites.pop("weights", None)
+        return {"start": params["start"].clone(), "transitions": params["transitions"].clone(), **sites}
 
     def from_sites(self, sites: Mapping[str, Tensor]) -> Params:
-        gaussian = self.emission.from_sites({"weights": sites["start"], **sites})
-        return {
-            "start": sites["start"],
-            "transitions": sites["transitions"],
-            "means": gaussian["means"],
-            "covariances": gaussian["covariances"],
-        }
+        mixture = self.emission.from_sites({"weights": sites["start"], **sites})
+        return {"start": sites["start"], "transitions": sites["transitions"], **self._emissions(mixture)}
 
     def project(self, params: Params) -> Params:
-        gaussian = self.emission.project(self._emission_params(params))
         transitions = params["transitions"]
         return {
             "start": params["start"] / params["start"].sum(),
             "transitions": transitions / transitions.sum(1, keepdim=True),
-            "means": gaussian["means"],
-            "covariances": gaussian["covariances"],
+            **self._emissions(self.emission.project(self._mixture(params))),
         }
 
     def init_from_points(self, x: Tensor, index: Tensor, spread: Params) -> Params:
-        params = dict(spread)
-        params["means"] = x[index].clone()
-        params["start"] = torch.full((self.k,), 1.0 / self.k, dtype=x.dtype, device=x.device)
-        params["transitions"] = torch.full((self.k, self.k), 1.0 / self.k, dtype=x.dtype, device=x.device)
-        return self.project(params)
+        uniform = x.new_full((self.k,), 1.0 / self.k)
+        mixture = self.emission.init_from_points(x, index, self._mixture(spread))
+        return self.project(
+            {"start": uniform, "transitions": uniform.expand(self.k, self.k).clone(), **mixture}
+        )
+
+
+@MODELS.register("gaussian_hmm")
+class GaussianHMM(HiddenMarkovModel):
+    """Gaussian emissions of a covariance type: ``means`` (K, D), ``covariances`` (K, D, D)."""
+
+    name = "gaussian_hmm"
+    options = GaussianHMMOptions
+    mixture = GaussianMixture
+
+    def __init__(
+        self,
+        k: int,
+        dim: int,
+        covariance: str,
+        prior: ConjugatePrior | None,
+        start_concentration: float = 1.0,
+        transition_concentration: float = 1.0,
+    ) -> None:
+        super().__init__(
+            GaussianMixture(k, dim, covariance, prior), start_concentration, transition_concentration
+        )
+        self.covariance = covariance
+
+    @classmethod
+    def from_config(cls, cfg: ModelOptions, x: Tensor) -> GaussianHMM:
+        assert isinstance(cfg, GaussianHMMOptions)
+        hyper = cfg.hyperparameters
+        prior = None
+        if cfg.prior == "conjugate":
+            gaussian = GMMHyperparameters(
+                mean_precision=hyper.mean_precision,
+                mean_prior=hyper.mean_prior,
+                degrees_of_freedom=hyper.degrees_of_freedom,
+                covariance_prior=hyper.covariance_prior,
+            )
+            prior = _default_prior(gaussian, cfg.covariance, cfg.k, x)
+        concentrations = (hyper.start_concentration, hyper.transition_concentration)
+        model = cls(cfg.k, int(x.shape[1]), cfg.covariance, prior, *concentrations)
+        model.example = x[:2].clone().to(torch.float64)
+        return model
+
+    def weights_concentration(self) -> float:
+        assert self.emission.prior is not None
+        return float(self.emission.prior.weight_concentration)
+
+    def declare_emissions(self, like: Tensor, components: pyro.plate) -> tuple[Tensor, Tensor]:
+        emission = self.emission
+        if emission._type.shared:
+            precision = pyro.sample("precision", emission.precision_prior(like))
+        with components:
+            if not emission._type.shared:
+                precision = pyro.sample("precision", emission.precision_prior(like))
+            full_precision = emission.full_precision(precision)
+            locs = pyro.sample("locs", emission.locs_prior(full_precision))
+        return locs, full_precision
+
+    def emission_distribution(self, declared: tuple[Tensor, Tensor], z: Tensor) -> dist.TorchDistribution:
+        locs, full_precision = declared
+        precision = Vindex(full_precision)[..., z, :, :]
+        return dist.MultivariateNormal(Vindex(locs)[..., z, :], precision_matrix=precision)
+
+
+@MODELS.register("poisson_hmm")
+class PoissonHMM(HiddenMarkovModel):
+    """Independent Poisson counts per feature: ``rates`` (K, D)."""
+
+    name = "poisson_hmm"
+    options = PoissonHMMOptions
+    mixture = PoissonMixture
+
+    def __init__(
+        self,
+        k: int,
+        dim: int,
+        prior: tuple[float, float, float] | None,
+        start_concentration: float = 1.0,
+        transition_concentration: float = 1.0,
+    ) -> None:
+        super().__init__(PoissonMixture(k, dim, prior), start_concentration, transition_concentration)
+
+    @classmethod
+    def from_config(cls, cfg: ModelOptions, x: Tensor) -> PoissonHMM:
+        assert isinstance(cfg, PoissonHMMOptions)
+        hyper = cfg.hyperparameters
+        prior = None
+        if cfg.prior == "conjugate":
+            mixture = PoissonHyperparameters(rate_shape=hyper.rate_shape, rate_rate=hyper.rate_rate)
+            prior = PoissonMixture.conjugate_prior(cfg.model_copy(update={"hyperparameters": mixture}), x)
+        model = cls(cfg.k, int(x.shape[1]), prior, hyper.start_concentration, hyper.transition_concentration)
+        model.example = x[:2].clone().to(torch.float64)
+        return model
+
+    def weights_concentration(self) -> float:
+        assert self.emission.prior is not None
+        return float(self.emission.prior[0])
+
+    def declare_emissions(self, like: Tensor, components: pyro.plate) -> Tensor:
+        emission = self.emission
+        if emission.prior is None:
+            rates_prior: dist.TorchDistribution = Flat(emission.support, (self.k,), (self.dim,))
+        else:
+            _, a0, b0 = (torch.tensor(v, dtype=like.dtype, device=like.device) for v in emission.prior)
+            rates_prior = emission.component_family(a0, b0).expand((self.k, self.dim)).to_event(1)
+        with components:
+            return pyro.sample("rates", rates_prior)
+
+    def emission_distribution(self, declared: Tensor, z: Tensor) -> dist.TorchDistribution:
+        return self.emission.likelihood(Vindex(declared)[..., z, :]).to_event(1)
