@@ -20,7 +20,9 @@ import ppl_gmm
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.config import parse_config
 from ppl_gmm.errors import UserError
+from ppl_gmm.evaluate import permute, relabel
 from ppl_gmm.experiment import prepare
+from ppl_gmm.models._hmm import padding
 from ppl_gmm.models.gmm import GMMHyperparameters, _default_prior
 from ppl_gmm.models.hmm import GaussianHMM, PoissonHMM
 
@@ -317,3 +319,32 @@ def test_a_poisson_hmm_runs_from_a_config(tmp_path: Path) -> None:
         assert summary.status == "completed", (backend, summary.error)
         assert summary.n_params == (2 - 1) + 2 * (2 - 1) + 2 * 8
     assert result.summaries["em"].ari > 0.95  # eight count features tell the two states apart
+
+
+def test_viterbi_equals_pyros_map_decoding_of_the_declaration() -> None:
+    from pyro.infer import infer_discrete
+
+    reference = _reference("diag", seed=10)
+    lengths = np.array([20, 7, 1, 15])  # short: Pyro traces every step
+    x = _data(reference, seed=11)[: lengths.sum()]
+    model = GaussianHMM(3, 2, "diag", None).bind(lengths)
+    params = _params(reference)
+    conditioned = poutine.condition(model.model, data=model.to_sites(params))
+    decoded = poutine.trace(infer_discrete(conditioned, first_available_dim=-2, temperature=0)).get_trace(x)
+    rows, mask = padding(torch.from_numpy(lengths))
+    states = torch.empty(len(x), dtype=torch.long)
+    for t in range(rows.shape[0]):
+        z = decoded.nodes[f"z_{t}"]["value"].reshape(-1)
+        states[rows[t][mask[t]]] = z[mask[t]]
+    assert torch.equal(states, model.most_probable_states(x, params))
+
+
+def test_relabelling_permutes_transitions_on_both_axes() -> None:
+    model = GaussianHMM(3, 2, "full", None)
+    params = _params(_reference("full", seed=12))
+    perm = torch.tensor([2, 0, 1])
+    shuffled = permute(params, perm, model.component_axes)
+    assert torch.equal(shuffled["transitions"], params["transitions"][perm][:, perm])
+    back = relabel(model, params, shuffled)
+    for name, value in params.items():
+        assert torch.equal(back[name], value), name
