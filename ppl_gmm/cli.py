@@ -30,7 +30,15 @@ __all__ = ["BACKEND_NAMES", "DATA_SOURCES", "MODEL_NAMES", "main"]
 
 # The registries' names, written out so that --help need not import torch; a test keeps them equal.
 BACKEND_NAMES = ("em", "incremental_em", "map", "mcmc", "online_em", "svi", "vb")
-MODEL_NAMES = ("bernoulli_mixture", "gaussian_hmm", "gmm", "poisson_hmm", "poisson_mixture", "student_t_mixture")
+MODEL_NAMES = (
+    "bernoulli_hmm",
+    "bernoulli_mixture",
+    "gaussian_hmm",
+    "gmm",
+    "poisson_hmm",
+    "poisson_mixture",
+    "student_t_mixture",
+)
 DATA_SOURCES = (
     "synthetic",
     "csv",

@@ -24,7 +24,7 @@ from ppl_gmm.evaluate import permute, relabel
 from ppl_gmm.experiment import prepare
 from ppl_gmm.models._hmm import padding
 from ppl_gmm.models.gmm import GMMHyperparameters, _default_prior
-from ppl_gmm.models.hmm import GaussianHMM, PoissonHMM
+from ppl_gmm.models.hmm import BernoulliHMM, GaussianHMM, PoissonHMM
 
 LENGTHS = np.array([60, 7, 1, 90, 33, 2])  # unequal, one of length 1
 COVARIANCE_TYPES = ["full", "diag", "spherical", "tied"]
@@ -348,3 +348,42 @@ def test_relabelling_permutes_transitions_on_both_axes() -> None:
     back = relabel(model, params, shuffled)
     for name, value in params.items():
         assert torch.equal(back[name], value), name
+
+
+def test_bernoulli_baum_welch_agrees_with_hmmlearns_categorical_hmm_on_two_symbols() -> None:
+    """One binary feature is a categorical emission of two symbols: emissionprob = [1 - p, p]."""
+    rng = np.random.default_rng(13)
+    reference = hmm.CategoricalHMM(
+        3,
+        startprob_prior=1.0,
+        transmat_prior=1.0,
+        emissionprob_prior=1.0,
+        init_params="",
+        params="ste",
+        n_iter=1,
+        tol=-np.inf,
+        implementation="log",
+    )
+    reference.n_features = 2
+    reference.startprob_ = rng.dirichlet(np.ones(3) * 3)
+    reference.transmat_ = 0.6 * np.eye(3) + 0.4 * rng.dirichlet(np.ones(3), size=3)
+    probs = rng.uniform(0.1, 0.9, size=3)
+    reference.emissionprob_ = np.column_stack([1 - probs, probs])
+    symbols, _ = reference.sample(int(LENGTHS.sum()), random_state=14)
+    x = torch.from_numpy(symbols.astype(np.float64))
+    model = BernoulliHMM(3, 1, None).bind(LENGTHS)
+    start = {
+        "start": torch.from_numpy(reference.startprob_.copy()),
+        "transitions": torch.from_numpy(reference.transmat_.copy()),
+        "probs": torch.from_numpy(probs[:, None].copy()),
+    }
+    steps: list = []
+    result = EM().fit(model, x, start, EMOptions(max_iter=25, tol=0.0), steps.append)
+    expected = []
+    for iteration in range(26):
+        expected.append(reference.score(symbols, LENGTHS) / len(x))
+        if iteration < 25:
+            reference.fit(symbols, LENGTHS)
+    np.testing.assert_allclose([step.log_likelihood for step in steps], expected, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(result.params["probs"].numpy()[:, 0], reference.emissionprob_[:, 1], atol=1e-7)
+    np.testing.assert_allclose(result.params["transitions"].numpy(), reference.transmat_, atol=1e-7)

@@ -2,8 +2,8 @@
 transition matrix ``transitions`` (K, K), rows the state moved from; each observation x_t given
 z_t = k from the k-th component of a mixture family, whose parameters, conjugate prior, M-step and
 data checks the model borrows (its weights unused): ``gaussian_hmm`` (the gmm's four covariance
-types: ``means`` (K, D), ``covariances`` (K, D, D)) and ``poisson_hmm`` (independent Poisson
-counts: ``rates`` (K, D)).
+types: ``means`` (K, D), ``covariances`` (K, D, D)), ``poisson_hmm`` (independent Poisson
+counts: ``rates`` (K, D)) and ``bernoulli_hmm`` (independent binary features: ``probs`` (K, D)).
 
 The data are sequences: rows of x one sequence after another, each sequence's number of rows in
 ``lengths`` (bound to the model for the data it fits: ``bind``). Declared once in Pyro: the states
@@ -36,14 +36,18 @@ from ..config import ModelOptions, Strict
 from ..errors import UserError
 from ._hmm import EStep, forward_backward, padding, viterbi
 from .base import MODELS, Flat, LatentModel, Params
+from .bernoulli import BernoulliHyperparameters, BernoulliMixture
 from .gmm import ConjugatePrior, GaussianMixture, GMMHyperparameters, _default_prior
 from .poisson import PoissonHyperparameters, PoissonMixture
 
 __all__ = [
+    "BernoulliHMM",
+    "BernoulliHMMOptions",
     "GaussianHMM",
     "GaussianHMMOptions",
     "HMMHyperparameters",
     "HiddenMarkovModel",
+    "IndependentHMM",
     "PoissonHMM",
     "PoissonHMMOptions",
 ]
@@ -81,6 +85,21 @@ class PoissonHMMHyperparameters(Strict):
 class PoissonHMMOptions(ModelOptions):
     name: Literal["poisson_hmm"] = "poisson_hmm"
     hyperparameters: PoissonHMMHyperparameters = PoissonHMMHyperparameters()
+
+
+class BernoulliHMMHyperparameters(Strict):
+    """Dirichlet priors on the start probabilities and on each transition row; Beta(a0, b0) on
+    each probability as the Bernoulli mixture's."""
+
+    start_concentration: float = Field(1.0, ge=1.0)
+    transition_concentration: float = Field(1.0, ge=1.0)
+    prob_a: float = Field(2.0, ge=1.0)  # at least 1, so that the mode exists
+    prob_b: float = Field(2.0, ge=1.0)
+
+
+class BernoulliHMMOptions(ModelOptions):
+    name: Literal["bernoulli_hmm"] = "bernoulli_hmm"
+    hyperparameters: BernoulliHMMHyperparameters = BernoulliHMMHyperparameters()
 
 
 class HiddenMarkovModel(LatentModel):
@@ -415,13 +434,11 @@ class GaussianHMM(HiddenMarkovModel):
         return dist.MultivariateNormal(Vindex(locs)[..., z, :], precision_matrix=precision)
 
 
-@MODELS.register("poisson_hmm")
-class PoissonHMM(HiddenMarkovModel):
-    """Independent Poisson counts per feature: ``rates`` (K, D)."""
+class IndependentHMM(HiddenMarkovModel):
+    """Emissions of D independent features from one family (the Poisson or Bernoulli mixture's
+    components): ``<site>`` (K, D)."""
 
-    name = "poisson_hmm"
-    options = PoissonHMMOptions
-    mixture = PoissonMixture
+    hyperparameters: Any  # the mixture's hyperparameters schema, filled from the model's
 
     def __init__(
         self,
@@ -431,16 +448,20 @@ class PoissonHMM(HiddenMarkovModel):
         start_concentration: float = 1.0,
         transition_concentration: float = 1.0,
     ) -> None:
-        super().__init__(PoissonMixture(k, dim, prior), start_concentration, transition_concentration)
+        super().__init__(self.mixture(k, dim, prior), start_concentration, transition_concentration)  # type: ignore[attr-defined]
 
     @classmethod
-    def from_config(cls, cfg: ModelOptions, x: Tensor) -> PoissonHMM:
-        assert isinstance(cfg, PoissonHMMOptions)
-        hyper = cfg.hyperparameters
+    def from_config(cls, cfg: ModelOptions, x: Tensor) -> IndependentHMM:
+        hyper = cfg.hyperparameters  # type: ignore[attr-defined]
         prior = None
         if cfg.prior == "conjugate":
-            mixture = PoissonHyperparameters(rate_shape=hyper.rate_shape, rate_rate=hyper.rate_rate)
-            prior = PoissonMixture.conjugate_prior(cfg.model_copy(update={"hyperparameters": mixture}), x)
+            own = {
+                field: getattr(hyper, field)
+                for field in cls.hyperparameters.model_fields
+                if hasattr(hyper, field)
+            }
+            mixture = cfg.model_copy(update={"hyperparameters": cls.hyperparameters(**own)})
+            prior = cls.mixture.conjugate_prior(mixture, x)  # type: ignore[attr-defined]
         model = cls(cfg.k, int(x.shape[1]), prior, hyper.start_concentration, hyper.transition_concentration)
         model.example = x[:2].clone().to(torch.float64)
         return model
@@ -452,12 +473,32 @@ class PoissonHMM(HiddenMarkovModel):
     def declare_emissions(self, like: Tensor, components: pyro.plate) -> Tensor:
         emission = self.emission
         if emission.prior is None:
-            rates_prior: dist.TorchDistribution = Flat(emission.support, (self.k,), (self.dim,))
+            prior: dist.TorchDistribution = Flat(emission.support, (self.k,), (self.dim,))
         else:
             _, a0, b0 = (torch.tensor(v, dtype=like.dtype, device=like.device) for v in emission.prior)
-            rates_prior = emission.component_family(a0, b0).expand((self.k, self.dim)).to_event(1)
+            prior = emission.component_family(a0, b0).expand((self.k, self.dim)).to_event(1)
         with components:
-            return pyro.sample("rates", rates_prior)
+            return pyro.sample(emission.site, prior)
 
     def emission_distribution(self, declared: Tensor, z: Tensor) -> dist.TorchDistribution:
         return self.emission.likelihood(Vindex(declared)[..., z, :]).to_event(1)
+
+
+@MODELS.register("poisson_hmm")
+class PoissonHMM(IndependentHMM):
+    """Independent Poisson counts per feature: ``rates`` (K, D)."""
+
+    name = "poisson_hmm"
+    options = PoissonHMMOptions
+    mixture = PoissonMixture
+    hyperparameters = PoissonHyperparameters
+
+
+@MODELS.register("bernoulli_hmm")
+class BernoulliHMM(IndependentHMM):
+    """Independent binary features: ``probs`` (K, D)."""
+
+    name = "bernoulli_hmm"
+    options = BernoulliHMMOptions
+    mixture = BernoulliMixture
+    hyperparameters = BernoulliHyperparameters
