@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from .errors import UserError
 from .evaluate import match_components, permute
-from .figures import Experiment, plot_components, plot_models, plot_traces
+from .figures import Experiment, plot_components, plot_models, plot_states, plot_traces, plot_transitions
 from .models import MODELS, LatentModel
 from .runs import Files, read_summary, write_csv
 
@@ -256,7 +256,12 @@ def compare(paths: Sequence[Path], out: Path) -> Comparison:
             continue
         experiment = Experiment.read(path, runs)
         read.append(experiment)
-        drawn = [plot_traces(experiment, out), plot_components(experiment, out)]
+        drawn = [
+            plot_traces(experiment, out),
+            plot_components(experiment, out),
+            plot_transitions(experiment, out),
+            plot_states(experiment, out),
+        ]
         figures += [figure for figure in drawn if figure is not None]
     for name, group in models_on_same_data(read).items():
         figure = plot_models(group, out / f"{name}-models.png")

@@ -366,7 +366,11 @@ def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Out
     save_tensors(path / Files.INIT, _init_tensors(plan.inits))
     if plan.data.truth is not None:
         save_tensors(path / Files.TRUTH, plan.data.truth)
-    save_tensors(path / Files.SAMPLE, {"x": _figure_sample(plan.data.train, cfg.seed)})
+    sample = {"x": _figure_sample(plan.data.train, cfg.seed)}
+    if plan.data.train_lengths is not None and sample["x"].shape[0] == plan.data.train.shape[0]:
+        # every train row, in order: the figures can cut them into the train sequences again
+        sample["lengths"] = torch.as_tensor(plan.data.train_lengths, dtype=torch.int64)
+    save_tensors(path / Files.SAMPLE, sample)
     common = {
         "model": plan.model.name,
         "seed": cfg.seed,

@@ -1,4 +1,5 @@
-"""The figures of a comparison: objective traces, fitted components, model selection.
+"""The figures of a comparison: objective traces, fitted components, a hidden Markov model's
+transition matrices and state sequences, model selection.
 
 Drawn from what an experiment directory keeps (summaries, metrics.csv, parameters, the sample of
 train points, data.json, config.yaml); never from a backend. Every figure reads the same way: a
@@ -25,13 +26,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Ellipse, Patch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
-from .evaluate import match_components  # noqa: E402
+from .evaluate import match_components, permute  # noqa: E402
 from .models import MODELS, LatentModel  # noqa: E402
+from .models.hmm import HiddenMarkovModel  # noqa: E402
 from .runs import Files, write_bytes  # noqa: E402
 
 __all__ = [
@@ -47,8 +51,12 @@ __all__ = [
     "plot_components",
     "plot_models",
     "plot_selection",
+    "plot_states",
     "plot_traces",
+    "plot_transitions",
+    "states_figure",
     "trace_figure",
+    "transitions_figure",
 ]
 
 # objective kind → its name on an axis; each kind gets its own axes (their scales differ)
@@ -373,6 +381,8 @@ def _assignments(
     try:
         points = torch.as_tensor(x)
         model = model_class.from_config(model_class.options.model_validate(fields), points)
+        if model_class.sequential:  # smoothed states within each train sequence, where known
+            model = model.bind(_train_lengths(experiment, x.shape[0]))
         return model.log_joint(points, params).argmax(1).numpy()
     except (ValueError, RuntimeError, KeyError):  # a config from another version: plain points
         return None
@@ -572,6 +582,258 @@ def _plot_heatmaps(experiment: Experiment, panels: list[_Panel], pivot: str, out
     )
     figure.suptitle(f"{experiment.path.name}: fitted components ({pivot})")
     return _save(figure, out / f"{experiment.path.name}-components.png")
+
+
+# ---- hidden Markov models --------------------------------------------------------------------
+
+SEQUENCES_SHOWN = 5  # the first train sequences the state figure draws
+STEPS_PER_STRIP = 100  # a longer sequence wraps onto more strips, cells staying wide enough to see
+STRIPS = 8  # at most; the steps beyond are left out, as the title says
+
+
+def _sequential_panels(experiment: Experiment) -> list[_Panel]:
+    """``_panels`` of a sequential model (its pivot matched to the truth's, else the first
+    backend's), or none for a model of independent points."""
+    model = experiment.model_class
+    if model is None or not model.sequential:
+        return []
+    return [p for p in _panels(experiment, model.pivot) if "transitions" in p.params]
+
+
+def _in_colour_order(experiment: Experiment, panel: _Panel) -> dict[str, torch.Tensor]:
+    """The panel's parameters with its components in the order of their colours (the matched
+    reference components'), along every component axis: both of a transition matrix's."""
+    model = experiment.model_class
+    assert model is not None
+    order = torch.as_tensor(np.argsort(panel.colors, kind="stable"))
+    return permute(panel.params, order, model.component_axes)
+
+
+def _state_labels(ax: plt.Axes, colors: np.ndarray, axis: str) -> None:
+    """Tick labels 1..K of the states in colour order, each in its component's colour."""
+    shown = np.sort(colors)
+    labels = [str(int(c) + 1) for c in shown]
+    if axis in ("x", "both"):
+        ax.set_xticks(range(len(shown)), labels)
+        for tick, c in zip(ax.get_xticklabels(), shown, strict=True):
+            tick.set_color(component_color(int(c)))
+            tick.set_fontweight("bold")
+    if axis in ("y", "both"):
+        ax.set_yticks(range(len(shown)), labels)
+        for tick, c in zip(ax.get_yticklabels(), shown, strict=True):
+            tick.set_color(component_color(int(c)))
+            tick.set_fontweight("bold")
+
+
+def transitions_figure(experiment: Experiment) -> plt.Figure | None:
+    """One heat map per panel (the truth's, then each backend's) of the transition matrix
+    p(z_t+1 = j | z_t = i), rows the state moved from: states in the order of the matched
+    reference's (both axes permuted alike), each cell annotated with its probability, one colour
+    scale 0..1 for all. None for a model without transitions."""
+    panels = _sequential_panels(experiment)
+    if not panels:
+        return None
+    k = max(p.colors.size for p in panels)
+    width = max(7.5, max(2.6, 0.55 * k + 1.0) * len(panels) + 1.4)
+    side = (width - 1.4) / len(panels)  # square panels: titles, labels and colour bar around them
+    figure, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(width, side + 1.9),
+        squeeze=False,
+        layout="constrained",
+    )
+    image = None
+    for ax, panel in zip(axes[0], panels, strict=True):
+        values = _in_colour_order(experiment, panel)["transitions"].numpy()
+        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if values.shape[0] <= 12:  # beyond, the numbers no longer fit their cells
+            for (i, j), value in np.ndenumerate(values):
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9 if values.shape[0] <= 6 else 7,
+                    color="white" if value > 0.6 else "0.1",
+                )
+        _state_labels(ax, panel.colors, "both")
+        ax.set_xlabel("to state")
+        ax.set_ylabel("from state")
+        ax.set_title(panel.title, fontsize=10)
+        if len({p.colors.size for p in panels}) == 1:  # the same states in every panel
+            ax.label_outer()
+    assert image is not None
+    figure.colorbar(image, ax=axes[0].tolist(), label="transition probability", shrink=0.85)
+    figure.suptitle(
+        f"{experiment.path.name}: transition matrices p(to state | from state),\n"
+        "states numbered and coloured as the matched components",
+        fontsize=11,
+    )
+    return figure
+
+
+def plot_transitions(experiment: Experiment, out: Path) -> Path | None:
+    """``transitions_figure`` saved as ``<experiment>-transitions.png`` in ``out``."""
+    figure = transitions_figure(experiment)
+    return None if figure is None else _save(figure, out / f"{experiment.path.name}-transitions.png")
+
+
+def _train_lengths(experiment: Experiment, n: int) -> np.ndarray | None:
+    """The lengths of the train sequences, when the ``n`` kept train rows are all of them (in
+    order): as the run kept them in sample.safetensors, or as data.json determines them (one
+    sequence, or sequences of one length); else None."""
+    try:  # kept by the run when the sample holds every train row
+        kept = load_file(str(experiment.path / Files.SAMPLE)).get("lengths")
+    except (OSError, SafetensorError):
+        kept = None
+    if kept is not None and int(kept.sum()) == n:
+        return kept.numpy()
+    data = experiment.data
+    n_train, count = data.get("n_train"), data.get("n_sequences_train")
+    shortest, longest = data.get("min_length"), data.get("max_length")
+    if n_train != n:
+        return None
+    if count is None or count == 1:
+        return np.array([n])
+    if isinstance(count, int) and shortest == longest and isinstance(shortest, int) and count * shortest == n:
+        return np.full(count, shortest)
+    return None
+
+
+def _true_states(experiment: Experiment) -> np.ndarray | None:
+    """The simulated states of the train rows (N,), from a backend's assignments.csv."""
+    for _, row in experiment.runs.iterrows():
+        try:
+            labels = pd.read_csv(Path(row["path"]) / Files.ASSIGNMENTS, usecols=["label"])["label"]
+        except (OSError, ValueError, pd.errors.ParserError):
+            continue
+        return labels.to_numpy(dtype=int)
+    return None
+
+
+def _viterbi(
+    experiment: Experiment, x: np.ndarray, lengths: np.ndarray, params: Mapping[str, torch.Tensor]
+) -> np.ndarray | None:
+    """The most probable state path of the rows ``x`` cut into ``lengths`` under ``params`` (the
+    model rebuilt from the saved config); None when it cannot be."""
+    model_class = experiment.model_class
+    if model_class is None:
+        return None
+    fields = {**experiment.model, "k": int(params[model_class.pivot].shape[0]), "prior": "none"}
+    if "covariance" in fields:  # saved covariances are full matrices whatever the type
+        fields["covariance"] = "full"
+    try:
+        points = torch.as_tensor(x)
+        model = model_class.from_config(model_class.options.model_validate(fields), points).bind(lengths)
+    except (ValueError, RuntimeError, KeyError):  # a config from another version
+        return None
+    if not isinstance(model, HiddenMarkovModel):
+        return None
+    return model.most_probable_states(points, params).numpy()
+
+
+def _strips(lengths: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(sequence, its first row, first step, end step) of each strip: every sequence cut into
+    ``STEPS_PER_STRIP`` steps at a time, at most ``STRIPS`` strips in all."""
+    offsets = np.cumsum(lengths) - lengths
+    strips = [
+        (i, int(offset), begin, min(begin + STEPS_PER_STRIP, int(length)))
+        for i, (offset, length) in enumerate(zip(offsets, lengths, strict=True))
+        for begin in range(0, int(length), STEPS_PER_STRIP)
+    ]
+    return strips[:STRIPS]
+
+
+def states_figure(experiment: Experiment) -> plt.Figure | None:
+    """For each of the first train sequences (at most ``SEQUENCES_SHOWN``), one strip per panel:
+    the simulated states (when the truth is known) and each backend's Viterbi path, a cell per
+    time step coloured as the matched component, a dot where a path leaves the simulated one.
+    None for a model without transitions, or when the run directory does not determine the train
+    sequences."""
+    panels = _sequential_panels(experiment)
+    sample = _read_sample(experiment)
+    if not panels or sample is None:
+        return None
+    lengths = _train_lengths(experiment, sample.shape[0])
+    if lengths is None:
+        return None
+    lengths = lengths[:SEQUENCES_SHOWN]
+    x = sample[: int(lengths.sum())]
+    rows, names = [], []
+    truth_row = False
+    for panel in panels:
+        truth = panel.title.startswith("truth")
+        if truth:
+            states = _true_states(experiment)
+            states = None if states is None else states[: x.shape[0]]
+        else:
+            states = _viterbi(experiment, x, lengths, panel.params)
+        if states is not None and states.size == x.shape[0]:
+            rows.append(panel.colors[states])
+            names.append(panel.title.split("\n")[0])
+            truth_row |= truth
+    if not rows:
+        return None
+    paths = np.stack(rows)  # (rows, N) colour indices
+    n_colors = int(paths.max()) + 1
+    strips = _strips(lengths)
+    width = max(stop - begin for _, _, begin, stop in strips)
+    figure, axes = plt.subplots(
+        len(strips),
+        1,
+        figsize=(min(14.0, max(8.0, 0.13 * width + 3.0)), 1.3 + len(strips) * (0.26 * len(rows) + 0.45)),
+        squeeze=False,
+        layout="constrained",
+    )
+    cmap = ListedColormap([component_color(c) for c in range(n_colors)])
+    for ax, (sequence, offset, begin, stop) in zip(axes[:, 0], strips, strict=True):
+        strip = paths[:, offset + begin : offset + stop]
+        ax.imshow(
+            strip,
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=n_colors - 0.5,
+            aspect="auto",
+            interpolation="nearest",
+            extent=(begin + 0.5, stop + 0.5, len(rows) - 0.5, -0.5),
+        )
+        ax.set_xlim(begin + 0.5, begin + width + 0.5)  # one cell width on every strip
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        if width <= 60:  # cell borders, while cells are wide enough to show them
+            ax.set_xticks(np.arange(begin + 1.5, stop, 1.0), minor=True)
+        ax.set_yticks(np.arange(0.5, len(rows) - 1, 1.0), minor=True)
+        ax.grid(which="minor", color="white", lw=0.8)
+        ax.tick_params(which="minor", length=0)
+        ax.spines[["top", "right"]].set_visible(False)
+        if truth_row:  # where a backend's path leaves the simulated one
+            wrong = np.argwhere(strip[1:] != strip[0])
+            ax.plot(wrong[:, 1] + begin + 1, wrong[:, 0] + 1, "o", color="black", ms=3, ls="")
+        length = int(lengths[sequence])
+        steps = f"{length} steps" if stop - begin == length else f"steps {begin + 1}-{stop} of {length}"
+        ax.set_title(f"train sequence {sequence + 1} ({steps})", fontsize=9, loc="left")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[-1, 0].set_xlabel("time step t")
+    handles: list[Any] = [
+        Patch(color=component_color(c), label=f"state {c + 1}") for c in sorted(set(paths.ravel().tolist()))
+    ]
+    if truth_row:
+        handles.append(Line2D([], [], marker="o", color="black", ms=3, ls="", label="differs from the truth"))
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    figure.suptitle(
+        f"{experiment.path.name}: most probable (Viterbi) state paths\n"
+        f"of the first {'train sequence' if len(lengths) == 1 else f'{len(lengths)} train sequences'}, "
+        "states coloured as the matched components",
+        fontsize=11,
+    )
+    return figure
+
+
+def plot_states(experiment: Experiment, out: Path) -> Path | None:
+    """``states_figure`` saved as ``<experiment>-states.png`` in ``out``."""
+    figure = states_figure(experiment)
+    return None if figure is None else _save(figure, out / f"{experiment.path.name}-states.png")
 
 
 # ---- models side by side ---------------------------------------------------------------------
