@@ -85,7 +85,13 @@ def _m_step(
     rising."""
     if isinstance(model, ClosedFormEM | HiddenMarkovModel):  # a hidden Markov model: its emissions
         reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
-        return model.m_step(x, resp, reg_covar, use_prior=False)
+        try:
+            return model.m_step(x, resp, reg_covar, use_prior=False)
+        except torch.linalg.LinAlgError:
+            raise UserError(
+                f"init.reg_covar: a cluster of init.method {cfg.method} has too few points for a "
+                "covariance (it is singular without regularization). Raise init.reg_covar, e.g. 1e-6."
+            ) from None
     from .backends.gem import GEMOptions, GradientMStep, MStepKind, check_gradient_em
 
     kind: MStepKind = "ecm" if model.closed_form_sites else "gradient"

@@ -274,7 +274,10 @@ class EM(Backend[EMOptions]):
                         break
                     if step == options.max_iter:
                         break
-                    params = model.m_step_stats(stats, center, reg_covar(model, options.reg_covar))
+                    try:
+                        params = model.m_step_stats(stats, center, reg_covar(model, options.reg_covar))
+                    except torch.linalg.LinAlgError:
+                        raise run.singular(step + 1, params) from None
                     # with a prior the M-step is the posterior mode, which the prior alone defines for a
                     # component without points: a surplus component may empty out, as in VB
                     empty = [] if model.has_prior else empty_components(model.component_mass(stats))

@@ -32,7 +32,7 @@ from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import BACKENDS, Backend, FitResult, Report, StepInfo, refuse_sequences
 from .em import EM, EMOptions, EMRun, add_stats, data_constant, needs_closed_form, reg_covar
 from .gem import GEMOptions, GradientMStep, check_gradient_em, m_step_kind
-from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows
+from .partial_em import CHUNK_ROWS, check_not_empty, e_step_rows, m_step_checked
 
 __all__ = ["IncrementalEM", "IncrementalEMOptions"]
 
@@ -100,7 +100,7 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
         run.settled(objective(log_likelihood))
         fix = "Lower model.k, set data.standardize: true, or use em, which re-seeds empty components."
         check_not_empty(model, total, step, fix)
-        params = model.m_step_stats(total, center, regularization)
+        params = m_step_checked(model, run, total, center, regularization, step, params)
         prepared = run.prepare(params, center, step)
         converged = False
         for _ in range(options.max_epochs):
@@ -112,7 +112,7 @@ class IncrementalEM(Backend[IncrementalEMOptions]):
                     mine.add_(fresh[name] - stats[b][name])
                 stats[b] = fresh
                 check_not_empty(model, total, step, fix)
-                params = model.m_step_stats(total, center, regularization)
+                params = m_step_checked(model, run, total, center, regularization, step, params)
                 prepared = run.prepare(params, center, step)
                 seconds = clock.seconds()
                 at_end = b == len(parts) - 1

@@ -36,6 +36,7 @@ from .partial_em import (
     check_not_empty,
     combine,
     e_step_rows,
+    m_step_checked,
 )
 
 __all__ = ["OnlineEM", "OnlineEMOptions", "step_size"]
@@ -113,7 +114,7 @@ class OnlineEM(Backend[OnlineEMOptions]):
                 "which re-seeds empty components.",
             )
             objective = run.objective(seen.log_likelihood, params, step, rows.shape[0], aside=True)
-            params = model.m_step_stats(stats, center, regularization)
+            params = m_step_checked(model, run, stats, center, regularization, step, params)
             seconds = run.clock.seconds()
             log_likelihood = None
             if step % options.eval_every == 0 or step == last:

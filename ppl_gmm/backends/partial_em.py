@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ..models.base import ClosedFormEM, Stats
+from ..models.base import ClosedFormEM, Params, Stats
 from .base import FitError
-from .em import PartialEStep, data_constant, e_step_blocks, empty_components
+from .em import EMRun, PartialEStep, data_constant, e_step_blocks, empty_components
 
 __all__ = [
     "CHUNK_ROWS",
@@ -20,6 +21,7 @@ __all__ = [
     "check_not_empty",
     "combine",
     "e_step_rows",
+    "m_step_checked",
 ]
 
 CHUNK_ROWS = 4096  # rows per E-step chunk, batch EM's default: fast GEMMs, memory O(chunk × K × D)
@@ -55,3 +57,20 @@ def e_step_rows(
 def combine(a: Stats, b: Stats, weight_a: float, weight_b: float) -> Stats:
     """weight_a · a + weight_b · b, in new tensors."""
     return {name: weight_a * value + weight_b * b[name] for name, value in a.items()}
+
+
+def m_step_checked(
+    model: ClosedFormEM,
+    run: EMRun,
+    stats: Stats,
+    center: Tensor | None,
+    reg: float,
+    step: int,
+    params: Params,
+) -> Params:
+    """``m_step_stats``, a covariance singular to working precision reported as a ``FitError`` at
+    ``step`` (with the parameters before it)."""
+    try:
+        return model.m_step_stats(stats, center, reg)
+    except torch.linalg.LinAlgError:
+        raise run.singular(step, params) from None

@@ -424,6 +424,8 @@ class GaussianMixture(LatentModel, ClosedFormEM):
             numerator = numerator + beta0 * kind.mean_deviation(centered_means - m0)
             cov = numerator / kind.map_count(nk, d, self.k, prior.degrees_of_freedom)
         covariances = kind.to_full(cov, self.k, d) + reg_covar * _eye_like(d, like)
+        if prior is None and reg_covar == 0.0:
+            _check_not_flat(covariances)
         return {"weights": weights, "means": centered_means + shift, "covariances": covariances}
 
     def component_mass(self, stats: Stats) -> Tensor:
@@ -565,6 +567,26 @@ def sticks_from_weights(weights: Tensor) -> Tensor:
     remaining = torch.flip(torch.cumsum(torch.flip(weights, (-1,)), dim=-1), (-1,))
     eps = torch.finfo(weights.dtype).eps
     return torch.clamp(weights / remaining, eps, 1.0 - eps)
+
+
+FLAT = 1e12  # a correlation matrix this ill-conditioned holds points on a lower-dimensional plane
+
+
+def _check_not_flat(covariances: Tensor) -> None:
+    """Raise ``LinAlgError`` if a maximum-likelihood covariance without regularization is singular
+    to working precision: its correlation matrix (the covariance scaled to unit diagonal, so the
+    features' own scales do not count) has a condition number above ``FLAT``, as when a component
+    has collapsed onto D or fewer points in D dimensions. Its log density would be rounding noise,
+    and the likelihood is unbounded there."""
+    if covariances.shape[-1] == 1:
+        return
+    scale = (
+        torch.diagonal(covariances, dim1=-2, dim2=-1).clamp_min(torch.finfo(covariances.dtype).tiny).rsqrt()
+    )
+    correlation = covariances * scale[:, :, None] * scale[:, None, :]
+    eigenvalues = torch.linalg.eigvalsh(correlation)
+    if bool((eigenvalues[:, 0] * FLAT < eigenvalues[:, -1]).any()):
+        raise torch.linalg.LinAlgError("a component's covariance is singular to working precision")
 
 
 def _default_prior(cfg: GMMHyperparameters, covariance: str, k: int, x: Tensor) -> ConjugatePrior:
