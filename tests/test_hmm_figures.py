@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from ppl_gmm.compare import compare, load_table
 from ppl_gmm.config import load_config
 from ppl_gmm.experiment import prepare
 from ppl_gmm.figures import Experiment, states_figure, transitions_figure
+from ppl_gmm.models.hmm import GaussianHMM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BACKENDS = {"em": {"max_iter": 30, "save_assignments": True}, "map": {"steps": 3}}
@@ -119,3 +121,29 @@ def test_a_mixture_draws_no_transitions_and_no_states(tmp_path: Path) -> None:
     assert f"{path.name}-components.png" in names
     assert not any(name.endswith(("-transitions.png", "-states.png")) for name in names)
     assert transitions_figure(_experiment(path)) is None and states_figure(_experiment(path)) is None
+
+
+def test_sequences_of_unequal_lengths_get_their_strips(tmp_path: Path) -> None:
+    """A CSV of sequences of unequal lengths: the run keeps the train lengths with its sample, so
+    each strip is one train sequence, of its own length."""
+    lengths = np.array([30, 12, 25, 7, 18, 40])
+    model = GaussianHMM(2, 2, "full", None).bind(lengths)
+    truth = model.sample_truth(np.random.default_rng(3), 5.0)
+    x, _ = model.simulate(truth, int(lengths.sum()), np.random.default_rng(4))
+    frame = pd.DataFrame(x.numpy(), columns=["a", "b"])
+    frame.insert(0, "run", np.repeat([f"r{i}" for i in range(len(lengths))], lengths))
+    frame.to_csv(tmp_path / "runs.csv", index=False)
+    config = {
+        "experiment": "unequal",
+        "data": {"source": "csv", "path": str(tmp_path / "runs.csv"), "sequence_column": "run"}
+        | {"test_fraction": 0.0},
+        "model": {"name": "gaussian_hmm", "k": 2},
+        "backends": {"em": {"max_iter": 50}},
+    }
+    path = ppl_gmm.run(config, runs_dir=tmp_path / "out", quiet=True).path
+    figure = states_figure(_experiment(path))
+    assert figure is not None
+    strips = [ax for ax in figure.axes if ax.images]
+    widths = [np.asarray(ax.images[0].get_array()).shape[1] for ax in strips]
+    assert widths == lengths[:5].tolist()
+    plt.close(figure)
