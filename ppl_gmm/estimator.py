@@ -42,6 +42,7 @@ from .experiment import Plan, _pyro_seed, prepare, torch_threads
 from .init import check_given
 from .models import MODELS, LatentModel, Params
 from .models.gmm import COVARIANCE_TYPES, GaussianMixture
+from .models.hmm import GaussianHMM, HiddenMarkovModel
 from .runs import Files, best_backend_dir, read_summary
 
 __all__ = ["Mixture", "run_data"]
@@ -125,10 +126,12 @@ class Mixture(DensityMixin, BaseEstimator):
 
     # ---- fitting ---------------------------------------------------------------------------------
 
-    def fit(self, X: Any, y: Any = None) -> Mixture:
+    def fit(self, X: Any, y: Any = None, lengths: Any = None) -> Mixture:
         """Fit on X (n_samples, n_features): a NumPy array, a pandas frame or a torch tensor,
-        used as it is (no test split, no standardization)."""
+        used as it is (no test split, no standardization). For a hidden Markov model, ``lengths``
+        cuts the rows into sequences as hmmlearn's does (None: one sequence)."""
         x = self._check_X(X, reset=True)
+        cut = self._lengths(lengths, x.shape[0])
         seed = _seed(self.random_state)
         with self._init_config() as (init, given):
             cfg = self._config(seed, init)
@@ -140,7 +143,7 @@ class Mixture(DensityMixin, BaseEstimator):
             features = (
                 tuple(map(str, names)) if names is not None else tuple(f"x{j}" for j in range(x.shape[1]))
             )
-            data = Dataset("array", torch.from_numpy(x), None, None, None, features)
+            data = Dataset("array", torch.from_numpy(x), None, None, None, features, train_lengths=cut)
             plan = prepare(cfg, data)
         result, objective = _fit_best(plan)
         if not result.converged:
@@ -148,9 +151,26 @@ class Mixture(DensityMixin, BaseEstimator):
         self._set_fitted(plan.model, result.params, result.converged, result.n_steps, objective)
         return self
 
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
+    def fit_predict(self, X: Any, y: Any = None, lengths: Any = None) -> np.ndarray:
         """Fit, then the most probable component of each row of X: (n_samples,)."""
-        return self.fit(X).predict(X)
+        return self.fit(X, lengths=lengths).predict(X, lengths)
+
+    def _lengths(self, lengths: Any, n: int) -> np.ndarray | None:
+        """``lengths`` checked against the model and the n rows: int64 (S,), or None."""
+        if lengths is None:
+            return None
+        if not MODELS.get(self.model, field="model").sequential:
+            raise UserError(
+                f"lengths: model {self.model!r} takes independent rows; lengths cut rows into the "
+                "sequences of a hidden Markov model (e.g. model='gaussian_hmm'). Leave it None."
+            )
+        cut = np.asarray(lengths)
+        if cut.ndim != 1 or cut.dtype.kind not in "iu" or (cut < 1).any() or int(cut.sum()) != n:
+            raise UserError(
+                f"lengths: expected positive integers, one per sequence, that sum to the {n} rows of X, "
+                f"but found {np.asarray(lengths).tolist()[:10]}."
+            )
+        return cut.astype(np.int64)
 
     def _config(self, seed: int, init: dict[str, Any]) -> Config:
         model: dict[str, Any] = {
@@ -159,7 +179,7 @@ class Mixture(DensityMixin, BaseEstimator):
             "k": self.n_components,
             "prior": self.prior,
         }
-        if self.model == "gmm":
+        if self.model in ("gmm", "gaussian_hmm"):
             model["covariance"] = self.covariance_type
         elif self.covariance_type != "full":
             raise UserError(
@@ -205,36 +225,53 @@ class Mixture(DensityMixin, BaseEstimator):
         self.params_ = {name: value.detach().to("cpu", torch.float64) for name, value in params.items()}
         for name, value in self.params_.items():
             setattr(self, f"{name}_", value.numpy())
-        if isinstance(model, GaussianMixture):
-            self.covariances_ = COVARIANCE_TYPES[model.covariance].native(self.params_["covariances"]).numpy()
+        gaussian = model.emission if isinstance(model, GaussianHMM) else model
+        if isinstance(gaussian, GaussianMixture):
+            self.covariances_ = (
+                COVARIANCE_TYPES[gaussian.covariance].native(self.params_["covariances"]).numpy()
+            )
         self.converged_ = converged
         self.n_iter_ = n_iter
         self.lower_bound_ = lower_bound
 
     # ---- using a fit -----------------------------------------------------------------------------
 
-    def _log_joint(self, X: Any) -> Tensor:
-        """log p(x_n, z_n = k | θ): (n_samples, n_components)."""
+    def _bound(self, X: Any, lengths: Any) -> tuple[LatentModel, Tensor]:
+        """The fitted model for X's rows (cut by ``lengths`` for a hidden Markov model) and X."""
         check_is_fitted(self)
         x = self._check_X(X, reset=False)
         self.model_.check_data(x, "X")
-        return self.model_.log_joint(torch.from_numpy(x), self.params_)
+        return self.model_.bind(self._lengths(lengths, x.shape[0])), torch.from_numpy(x)
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """p(z_n = k | x_n, θ): (n_samples, n_components), rows summing to one."""
-        return torch.softmax(self._log_joint(X), dim=1).numpy()
+    def _log_joint(self, X: Any, lengths: Any = None) -> Tensor:
+        """log p(x_n, z_n = k | θ): (n_samples, n_components); for a hidden Markov model the
+        smoothed log p(z_t = k | x, θ) plus the row's one-step predictive log density."""
+        model, x = self._bound(X, lengths)
+        return model.log_joint(x, self.params_)
 
-    def predict(self, X: Any) -> np.ndarray:
-        """The most probable component of each row: (n_samples,)."""
-        return torch.argmax(self._log_joint(X), dim=1).numpy()
+    def predict_proba(self, X: Any, lengths: Any = None) -> np.ndarray:
+        """p(z_n = k | x_n, θ): (n_samples, n_components), rows summing to one (a hidden Markov
+        model's: the smoothed state probabilities)."""
+        return torch.softmax(self._log_joint(X, lengths), dim=1).numpy()
 
-    def score_samples(self, X: Any) -> np.ndarray:
-        """log p(x_n | θ), the components summed out: (n_samples,)."""
-        return torch.logsumexp(self._log_joint(X), dim=1).numpy()
+    def predict(self, X: Any, lengths: Any = None) -> np.ndarray:
+        """The most probable component of each row: (n_samples,); a hidden Markov model's: the
+        most probable state sequence (Viterbi), as hmmlearn's predict."""
+        model, x = self._bound(X, lengths)
+        if isinstance(model, HiddenMarkovModel):
+            return model.most_probable_states(x, self.params_).numpy()
+        return torch.argmax(model.log_joint(x, self.params_), dim=1).numpy()
 
-    def score(self, X: Any, y: Any = None) -> float:
-        """The mean log-likelihood per row, as scikit-learn's GaussianMixture.score."""
-        return float(self.score_samples(X).mean())
+    def score_samples(self, X: Any, lengths: Any = None) -> np.ndarray:
+        """log p(x_n | θ), the components summed out: (n_samples,); a hidden Markov model's:
+        log p(x_t | x_1..t-1, θ), which sum to each sequence's log-likelihood."""
+        model, x = self._bound(X, lengths)
+        return model.log_likelihood(x, self.params_).numpy()
+
+    def score(self, X: Any, y: Any = None, lengths: Any = None) -> float:
+        """The mean log-likelihood per row, as scikit-learn's GaussianMixture.score (hmmlearn's
+        score is the sum: multiply by the number of rows)."""
+        return float(self.score_samples(X, lengths).mean())
 
     def bic(self, X: Any) -> float:
         """Bayesian information criterion on X (lower is better), as scikit-learn's."""

@@ -15,6 +15,7 @@ from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from safetensors.torch import load_file
 from scipy.stats import multivariate_normal
+from sklearn.exceptions import ConvergenceWarning
 
 import ppl_gmm
 from ppl_gmm.backends.em import EM, EMOptions
@@ -387,3 +388,32 @@ def test_bernoulli_baum_welch_agrees_with_hmmlearns_categorical_hmm_on_two_symbo
     np.testing.assert_allclose([step.log_likelihood for step in steps], expected, atol=1e-9, rtol=0)
     np.testing.assert_allclose(result.params["probs"].numpy()[:, 0], reference.emissionprob_[:, 1], atol=1e-7)
     np.testing.assert_allclose(result.params["transitions"].numpy(), reference.transmat_, atol=1e-7)
+
+
+def test_the_estimator_takes_lengths_as_hmmlearn_does() -> None:
+    lengths = np.array([60, 8, 90, 33, 2])  # the experiment refuses a sequence of one row
+    reference = _reference("diag", seed=15)
+    x = _data(reference, seed=16).numpy()
+    start = {name: value.numpy() for name, value in _params(reference).items()}
+    estimator = ppl_gmm.Mixture(
+        3, model="gaussian_hmm", covariance_type="diag", init=start, max_iter=10, tol=0.0, reg_covar=0.0
+    )
+    with pytest.warns(ConvergenceWarning):  # ten iterations, no stopping: as hmmlearn's run
+        estimator.fit(x, lengths=lengths)
+    for _ in range(10):
+        reference.fit(x, lengths)
+    np.testing.assert_allclose(estimator.transitions_, reference.transmat_, atol=1e-5)
+    np.testing.assert_allclose(estimator.means_, reference.means_, atol=1e-5)
+    np.testing.assert_allclose(estimator.covariances_, reference._covars_, atol=1e-5)
+    np.testing.assert_array_equal(estimator.predict(x, lengths), reference.predict(x, lengths))
+    # scikit-learn's score is the mean per row, hmmlearn's the sum
+    assert estimator.score(x, lengths=lengths) * len(x) == pytest.approx(
+        reference.score(x, lengths), abs=1e-5
+    )
+    np.testing.assert_allclose(
+        estimator.predict_proba(x, lengths), reference.predict_proba(x, lengths), atol=1e-6
+    )
+    with pytest.raises(UserError, match=r"lengths: expected positive integers.* sum to the 193 rows"):
+        estimator.predict(x, [100, 50])
+    with pytest.raises(UserError, match=r"lengths: model 'gmm' takes independent rows"):
+        ppl_gmm.Mixture(2).fit(x, lengths=lengths)
