@@ -417,3 +417,29 @@ def test_the_estimator_takes_lengths_as_hmmlearn_does() -> None:
         estimator.predict(x, [100, 50])
     with pytest.raises(UserError, match=r"lengths: model 'gmm' takes independent rows"):
         ppl_gmm.Mixture(2).fit(x, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", ["gaussian_hmm", "poisson_hmm", "bernoulli_hmm"])
+def test_n_params_counts_the_free_dimensions_pyro_optimizes(name: str) -> None:
+    """n_params (BIC's count) equals the size of the unconstrained locations of Pyro's AutoNormal
+    guide over the declaration's global sites."""
+    import pyro
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.infer.autoguide.initialization import init_to_value
+
+    from ppl_gmm.models import MODELS
+
+    cls = MODELS.get(name)
+    simulation = cls.for_simulation(cls.options(k=3), 3).bind(np.array([6, 4]))
+    truth = simulation.sample_truth(np.random.default_rng(0), 4.0)
+    x, _ = simulation.simulate(truth, 10, np.random.default_rng(1))
+    model = cls.from_config(cls.options(k=3, prior="conjugate"), x).bind(np.array([6, 4]))
+    sites = model.to_sites(model.check_params(truth, "truth"))
+    pyro.clear_param_store()
+    guide = AutoNormal(
+        poutine.block(model.model, expose=list(sites)), init_loc_fn=init_to_value(values=sites)
+    )
+    guide(x)
+    locs = [value for key, value in pyro.get_param_store().items() if key.startswith("AutoNormal.locs.")]
+    assert len(locs) == len(sites)
+    assert model.n_params() == sum(value.numel() for value in locs)
