@@ -42,7 +42,6 @@ from .experiment import Plan, _pyro_seed, prepare, torch_threads
 from .init import check_given
 from .models import MODELS, LatentModel, Params
 from .models.gmm import COVARIANCE_TYPES, GaussianMixture
-from .models.hmm import GaussianHMM, HiddenMarkovModel
 from .runs import Files, best_backend_dir, read_summary
 
 __all__ = ["Mixture", "run_data"]
@@ -225,7 +224,7 @@ class Mixture(DensityMixin, BaseEstimator):
         self.params_ = {name: value.detach().to("cpu", torch.float64) for name, value in params.items()}
         for name, value in self.params_.items():
             setattr(self, f"{name}_", value.numpy())
-        gaussian = model.emission if isinstance(model, GaussianHMM) else model
+        gaussian = getattr(model, "emission", model)  # a hidden Markov model's emission mixture
         if isinstance(gaussian, GaussianMixture):
             self.covariances_ = (
                 COVARIANCE_TYPES[gaussian.covariance].native(self.params_["covariances"]).numpy()
@@ -258,9 +257,7 @@ class Mixture(DensityMixin, BaseEstimator):
         """The most probable component of each row: (n_samples,); a hidden Markov model's: the
         most probable state sequence (Viterbi), as hmmlearn's predict."""
         model, x = self._bound(X, lengths)
-        if isinstance(model, HiddenMarkovModel):
-            return model.most_probable_states(x, self.params_).numpy()
-        return torch.argmax(model.log_joint(x, self.params_), dim=1).numpy()
+        return model.most_probable_states(x, self.params_).numpy()
 
     def score_samples(self, X: Any, lengths: Any = None) -> np.ndarray:
         """log p(x_n | θ), the components summed out: (n_samples,); a hidden Markov model's:

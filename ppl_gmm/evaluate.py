@@ -14,7 +14,6 @@ from torch import Tensor
 
 from .data import Dataset
 from .models.base import LatentModel, Params
-from .models.hmm import HiddenMarkovModel
 
 __all__ = [
     "assignments",
@@ -67,7 +66,6 @@ def _score_sequences(model: LatentModel, params: Params, data: Dataset) -> dict[
     """``score`` for a hidden Markov model bound to the train sequences: the train rows at once
     (forward–backward runs along whole sequences), ICL with the entropy of the state sequences'
     posterior, ARI and NMI of the Viterbi paths against the true states."""
-    assert isinstance(model, HiddenMarkovModel)
     n = data.train.shape[0]
     x = data.train.to(torch.float64)
     total = float(model.log_likelihood(x, params).sum())
@@ -155,9 +153,8 @@ def assignments(model: LatentModel, params: Params, data: Dataset) -> pd.DataFra
     the soft ones are the smoothed p(z_t = k | x, θ) and the hard one the Viterbi path."""
     log_joint = model.log_joint(data.train, _cpu64(params))
     resp = torch.softmax(log_joint, dim=1).numpy()
-    frame = pd.DataFrame({"hard": resp.argmax(1)})
-    if isinstance(model, HiddenMarkovModel):  # smoothed state probabilities; hard: the Viterbi path
-        frame["hard"] = model.most_probable_states(data.train, _cpu64(params)).numpy()
+    # the most probable component; a hidden Markov model's: the Viterbi path
+    frame = pd.DataFrame({"hard": model.most_probable_states(data.train, _cpu64(params)).numpy()})
     for k in range(resp.shape[1]):
         frame[f"p{k}"] = resp[:, k]
     if data.train_labels is not None:

@@ -35,7 +35,6 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 from .evaluate import match_components, permute  # noqa: E402
 from .models import MODELS, LatentModel  # noqa: E402
-from .models.hmm import HiddenMarkovModel  # noqa: E402
 from .runs import Files, write_bytes  # noqa: E402
 
 __all__ = [
@@ -729,7 +728,7 @@ def _viterbi(
         model = model_class.from_config(model_class.options.model_validate(fields), points).bind(lengths)
     except (ValueError, RuntimeError, KeyError):  # a config from another version
         return None
-    if not isinstance(model, HiddenMarkovModel):
+    if not model.sequential:
         return None
     return model.most_probable_states(points, params).numpy()
 

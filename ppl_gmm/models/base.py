@@ -169,6 +169,16 @@ class LatentModel(ABC):
         """log p(x_n | θ) with the assignment summed out; returns (N,)."""
         return torch.logsumexp(self.log_joint(x, params), dim=-1)
 
+    def most_probable_states(self, x: Tensor, params: Params) -> Tensor:
+        """The most probable assignment of each row (N,): argmax_k of the log-joint (a model of
+        sequences: the most probable state path)."""
+        return torch.argmax(self.log_joint(x, params), dim=1)
+
+    def state_entropy(self, x: Tensor, params: Params) -> float:
+        """H(z | x, θ) summed over the rows: the entropy of the responsibilities (ICL's penalty)."""
+        log_resp = torch.log_softmax(self.log_joint(x, params), dim=1)
+        return float(-(log_resp.exp() * log_resp).nan_to_num().sum())
+
     def log_prior(self, params: Params) -> Tensor:
         """log p(θ), a scalar; zero for the improper flat prior of maximum likelihood. Default:
         the declaration's global sites."""
