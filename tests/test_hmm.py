@@ -207,7 +207,6 @@ def test_a_synthetic_config_runs_through_em_map_svi_and_mcmc(tmp_path: Path) -> 
     [
         ({"online_em": {}}, {}, r"backends\.online_em: model 'gaussian_hmm' is a hidden Markov model"),
         ({"incremental_em": {}}, {}, r"backends\.incremental_em: .*hidden Markov model"),
-        ({"vb": {}}, {}, r"backends\.vb: .*hidden Markov model"),
         ({"map": {"batch_size": 10}}, {}, r"backends\.map: .*batch_size"),
         ({"svi": {"local": "mean_field"}}, {}, r"backends\.svi: .*mean_field"),
         (

@@ -17,7 +17,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import BayesianGaussianMixture
 
-from ppl_gmm.backends import BACKENDS
 from ppl_gmm.backends.em import EM, EMOptions
 from ppl_gmm.backends.em import e_step as em_e_step
 from ppl_gmm.backends.map import MAP, MAPOptions
@@ -319,7 +318,3 @@ def test_posterior_mode_backends_refuse_the_stick_breaking_prior(backend, option
     model = _model(x, 2, weight_prior="dirichlet_process")
     with pytest.raises(UserError, match=r"model\.hyperparameters\.weight_prior: .*vb or svi"):
         backend().check(model, options())
-
-
-def test_vb_is_registered() -> None:
-    assert BACKENDS.get("vb") is VB

@@ -115,7 +115,13 @@ def test_sweeps_and_fixed_point_match_a_numpy_reference(cls) -> None:
     init = initialize(model, x, InitConfig(method="random_from_data"), seed=1)
     seen: list[tuple[ConjugatePosterior, float]] = []
     sweeps = 200
-    run_cavi(model, x, init, VBOptions(max_iter=sweeps, tol=0.0), lambda s, q, value: seen.append((q, value)))
+    run_cavi(
+        model,
+        x,
+        init,
+        VBOptions(max_iter=sweeps, tol=0.0),
+        lambda s, sweep, value: seen.append((sweep.posterior, value)),
+    )
     reference = _reference_cavi(model, x.numpy(), init, sweeps)
     assert len(seen) == len(reference) == sweeps + 1
     for step in (0, 1, 2, 10, sweeps):

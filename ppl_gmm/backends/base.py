@@ -145,5 +145,5 @@ def refuse_sequences(model: LatentModel, backend: str, why: str) -> None:
 
         raise UserError(
             f"backends.{backend}: model {model.name!r} is a hidden Markov model, whose states depend on "
-            f"each other along a sequence; {why}. Use em (Baum–Welch), map, svi or mcmc."
+            f"each other along a sequence; {why}. Use em (Baum–Welch), vb, map, svi or mcmc."
         )

@@ -19,14 +19,19 @@ the quantity Pyro's ``TraceEnum_ELBO`` estimates for the declared model with the
 The same loop runs CAVI for any other mixture with conjugate priors (``ConjugateVB`` in
 ``models/conjugate.py``: the Poisson and Bernoulli mixtures): q(π) Dirichlet, each component
 parameter in its prior's family (Gamma, Beta), q(z_n) categorical, through the model's hooks.
+
+And for a hidden Markov model over one of those mixtures' components (MacKay's variational
+Bayesian HMM): q(start) and each transition row Dirichlet, the emissions' q(θ) the mixture's,
+and q(z) over whole state sequences by the forward–backward recursions.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -40,6 +45,7 @@ from torch.distributions import Beta, kl_divergence
 
 from ..errors import UserError
 from ..evaluate import posterior_moments
+from ..models._hmm import EStep, forward_backward
 from ..models.base import MODELS, LatentModel, Params
 from ..models.conjugate import (
     ConjugatePosterior,
@@ -56,6 +62,7 @@ from ..models.gmm import (
     gaussian_log_prob,
     precision_cholesky,
 )
+from ..models.hmm import HiddenMarkovModel
 from .base import (
     BACKENDS,
     Backend,
@@ -65,24 +72,32 @@ from .base import (
     Report,
     StepInfo,
     one_line,
-    refuse_sequences,
 )
 from .em import e_step, fixes, reg_covar
 
 __all__ = [
     "CAVIFit",
     "CAVIState",
+    "HMMPosterior",
     "Posterior",
+    "Sweep",
     "VB",
     "VBOptions",
     "Variational",
     "WEIGHT_FAMILIES",
     "cavi_update",
+    "components_kl",
     "conjugate_elbo",
     "conjugate_update",
     "elbo",
     "elbo_global",
+    "expected_log_density",
     "expected_log_joint",
+    "hmm_expected_logs",
+    "hmm_point_estimate",
+    "hmm_variational_e_step",
+    "hmm_variational_kl",
+    "hmm_variational_update",
     "next_log_resp",
     "point_estimate",
     "posterior_draws",
@@ -99,7 +114,9 @@ class VBOptions(Options):
     # covariance S_k, as scikit-learn does; any value > 0 makes the q(θ) update slightly
     # suboptimal, so the ELBO is monotone only with 0
     reg_covar: float | None = Field(None, ge=0)
-    prune_threshold: float = Field(1e-2, ge=0, lt=1)  # E[π_k] below it: reported as pruned
+    # a component whose expected share of the data (E[π_k]; a hidden Markov model's state: of the
+    # time steps) is below it is reported as pruned
+    prune_threshold: float = Field(1e-2, ge=0, lt=1)
     posterior_samples: int = Field(500, ge=2)  # q(θ) draws for the posterior sd kept for compare
 
 
@@ -223,8 +240,8 @@ def _full_covariances(q: Variational) -> Tensor:
     return COVARIANCE_TYPES[q.covariance].to_full(q.covariances, k, d)
 
 
-def expected_log_joint(x: Tensor, q: Variational) -> Tensor:
-    """log ρ_nk = E_q[log π_k + log N(x_n | μ_k, Λ_k^-1)] for x (N, D); returns (N, K).
+def expected_log_density(x: Tensor, q: Variational) -> Tensor:
+    """E_q[log N(x_n | μ_k, Λ_k^-1)] for x (N, D); returns (N, K).
 
     The model's Gaussian density at the plug-in E[Λ_k] plus what the expectation adds:
     ½ (E[log |Λ_k|] - log |E[Λ_k]|) and -D / (2 β_k) from the spread of μ_k.
@@ -232,12 +249,23 @@ def expected_log_joint(x: Tensor, q: Variational) -> Tensor:
     d = x.shape[1]
     log_gauss = gaussian_log_prob(x, q.means, precision_cholesky(_full_covariances(q)))
     gap = COVARIANCE_TYPES[q.covariance].log_det_gap(q.degrees_of_freedom, d)
+    return log_gauss + 0.5 * gap - 0.5 * d / q.mean_precision
+
+
+def expected_log_joint(x: Tensor, q: Variational) -> Tensor:
+    """log ρ_nk = E_q[log π_k + log N(x_n | μ_k, Λ_k^-1)] for x (N, D); returns (N, K)."""
     log_weights = WEIGHT_FAMILIES[q.weight_prior].expected_log(q.weight_concentration)
-    return log_weights + log_gauss + 0.5 * gap - 0.5 * d / q.mean_precision
+    return log_weights + expected_log_density(x, q)
 
 
 def elbo_global(q: Variational, prior: ConjugatePrior) -> Tensor:
     """E_q[log p(π, μ, Λ) - log q(π, μ, Λ)] = -KL(q(π) || p(π)) - KL(q(μ, Λ) || p(μ, Λ)), a scalar."""
+    kl_weights = WEIGHT_FAMILIES[q.weight_prior].kl(q.weight_concentration, prior.weight_concentration)
+    return -(kl_weights + components_kl(q, prior))
+
+
+def components_kl(q: Variational, prior: ConjugatePrior) -> Tensor:
+    """KL(q(μ, Λ) || p(μ, Λ)), a scalar: the components' part of -``elbo_global``."""
     d = q.means.shape[1]
     c0 = prior.covariance_prior.to(q.means)
     beta_ratio = prior.mean_precision / q.mean_precision
@@ -250,8 +278,7 @@ def elbo_global(q: Variational, prior: ConjugatePrior) -> Tensor:
     kl_precisions = COVARIANCE_TYPES[q.covariance].variational_kl(
         q.degrees_of_freedom, q.covariances, prior.degrees_of_freedom, c0, d
     )
-    kl_weights = WEIGHT_FAMILIES[q.weight_prior].kl(q.weight_concentration, prior.weight_concentration)
-    return -(kl_weights + kl_means + kl_precisions)
+    return kl_means + kl_precisions
 
 
 def _elbo_local(log_resp: Tensor, log_rho: Tensor) -> Tensor:
@@ -305,6 +332,105 @@ def conjugate_update(model: ConjugateVB, x: Tensor, log_resp: Tensor) -> tuple[C
     return CAVIState(posterior, log_rho), _elbo_local(log_resp, log_rho) - model.variational_kl(posterior)
 
 
+# ---- hidden Markov models: MacKay's variational Bayesian HMM ----------------------------------
+#
+# q(start) q(A) q(θ) q(z): q(start) and each row of q(A) Dirichlet, q(θ) the emission mixture's
+# component families (its q(π) unused), q(z) over whole state sequences. Given q(start) q(A) q(θ),
+# the optimal q(z) ∝ exp E_q[log p(x, z | start, A, θ)] is a Markov chain: the forward–backward
+# recursions at the sub-normalized start* = exp E[log start], A* = exp E[log A] and emission
+# densities exp E[log p(x_t | θ_k)] give its marginals, its expected counts, and its normalizer
+# Z̃ = Σ_z exp E_q[log p(x, z | ·)], whence the ELBO at that q(z): log Z̃ - KL(q(start, A, θ) || p).
+# Given q(z), each Dirichlet adds the expected counts to its prior and q(θ) is the mixture's update
+# with the smoothed state probabilities as responsibilities (MacKay 1997; Beal 2003, ch. 3).
+
+
+@dataclass(frozen=True)
+class HMMPosterior:
+    """q(start) q(A) q(θ) of a hidden Markov model with conjugate priors.
+
+    start        (K,) the concentration of q(start) = Dirichlet
+    transitions  (K, K) row i: the concentration of q(A_i·) = Dirichlet (the row moved from)
+    emissions    q(θ) of the emission mixture's components (its q(π) part not used)
+    """
+
+    start: Tensor
+    transitions: Tensor
+    emissions: Variational | ConjugatePosterior
+
+
+def _emission_update(model: HiddenMarkovModel, x: Tensor, resp: Tensor, regularization: float) -> Posterior:
+    emission = model.emission
+    if isinstance(emission, ConjugateVB):
+        return emission.variational_update(x, resp)
+    return variational_m_step(x, resp, emission.prior, emission.covariance, regularization)
+
+
+def _emission_expected_log(model: HiddenMarkovModel, x: Tensor, q: Posterior) -> Tensor:
+    """E_q[log p(x_n | θ_k)] (N, K)."""
+    if isinstance(q, ConjugatePosterior):
+        return cast(Tensor, model.emission.expected_log_density(x, q))
+    return expected_log_density(x, q)
+
+
+def _emission_kl(model: HiddenMarkovModel, q: Posterior) -> Tensor:
+    if isinstance(q, ConjugatePosterior):
+        return cast(Tensor, model.emission.components_kl(q))
+    return components_kl(q, model.emission.prior)
+
+
+def _emission_mean(model: HiddenMarkovModel, q: Posterior) -> Params:
+    if isinstance(q, ConjugatePosterior):
+        return {model.emission.component_site: model.emission.component_mean(q)}
+    return {"means": q.means, "covariances": _full_covariances(q)}
+
+
+def hmm_variational_update(
+    model: HiddenMarkovModel, x: Tensor, estep: EStep, regularization: float = 0.0
+) -> HMMPosterior:
+    """q(start) q(A) q(θ) optimal given the q(z) whose sums ``estep`` holds."""
+    return HMMPosterior(
+        model.start_concentration + estep.first,
+        model.transition_concentration + estep.transitions,
+        _emission_update(model, x, estep.posteriors, regularization),
+    )
+
+
+def hmm_expected_logs(model: HiddenMarkovModel, x: Tensor, q: HMMPosterior) -> tuple[Tensor, Tensor, Tensor]:
+    """E_q[log start] (K,), E_q[log A] (K, K) and E_q[log p(x_n | θ_k)] (N, K): the optimal q(z) is
+    the Markov chain of the HMM at these log-parameters (sub-normalized)."""
+    return (
+        dirichlet_expected_log(q.start),
+        dirichlet_expected_log(q.transitions),
+        _emission_expected_log(model, x, q.emissions),
+    )
+
+
+def hmm_variational_e_step(model: HiddenMarkovModel, x: Tensor, q: HMMPosterior) -> EStep:
+    """The q(z) optimal given q: its sums over the data, and as ``log_likelihood`` log Z̃."""
+    log_start, log_transitions, log_emission = hmm_expected_logs(model, x, q)
+    return forward_backward(
+        log_emission, model.sequence_lengths(x.shape[0]), torch.exp(log_start), torch.exp(log_transitions)
+    )
+
+
+def hmm_variational_kl(model: HiddenMarkovModel, q: HMMPosterior) -> Tensor:
+    """KL(q(start) q(A) q(θ) || p(start) p(A) p(θ)), a scalar."""
+    return (
+        dirichlet_kl(q.start, model.start_concentration)
+        + dirichlet_kl(q.transitions, model.transition_concentration)
+        + _emission_kl(model, q.emissions)
+    )
+
+
+def hmm_point_estimate(model: HiddenMarkovModel, q: HMMPosterior) -> Params:
+    """E_q[start], E_q[A], and the emissions' point estimate as the mixture's."""
+    return {
+        "start": dirichlet_mean(q.start),
+        "transitions": q.transitions / q.transitions.sum(1, keepdim=True),
+        **_emission_mean(model, q.emissions),
+    }
+
+
 # ---- the loop ---------------------------------------------------------------------------------
 
 
@@ -316,7 +442,10 @@ def point_estimate(q: Variational) -> Params:
     return {"weights": weights / weights.sum(), "means": q.means, "covariances": _full_covariances(q)}
 
 
-def _point_estimate(model: LatentModel, q: Posterior) -> Params:
+def _point_estimate(model: LatentModel, q: Posterior | HMMPosterior) -> Params:
+    if isinstance(q, HMMPosterior):
+        assert isinstance(model, HiddenMarkovModel)
+        return hmm_point_estimate(model, q)
     if isinstance(model, ConjugateVB):
         assert isinstance(q, ConjugatePosterior)
         return model.posterior_mean(q)
@@ -326,32 +455,59 @@ def _point_estimate(model: LatentModel, q: Posterior) -> Params:
 
 @dataclass(frozen=True)
 class CAVIFit:
-    posterior: Posterior
+    posterior: Posterior | HMMPosterior
     elbo: float  # per point, every constant included
     n_steps: int
     converged: bool
+    occupancy: Tensor  # (K,) each component's expected share of the data, as ``Sweep``'s
 
 
-Update = Callable[[int, Tensor], tuple[CAVIState, Tensor]]
-"""(step, log q(z) (N, K)) -> the state of q(θ) optimal given q(z), and the ELBO summed over points."""
+class Sweep(NamedTuple):
+    """One coordinate-ascent sweep's q(θ), its ELBO summed over points, and each component's
+    expected share of the data (K,): E_q[π] for a mixture; for a hidden Markov model the mean over
+    time steps of q(z_t = k)."""
+
+    posterior: Posterior | HMMPosterior
+    elbo: Tensor
+    occupancy: Tensor
 
 
-def _update(model: LatentModel, x: Tensor, regularization: float) -> Update:
-    if isinstance(model, ConjugateVB):
-        return lambda step, log_resp: conjugate_update(model, x, log_resp)
-    assert isinstance(model, GaussianMixture) and model.prior is not None
-    prior = model.prior
+def _singular(step: int) -> FitError:
+    return FitError(
+        f"step {step}: a covariance matrix is not positive definite. Increase "
+        "backends.vb.reg_covar, set data.standardize: true, or lower model.k."
+    )
 
-    def update(step: int, log_resp: Tensor) -> tuple[CAVIState, Tensor]:
+
+def _mixture_sweeps(model: LatentModel, x: Tensor, init: Params, regularization: float) -> Iterator[Sweep]:
+    """q(θ) ← its optimum given q(z), then q(z) ← its optimum given q(θ), from the
+    responsibilities of ``init``; the ELBO is that of the q(z) q(θ) was fitted to."""
+    log_resp = e_step(model, x, init)[1]
+    for step in itertools.count():
+        if isinstance(model, ConjugateVB):
+            state, total = conjugate_update(model, x, log_resp)
+        else:
+            assert isinstance(model, GaussianMixture) and model.prior is not None
+            try:
+                state, total = cavi_update(x, log_resp, model.prior, model.covariance, regularization)
+            except torch.linalg.LinAlgError:
+                raise _singular(step) from None
+        yield Sweep(state.posterior, total, _point_estimate(model, state.posterior)["weights"])
+        log_resp = next_log_resp(state)
+
+
+def _hmm_sweeps(model: HiddenMarkovModel, x: Tensor, init: Params, regularization: float) -> Iterator[Sweep]:
+    """q(start) q(A) q(θ) ← its optimum given q(z), then q(z) ← its optimum given those, from the
+    smoothed posterior of ``init``; the ELBO is that of the new q(z), log Z̃ - KL."""
+    estep = model.e_step(x, init)
+    for step in itertools.count():
         try:
-            return cavi_update(x, log_resp, prior, model.covariance, regularization)
+            q = hmm_variational_update(model, x, estep, regularization)
         except torch.linalg.LinAlgError:
-            raise FitError(
-                f"step {step}: a covariance matrix is not positive definite. Increase "
-                "backends.vb.reg_covar, set data.standardize: true, or lower model.k."
-            ) from None
-
-    return update
+            raise _singular(step) from None
+        estep = hmm_variational_e_step(model, x, q)
+        total = estep.log_likelihood - hmm_variational_kl(model, q)
+        yield Sweep(q, total, estep.posteriors.mean(0))
 
 
 def run_cavi(
@@ -359,43 +515,49 @@ def run_cavi(
     x: Tensor,
     init: Params,
     options: VBOptions,
-    on_step: Callable[[int, Posterior, float], None] = lambda step, q, elbo: None,
+    on_step: Callable[[int, Sweep, float], None] = lambda step, sweep, elbo: None,
 ) -> CAVIFit:
-    """CAVI for a gmm or a ``ConjugateVB`` model with a prior, from the responsibilities of
-    ``init`` under the model, until the ELBO per point changes by less than ``tol`` or after
-    ``max_iter`` sweeps; ``on_step`` sees each q(θ) and its ELBO per point (step 0: q(θ) fitted
-    to the initial responsibilities)."""
+    """CAVI for a gmm, a ``ConjugateVB`` model or a hidden Markov model over one of them, with a
+    prior, from the posterior of the states under ``init``, until the ELBO per point changes by
+    less than ``tol`` or after ``max_iter`` sweeps; ``on_step`` sees each sweep and its ELBO per
+    point (step 0: q(θ) fitted to the initial posterior)."""
     n = x.shape[0]
     params = {name: value.to(x) for name, value in init.items()}
-    log_resp = e_step(model, x, params)[1]
-    update = _update(model, x, reg_covar(model, options.reg_covar))
+    regularization = reg_covar(model, options.reg_covar)
+    if isinstance(model, HiddenMarkovModel):
+        sweeps = _hmm_sweeps(model, x, params, regularization)
+    else:
+        sweeps = _mixture_sweeps(model, x, params, regularization)
     previous: float | None = None
     converged = False
-    for step in range(options.max_iter + 1):
-        state, total = update(step, log_resp)
-        per_point = float(total) / n
+    for step, sweep in zip(range(options.max_iter + 1), sweeps, strict=False):
+        per_point = float(sweep.elbo) / n
         if not math.isfinite(per_point):
             raise FitError(f"step {step}: the ELBO is {per_point}. {fixes(model, 'vb')}")
-        on_step(step, state.posterior, per_point)
+        on_step(step, sweep, per_point)
         if previous is not None and abs(per_point - previous) < options.tol:
             converged = True
             break
         previous = per_point
-        log_resp = next_log_resp(state)
-    return CAVIFit(state.posterior, per_point, step, converged)
+    return CAVIFit(sweep.posterior, per_point, step, converged, sweep.occupancy)
 
 
-def _sample_gmm_posterior(model: GaussianMixture, q: Variational) -> None:
-    """The gmm's global sites drawn from q(π) q(μ, Λ) with ``pyro.sample``."""
+def _sample_gmm_posterior(
+    model: GaussianMixture, q: Variational, components: pyro.plate | None = None
+) -> None:
+    """The gmm's global sites drawn from q(π) q(μ, Λ) with ``pyro.sample``; given the plate
+    ``components`` of a declaration that entered it already, only the components' (a hidden
+    Markov model's emissions)."""
+    weights = components is None
     k, d = q.means.shape
     kind = COVARIANCE_TYPES[q.covariance]
     precision_posterior = kind.variational_distribution(q.degrees_of_freedom, q.covariances, d)
-    if not model.stick_breaking:
+    if weights and not model.stick_breaking:
         pyro.sample("weights", dist.Dirichlet(q.weight_concentration))
     if kind.shared:
         precision = pyro.sample("precision", precision_posterior)
-    with pyro.plate("components", k):
-        if model.stick_breaking:
+    with pyro.plate("components", k) if components is None else components:
+        if weights and model.stick_breaking:
             pyro.sample("sticks", dist.Beta(q.weight_concentration[0], q.weight_concentration[1]))
         if not kind.shared:
             precision = pyro.sample("precision", precision_posterior)
@@ -403,19 +565,25 @@ def _sample_gmm_posterior(model: GaussianMixture, q: Variational) -> None:
         pyro.sample("locs", dist.MultivariateNormal(q.means, precision_matrix=full_precision))
 
 
-def variational_guide(model: LatentModel, q: Posterior, resp: Tensor | None = None) -> Callable[..., None]:
-    """A Pyro guide of exactly the CAVI families of a gmm or a ``ConjugateVB`` model, fixed at
-    q(θ) = q and, when given, q(z) = resp (N, K) enumerated: with it Pyro's ``TraceEnum_ELBO``
-    estimates the same ELBO, and its draws are draws from the variational posterior."""
+def variational_guide(
+    model: LatentModel, q: Posterior | HMMPosterior, resp: Tensor | None = None
+) -> Callable[..., None]:
+    """A Pyro guide of exactly the CAVI families of a gmm, a ``ConjugateVB`` model or a hidden
+    Markov model over one of them, fixed at q(θ) = q and, for a mixture when given, q(z) = resp
+    (N, K) enumerated: with it Pyro's ``TraceEnum_ELBO`` estimates the same ELBO, and its draws are
+    draws from the variational posterior."""
 
     def guide(x: Tensor | None = None) -> None:
         # global variables
-        if isinstance(model, ConjugateVB):
-            assert isinstance(q, ConjugatePosterior)
-            model.sample_posterior(q)
+        if isinstance(q, HMMPosterior):
+            assert isinstance(model, HiddenMarkovModel)
+            pyro.sample("start", dist.Dirichlet(q.start))
+            components = pyro.plate("components", model.k)  # one plate, entered again, as declared
+            with components:
+                pyro.sample("transitions", dist.Dirichlet(q.transitions))
+            _sample_posterior(model.emission, q.emissions, components)
         else:
-            assert isinstance(model, GaussianMixture) and isinstance(q, Variational)
-            _sample_gmm_posterior(model, q)
+            _sample_posterior(model, q)
 
         # local variables
         if resp is not None and x is not None:
@@ -425,7 +593,16 @@ def variational_guide(model: LatentModel, q: Posterior, resp: Tensor | None = No
     return guide
 
 
-def posterior_draws(model: LatentModel, q: Posterior, num: int) -> list[Params]:
+def _sample_posterior(model: LatentModel, q: Posterior, components: pyro.plate | None = None) -> None:
+    if isinstance(model, ConjugateVB):
+        assert isinstance(q, ConjugatePosterior)
+        model.sample_posterior(q, components)
+    else:
+        assert isinstance(model, GaussianMixture) and isinstance(q, Variational)
+        _sample_gmm_posterior(model, q, components)
+
+
+def posterior_draws(model: LatentModel, q: Posterior | HMMPosterior, num: int) -> list[Params]:
     """``num`` parameter draws from the variational posterior q(θ)."""
     guide = variational_guide(model, q)
     draws: list[Params] = []
@@ -440,12 +617,21 @@ def posterior_draws(model: LatentModel, q: Posterior, num: int) -> list[Params]:
                 if node["type"] == "sample"
             }
             draw = dict(model.from_sites(sites))
-            draw["weights"] = draw["weights"] / draw["weights"].sum()  # the kept sticks leave mass
+            if "weights" in draw:
+                draw["weights"] = draw["weights"] / draw["weights"].sum()  # the kept sticks leave mass
             draws.append(draw)
     return draws
 
 
-VB_MODELS = (GaussianMixture, ConjugateVB)  # the models whose CAVI updates are derived here
+VB_MODELS = (GaussianMixture, ConjugateVB)  # the mixtures whose CAVI updates are derived here
+
+
+def _derived(model: LatentModel) -> bool:
+    """Whether CAVI is derived here for ``model``: one of ``VB_MODELS``, or a hidden Markov model
+    whose emissions are their components."""
+    if isinstance(model, HiddenMarkovModel):
+        return isinstance(model.emission, VB_MODELS)
+    return isinstance(model, VB_MODELS)
 
 
 @BACKENDS.register("vb")
@@ -455,12 +641,14 @@ class VB(Backend[VBOptions]):
     variational = True
 
     def check(self, model: LatentModel, options: VBOptions) -> None:
-        refuse_sequences(model, self.name, "its variational Bayes is not derived yet")
-        if not isinstance(model, VB_MODELS):
-            derived = ", ".join(name for name in MODELS if issubclass(MODELS.get(name), VB_MODELS))
+        if not _derived(model):
+            derived = ", ".join(
+                name for name in MODELS if issubclass(MODELS.get(name), (*VB_MODELS, HiddenMarkovModel))
+            )
             raise UserError(
-                f"backends.vb: coordinate-ascent VB is derived for mixtures with conjugate priors "
-                f"({derived}), but model.name is {model.name!r}. Use one of them, or the svi backend."
+                f"backends.vb: coordinate-ascent VB is derived for mixtures with conjugate priors and "
+                f"hidden Markov models over them ({derived}), but model.name is {model.name!r}. Use one "
+                "of them, or the svi backend."
             )
         if not model.has_prior:
             raise UserError(
@@ -481,18 +669,18 @@ class VB(Backend[VBOptions]):
         start = time.perf_counter()
         scoring = 0.0  # the exact log-likelihood of each step's estimate is not the algorithm's cost
 
-        def on_step(step: int, q: Posterior, elbo: float) -> None:
+        def on_step(step: int, sweep: Sweep, elbo: float) -> None:
             nonlocal scoring
             began = time.perf_counter()
             seconds = began - start - scoring
-            log_likelihood = float(model.log_likelihood(x, _point_estimate(model, q)).mean())
+            log_likelihood = float(model.log_likelihood(x, _point_estimate(model, sweep.posterior)).mean())
             scoring += time.perf_counter() - began
             report(StepInfo(step, seconds, elbo, log_likelihood))
 
         fit = run_cavi(model, x, init, options, on_step)
         seconds = time.perf_counter() - start - scoring
         params = _point_estimate(model, fit.posterior)
-        pruned = [k for k, w in enumerate(params["weights"].tolist()) if w < options.prune_threshold]
+        pruned = [k for k, w in enumerate(fit.occupancy.tolist()) if w < options.prune_threshold]
         try:
             draws = posterior_draws(model, fit.posterior, options.posterior_samples)
         except (ValueError, torch.linalg.LinAlgError) as exc:  # Pyro's checks of q(θ)'s parameters

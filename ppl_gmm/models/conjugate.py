@@ -43,8 +43,8 @@ def dirichlet_posterior(nk: Tensor, alpha0: float) -> Tensor:
 
 
 def dirichlet_expected_log(concentration: Tensor) -> Tensor:
-    """E_q[log π_k] = ψ(α_k) - ψ(Σ_j α_j): (K,)."""
-    return torch.digamma(concentration) - torch.digamma(concentration.sum())
+    """E_q[log π_k] = ψ(α_k) - ψ(Σ_j α_j): (K,), or row by row for (..., K)."""
+    return torch.digamma(concentration) - torch.digamma(concentration.sum(-1, keepdim=True))
 
 
 def dirichlet_mean(concentration: Tensor) -> Tensor:
@@ -53,9 +53,9 @@ def dirichlet_mean(concentration: Tensor) -> Tensor:
 
 
 def dirichlet_kl(concentration: Tensor, alpha0: float) -> Tensor:
-    """KL(Dirichlet(α) || Dirichlet(α0, ..., α0)), a scalar."""
+    """KL(Dirichlet(α) || Dirichlet(α0, ..., α0)), a scalar; for (..., K) the sum over rows."""
     prior = Dirichlet(torch.full_like(concentration, alpha0))
-    return kl_divergence(Dirichlet(concentration), prior)
+    return kl_divergence(Dirichlet(concentration), prior).sum()
 
 
 # ---- q(π) q(θ) ----------------------------------------------------------------------------------
@@ -124,19 +124,25 @@ class ConjugateVB(ABC):
 
     def variational_kl(self, q: ConjugatePosterior) -> Tensor:
         """KL(q(π) q(θ) || p(π) p(θ)), a scalar: minus the global part of the ELBO."""
-        alpha0, a0, b0 = self._prior()
+        return dirichlet_kl(q.weight_concentration, self._prior()[0]) + self.components_kl(q)
+
+    def components_kl(self, q: ConjugatePosterior) -> Tensor:
+        """KL(q(θ) || p(θ)), a scalar: the components' part of ``variational_kl``."""
+        _, a0, b0 = self._prior()
         posterior = self.component_family(q.a, q.b)
         prior = self.component_family(torch.full_like(q.a, a0), torch.full_like(q.b, b0))
-        return dirichlet_kl(q.weight_concentration, alpha0) + kl_divergence(posterior, prior).sum()
+        return kl_divergence(posterior, prior).sum()
 
     def posterior_mean(self, q: ConjugatePosterior) -> Params:
         """The point estimate E_q[π], E_q[θ]."""
         weights = dirichlet_mean(q.weight_concentration)
         return {"weights": weights, self.component_site: self.component_mean(q)}
 
-    def sample_posterior(self, q: ConjugatePosterior) -> None:
+    def sample_posterior(self, q: ConjugatePosterior, components: pyro.plate | None = None) -> None:
         """The global sites drawn from q(π) q(θ) with ``pyro.sample``, in the declaration's
-        plates: the global part of a guide."""
-        pyro.sample("weights", dist.Dirichlet(q.weight_concentration))
-        with pyro.plate("components", self.k):
+        plates: the global part of a guide; given the plate ``components`` of a declaration that
+        entered it already, only the components' (a hidden Markov model's emissions)."""
+        if components is None:
+            pyro.sample("weights", dist.Dirichlet(q.weight_concentration))
+        with pyro.plate("components", self.k) if components is None else components:
             pyro.sample(self.component_site, self.component_family(q.a, q.b).to_event(1))

@@ -146,7 +146,7 @@ class HiddenMarkovModel(LatentModel):
             raise UserError("data: every sequence needs at least one observation.")
         return bound
 
-    def _lengths(self, n: int) -> Tensor:
+    def sequence_lengths(self, n: int) -> Tensor:
         """The bound lengths, checked against x's n rows; unbound, the rows are one sequence."""
         if self.lengths is None:
             return torch.tensor([n])
@@ -179,7 +179,7 @@ class HiddenMarkovModel(LatentModel):
     def simulate(self, params: Params, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """The bound sequences' rows (their lengths sum to n) and states: the chain drawn in NumPy,
         all sequences a time step at a time, then each state's rows from its component."""
-        lengths = self._lengths(n)
+        lengths = self.sequence_lengths(n)
         start, transitions = params["start"].numpy(), params["transitions"].numpy()
         rows, mask = (value.numpy() for value in padding(lengths))
         uniform = rng.random(rows.shape)
@@ -225,7 +225,7 @@ class HiddenMarkovModel(LatentModel):
         like = x if x is not None else torch.zeros((), dtype=torch.get_default_dtype())
         rows_total = x.shape[0] if x is not None else n
         assert rows_total is not None
-        lengths = self._lengths(rows_total)
+        lengths = self.sequence_lengths(rows_total)
         start = pyro.sample("start", self._dirichlet(self.start_concentration, (self.k,), like))
         components = pyro.plate("components", self.k)  # one plate, entered again by the emissions
         with components:
@@ -271,7 +271,7 @@ class HiddenMarkovModel(LatentModel):
         """Forward–backward on the bound sequences: the E-step's sums and log-likelihoods."""
         return forward_backward(
             self.log_emission(x, params),
-            self._lengths(x.shape[0]),
+            self.sequence_lengths(x.shape[0]),
             params["start"],
             params["transitions"],
             posteriors,
@@ -329,7 +329,10 @@ class HiddenMarkovModel(LatentModel):
     def most_probable_states(self, x: Tensor, params: Params) -> Tensor:
         """The Viterbi path of each bound sequence (N,)."""
         return viterbi(
-            self.log_emission(x, params), self._lengths(x.shape[0]), params["start"], params["transitions"]
+            self.log_emission(x, params),
+            self.sequence_lengths(x.shape[0]),
+            params["start"],
+            params["transitions"],
         )
 
     def log_prior(self, params: Params) -> Tensor:
