@@ -67,6 +67,8 @@ examples:
   ppl-gmm run configs/quickstart.yaml model.k=5 seed=3
   ppl-gmm compare runs/                               table and figures of every run in runs/
   ppl-gmm select configs/select.yaml --k 1..8         BIC, AIC and ICL for K = 1..8
+  ppl-gmm sweep configs/quickstart.yaml --grid model.k=2,3 --seeds 0..4 --jobs 2
+                                                      every K over 5 seeds, with intervals
   ppl-gmm assign runs/NAME/em new.csv                components of new data, by a fitted run
 
 A config is a YAML file; KEY=VALUE overrides a field by its dotted path. Every field, its default
@@ -298,6 +300,92 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import apply_overrides
+    from .sweep import parse_grid, parse_seeds, resume, sweep
+
+    quiet = args.quiet
+
+    def message(text: str) -> None:
+        if not quiet or text.startswith(("warning:", "error:")):
+            sys.stderr.write(f"{text}\n")
+
+    if args.resume is not None:
+        if args.config is not None or args.grid or args.seeds is not None:
+            raise UserError(
+                "--resume SWEEP_DIR takes the sweep's own config, grid and seeds: "
+                "give no CONFIG, --grid or --seeds."
+            )
+        result = resume(Path(args.resume), message)
+    else:
+        if args.config is None:
+            raise UserError(
+                "sweep: expected CONFIG (or --resume SWEEP_DIR), e.g. "
+                "ppl-gmm sweep configs/quickstart.yaml --grid model.k=2,3 --seeds 0..4."
+            )
+        import yaml
+
+        from .config import load_config
+
+        load_config(args.config, args.overrides)  # one error line for a bad file or override
+        raw = apply_overrides(
+            yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}, args.overrides
+        )
+        if args.threads is not None:
+            raw["threads"] = args.threads
+        resources = {
+            "partition": args.partition,
+            "time_min": args.time_min,
+            "cpus": args.cpus,
+            "mem_gb": args.mem_gb,
+            "gpus": args.gpus,
+        }
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [int(raw.get("seed", 0) or 0)]
+        result = sweep(
+            raw,
+            parse_grid(args.grid),
+            seeds,
+            Path(args.runs_dir),
+            args.launcher,
+            args.jobs,
+            resources,
+            message,
+        )
+    states = result.manifest["state"].value_counts().to_dict()
+    message(", ".join(f"{count} {state}" for state, count in states.items()))
+    _print_aggregate(result.aggregate)
+    print(result.path)
+    return (
+        0
+        if set(states) <= {"finished"}
+        and not result.manifest["failed_backends"].fillna("").astype(str).str.strip().any()
+        else 1
+    )
+
+
+def _print_aggregate(table: Any) -> None:
+    """One line per grid point and backend: the seeds, the mean train log-likelihood and fit time
+    with their 95% intervals, and the local-optimum rate."""
+    keys = [
+        c
+        for c in table.columns
+        if c not in ("backend", "n_seeds")
+        and not c.endswith(("_mean", "_sd", "_ci_low", "_ci_high", "_rate"))
+    ]
+    header = [*keys, "backend", "seeds", "train_ll mean [95% CI]", "fit_s mean [95% CI]", "local optima"]
+    lines = [header]
+    for _, row in table.iterrows():
+        cells = [str(row[k]) for k in keys] + [str(row["backend"]), str(row["n_seeds"])]
+        for metric in ("train_log_likelihood", "fit_seconds"):
+            mean, low, high = (row.get(f"{metric}_{part}") for part in ("mean", "ci_low", "ci_high"))
+            interval = "" if low is None or low != low else f" [{_format(low, 5)}, {_format(high, 5)}]"
+            cells.append(f"{_format(mean, 6)}{interval}")
+        rate = row.get("local_optimum_rate")
+        cells.append("-" if rate is None or rate != rate else f"{rate:.0%}")
+        lines.append(cells)
+    _print_rows(lines)
+
+
 # ---- the arguments -----------------------------------------------------------------------------
 
 
@@ -351,6 +439,61 @@ def _select_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments(parser, "configs/select.yaml", "the selection directory")
     parser.add_argument("--k", required=True, help="the range of K, e.g. 1..8")
     parser.add_argument("--backend", default="em", help="the backend to fit for each K (default: em)")
+
+
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", metavar="CONFIG", nargs="?", help="a YAML config, e.g. configs/quickstart.yaml"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base config by its dotted path, e.g. data.n=5000",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a field and its values, e.g. model.k=2,3,4; repeat for a Cartesian product",
+    )
+    parser.add_argument(
+        "--seeds", metavar="A..B", help="the seeds of every grid point (default: the config's seed)"
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="a local process pool (default) or Slurm job arrays through submitit",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="points run at once: local worker processes, or Slurm's array parallelism (default: 1)",
+    )
+    parser.add_argument("--runs-dir", default="runs", help="where the sweep directory goes (default: runs)")
+    parser.add_argument(
+        "--resume", metavar="SWEEP_DIR", help="run again the points of this sweep that did not finish"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads of each point (default: the worker's share of the cores)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    slurm = parser.add_argument_group("Slurm resources per job (override the config's launcher: block)")
+    slurm.add_argument("--partition", help="the partition (default: the cluster's)")
+    slurm.add_argument("--time-min", type=int, metavar="MIN", help="time limit in minutes (default: 60)")
+    slurm.add_argument(
+        "--cpus", type=int, metavar="N", help="cores per job, and its torch threads (default: 1)"
+    )
+    slurm.add_argument("--mem-gb", type=float, metavar="GB", help="memory per job (default: the partition's)")
+    slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per job (default: 0)")
 
 
 def _assign_arguments(parser: argparse.ArgumentParser) -> None:
@@ -409,6 +552,19 @@ _COMMANDS: tuple[_Command, ...] = (
         "ppl-gmm select configs/select.yaml --k 1..8",
         _select_arguments,
         _cmd_select,
+    ),
+    _Command(
+        "sweep",
+        "repeat a config over a grid of values and seeds, locally or on Slurm",
+        "Run CONFIG once per point of the Cartesian product of the --grid values and the --seeds, on "
+        "a local process pool or as a Slurm job array (submitit); write every experiment, a manifest "
+        "of the points and their states, runs.csv, aggregate.csv (per grid point and backend: mean, "
+        "sd and 95%% bootstrap interval of each metric over seeds, and the local-optimum rate) and "
+        "sweep.png into one sweep directory, and print its path last. --resume SWEEP_DIR runs again "
+        "only the points that did not finish.",
+        "ppl-gmm sweep configs/quickstart.yaml --grid model.k=2,3,4 --seeds 0..4 --jobs 2",
+        _sweep_arguments,
+        _cmd_sweep,
     ),
     _Command(
         "assign",

@@ -17,6 +17,7 @@ __all__ = [
     "Strict",
     "DataConfig",
     "InitConfig",
+    "LauncherConfig",
     "ModelOptions",
     "apply_overrides",
     "dump_config",
@@ -47,6 +48,9 @@ class DataConfig(Strict):
     sequence_column: str | None = None  # csv: rows with the same value form one sequence, in file order
     lengths_path: str | None = None  # npy: one integer length per sequence, in row order (.npy or text)
     standardize: bool = False  # z-score with the train split's statistics
+    # the seed of the simulation and of the train/test split (null: the experiment's seed); set
+    # it to keep the data fixed while a sweep's seeds change the starts
+    seed: int | None = Field(None, ge=0, lt=2**63)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # 0 = no test split
 
 
@@ -73,6 +77,17 @@ class InitConfig(Strict):
     max_rows: int = Field(1_000_000, ge=2)
 
 
+class LauncherConfig(Strict):
+    """Per-job resources of a sweep's Slurm jobs (``ppl-gmm sweep --launcher slurm``); the
+    command's flags override them. Ignored by ``run`` and by the local launcher."""
+
+    partition: str | None = None  # null: the cluster's default partition
+    time_min: int = Field(60, ge=1)  # a job's time limit in minutes
+    cpus: int = Field(1, ge=1, le=4096)  # cores per job, and the torch threads of its run
+    mem_gb: float | None = Field(None, gt=0)  # null: the partition's default
+    gpus: int = Field(0, ge=0, le=64)
+
+
 class Config(Strict):
     experiment: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     seed: int = Field(0, ge=0, lt=2**63)
@@ -88,6 +103,7 @@ class Config(Strict):
     # torch threads of every backend's fit and scoring; null: 1 for small problems, torch's
     # default (all cores) for large ones (see experiment.auto_threads)
     threads: int | None = Field(None, ge=1, le=4096)
+    launcher: LauncherConfig = LauncherConfig()  # sweeps on Slurm: each job's resources
 
     @field_validator("backends", mode="before")
     @classmethod

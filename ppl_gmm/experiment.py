@@ -207,7 +207,8 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
         )
     if data is None:
         try:
-            data = load_data(cfg.data, cfg.seed, simulator(cfg, model_cls), model_cls.check_data)
+            data_seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
+            data = load_data(cfg.data, data_seed, simulator(cfg, model_cls), model_cls.check_data)
         except MemoryError:
             raise UserError("data: not enough memory to hold the data. Lower data.n or data.dim.") from None
     n_train = data.train.shape[0]

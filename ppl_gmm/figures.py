@@ -51,6 +51,7 @@ __all__ = [
     "plot_models",
     "plot_selection",
     "plot_states",
+    "plot_sweep",
     "plot_traces",
     "plot_transitions",
     "states_figure",
@@ -1004,4 +1005,58 @@ def plot_selection(table: pd.DataFrame, chosen: Mapping[str, int | None], path: 
         ax.legend()
         ax.grid(alpha=0.3)
     figure.suptitle(title)
+    return _save(figure, path)
+
+
+# ---- sweeps -------------------------------------------------------------------------------------
+
+_SWEEP_PANELS = [
+    ("train_log_likelihood", "train log-likelihood per point"),
+    ("fit_seconds", "fit seconds"),
+    ("local_optimum_rate", "share of seeds below the best (local optima)"),
+]
+
+
+def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path, title: str) -> Path:
+    """A sweep's aggregate: per backend, the mean over seeds of the train log-likelihood and of
+    the fit time with their 95% bootstrap intervals as error bars, and the local-optimum rate,
+    against the grid points (one line per backend, slightly offset so that bars do not hide each
+    other)."""
+    if keys:
+        labels = table[list(keys)].astype(str).agg(", ".join, axis=1)
+        xlabel = ", ".join(keys)
+    else:
+        labels = pd.Series(["all seeds"] * len(table), index=table.index)
+        xlabel = ""
+    order = list(dict.fromkeys(labels))
+    position = {label: i for i, label in enumerate(order)}
+    backends = list(dict.fromkeys(table["backend"]))
+    panels = [(c, name) for c, name in _SWEEP_PANELS if c in table or f"{c}_mean" in table]
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, layout="constrained"
+    )
+    width = 0.6 / max(len(backends), 1)
+    for ax, (column, name) in zip(axes[0], panels, strict=True):
+        for b, backend in enumerate(backends):
+            rows = table[table["backend"] == backend]
+            x = (
+                np.array([position[label] for label in labels[rows.index]])
+                + (b - (len(backends) - 1) / 2) * width
+            )
+            if column in rows:  # a rate: no interval
+                ax.plot(x, rows[column], "o", color=backend_color(backend), label=backend)
+                continue
+            mean = rows[f"{column}_mean"].to_numpy(dtype=float)
+            low = np.nan_to_num(mean - rows[f"{column}_ci_low"].to_numpy(dtype=float), nan=0.0)
+            high = np.nan_to_num(rows[f"{column}_ci_high"].to_numpy(dtype=float) - mean, nan=0.0)
+            ax.errorbar(
+                x, mean, yerr=[low, high], fmt="o", capsize=4, color=backend_color(backend), label=backend
+            )
+        ax.set_xticks(range(len(order)), order, rotation=30 if len(order) > 4 else 0)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    n = int(table["n_seeds"].max()) if "n_seeds" in table else 0
+    figure.suptitle(f"{title}: mean over {n} seeds, 95% bootstrap intervals")
     return _save(figure, path)
