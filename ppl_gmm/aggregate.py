@@ -1,6 +1,7 @@
 """A sweep's runs over seeds → per grid point and backend: each metric's mean, standard deviation
 and 95% bootstrap confidence interval, and the local-optimum rate: ``runs.csv`` (one row per
-finished point and backend), ``aggregate.csv`` and ``sweep.png`` in the sweep directory.
+finished point and backend), ``aggregate.csv``, ``sweep.png`` (means with intervals per grid point)
+and ``sweep-traces.png`` (log-likelihood against time, median and band over seeds).
 
 A backend's ``reached_best_rate`` at a grid point is the share of its seeds whose train
 log-likelihood came within ``OPTIMUM_TOL`` per point of the best any run reached there, and its
@@ -19,7 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from .errors import UserError
-from .figures import plot_sweep
+from .figures import plot_sweep, plot_sweep_traces
 from .runs import read_summary, write_csv
 from .sweep import finished_runs, load_sweep, read_manifest
 
@@ -100,13 +101,15 @@ def _runs(path: Path) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows), list(sweep.grid)
 
 
-def aggregate_sweep(path: Path) -> pd.DataFrame:
-    """Write ``runs.csv``, ``aggregate.csv`` and ``sweep.png`` into the sweep directory ``path``;
-    returns the aggregate (one row per grid point and backend)."""
+def aggregate_sweep(path: Path, out: Path | None = None) -> pd.DataFrame:
+    """Write ``runs.csv``, ``aggregate.csv``, ``sweep.png`` and ``sweep-traces.png`` for the sweep
+    directory ``path`` into ``out`` (default: the sweep directory); returns the aggregate (one row
+    per grid point and backend)."""
+    out = path if out is None else out
     runs, keys = _runs(path)
     if runs.empty:
         raise UserError(f"{path}: no finished point of the sweep has a completed backend to aggregate.")
-    write_csv(path / "runs.csv", runs)
+    write_csv(out / "runs.csv", runs)
     metrics = [m for m in METRICS if m in runs] + sorted(c for c in runs if c.endswith("_error_vs_truth"))
     loglik = pd.to_numeric(runs.get("train_log_likelihood"), errors="coerce")
     if keys:
@@ -127,6 +130,22 @@ def aggregate_sweep(path: Path) -> pd.DataFrame:
                 row[f"{metric}_{name}"] = value
         rows.append(row)
     table = pd.DataFrame(rows)
-    write_csv(path / "aggregate.csv", table)
-    plot_sweep(table, keys, path / "sweep.png", path.name)
+    write_csv(out / "aggregate.csv", table)
+    plot_sweep(table, keys, out / "sweep.png", path.name)
+    plot_sweep_traces(_traces(path, runs, keys), out / "sweep-traces.png", path.name)
     return table
+
+
+def _traces(path: Path, runs: pd.DataFrame, keys: list[str]) -> dict[str, dict[str, list[pd.DataFrame]]]:
+    """grid point label → backend → each seed's metrics.csv (the kept restart's rows)."""
+    traces: dict[str, dict[str, list[pd.DataFrame]]] = {}
+    for _, run in runs.iterrows():
+        label = ", ".join(f"{key}={run[key]}" for key in keys) or "all seeds"
+        try:
+            metrics = pd.read_csv(path / run["experiment"] / run["backend"] / "metrics.csv")
+        except (OSError, ValueError):
+            continue
+        if "restart" in metrics:
+            metrics = metrics[metrics["restart"] == run.get("restart", 0)]
+        traces.setdefault(label, {}).setdefault(run["backend"], []).append(metrics)
+    return traces

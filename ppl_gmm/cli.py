@@ -259,9 +259,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, format_table
+    from .sweep import is_sweep
 
     paths = [Path(p) for p in args.paths]
     out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 and paths[0].is_dir() else Path("."))
+    if len(paths) == 1 and is_sweep(paths[0]):
+        from .aggregate import aggregate_sweep
+
+        _print_aggregate(aggregate_sweep(paths[0], out))
+        sys.stderr.write(f"wrote runs.csv, aggregate.csv, sweep.png and sweep-traces.png to {out}\n")
+        print(out)
+        return 0
     result = compare(paths, out)
     for line in result.skipped:
         sys.stderr.write(f"warning: skipped {line}\n")
@@ -539,7 +547,9 @@ _COMMANDS: tuple[_Command, ...] = (
         "compare",
         "tabulate and plot experiment directories",
         "Read experiment directories (or folders holding several, such as runs/), print one row per "
-        "backend run, and write comparison.csv and PNG figures.",
+        "backend run, and write comparison.csv and PNG figures. Given a sweep directory, aggregate "
+        "its runs over seeds instead: per grid point and backend, each metric's mean, sd and 95% "
+        "bootstrap interval, and the local-optimum rate (aggregate.csv, sweep.png, sweep-traces.png).",
         "ppl-gmm compare runs/",
         _compare_arguments,
         _cmd_compare,
@@ -559,7 +569,7 @@ _COMMANDS: tuple[_Command, ...] = (
         "Run CONFIG once per point of the Cartesian product of the --grid values and the --seeds, on "
         "a local process pool or as a Slurm job array (submitit); write every experiment, a manifest "
         "of the points and their states, runs.csv, aggregate.csv (per grid point and backend: mean, "
-        "sd and 95%% bootstrap interval of each metric over seeds, and the local-optimum rate) and "
+        "sd and 95% bootstrap interval of each metric over seeds, and the local-optimum rate) and "
         "sweep.png into one sweep directory, and print its path last. --resume SWEEP_DIR runs again "
         "only the points that did not finish.",
         "ppl-gmm sweep configs/quickstart.yaml --grid model.k=2,3,4 --seeds 0..4 --jobs 2",

@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Ellipse, Patch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
@@ -52,6 +53,7 @@ __all__ = [
     "plot_selection",
     "plot_states",
     "plot_sweep",
+    "plot_sweep_traces",
     "plot_traces",
     "plot_transitions",
     "states_figure",
@@ -1045,6 +1047,7 @@ def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path, title: str)
             )
             if column in rows:  # a rate: no interval
                 ax.plot(x, rows[column], "o", color=backend_color(backend), label=backend)
+                ax.set_ylim(-0.05, 1.05)
                 continue
             mean = rows[f"{column}_mean"].to_numpy(dtype=float)
             low = np.nan_to_num(mean - rows[f"{column}_ci_low"].to_numpy(dtype=float), nan=0.0)
@@ -1059,4 +1062,59 @@ def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path, title: str)
     axes[0, 0].legend(fontsize=8)
     n = int(table["n_seeds"].max()) if "n_seeds" in table else 0
     figure.suptitle(f"{title}: mean over {n} seeds, 95% bootstrap intervals")
+    return _save(figure, path)
+
+
+def plot_sweep_traces(
+    traces: Mapping[str, Mapping[str, Sequence[pd.DataFrame]]], path: Path, title: str, panels: int = 6
+) -> Path | None:
+    """The exact train log-likelihood against wall time per backend, over a sweep's seeds: the
+    median with a band from the 10th to the 90th percentile, one panel per grid point (the first
+    ``panels``). ``traces``: grid point label → backend → each seed's metrics (``wall_seconds``,
+    ``log_likelihood``). Each seed's curve holds its last evaluated value; a time enters the band
+    once half the seeds have a value."""
+    shown = [label for label, backends in traces.items() if any(backends.values())][:panels]
+    if not shown:
+        return None
+    columns = min(3, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, label in zip(axes.flat, shown, strict=False):
+        for backend, runs in traces[label].items():
+            curves = [
+                run[["wall_seconds", "log_likelihood"]].dropna().sort_values("wall_seconds") for run in runs
+            ]
+            curves = [c for c in curves if not c.empty and (c["wall_seconds"] > 0).any()]
+            if not curves:
+                continue
+            start = min(float(c["wall_seconds"][c["wall_seconds"] > 0].min()) for c in curves)
+            stop = max(float(c["wall_seconds"].max()) for c in curves)
+            grid = np.geomspace(start, max(stop, start * 1.0001), 200)
+            values = np.full((len(curves), grid.size), np.nan)
+            for i, curve in enumerate(curves):
+                times, lls = curve["wall_seconds"].to_numpy(), curve["log_likelihood"].to_numpy()
+                index = np.searchsorted(times, grid, side="right") - 1
+                values[i] = np.where(index >= 0, lls[np.clip(index, 0, None)], np.nan)
+            enough = np.sum(np.isfinite(values), 0) >= max(1, len(curves) / 2)
+            if not enough.any():
+                continue
+            with np.errstate(all="ignore"):
+                low, middle, high = np.nanpercentile(values[:, enough], [10, 50, 90], axis=0)
+            color = backend_color(backend)
+            ax.plot(grid[enough], middle, color=color, label=f"{backend} ({len(curves)} seeds)")
+            ax.fill_between(grid[enough], low, high, color=color, alpha=0.2, linewidth=0)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(
+            NullFormatter()
+        )  # a short span labels its minor ticks on top of each other
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("wall seconds")
+        ax.set_ylabel("train log-likelihood per point")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    figure.suptitle(f"{title}: median over seeds, 10–90% band")
     return _save(figure, path)

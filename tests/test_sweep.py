@@ -86,8 +86,15 @@ def test_a_local_sweep_of_three_values_by_five_seeds(capsys, tmp_path: Path) -> 
     assert table["train_log_likelihood_mean"].is_monotonic_increasing
     assert (path / "config.yaml").is_file() and (path / "runs.csv").is_file()
     assert json.loads((path / "sweep.json").read_text())["grid"] == {"model.k": ["2", "3", "4"]}
-    with Image.open(path / "sweep.png") as image:
-        assert min(image.size) > 200
+    for figure in ("sweep.png", "sweep-traces.png"):
+        with Image.open(path / figure) as image:
+            assert min(image.size) > 200
+    # compare SWEEP_DIR aggregates again, elsewhere, to the same numbers
+    capsys.readouterr()
+    assert main(["compare", str(path), "--out", str(tmp_path / "again")]) == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == tmp_path / "again"
+    again = pd.read_csv(tmp_path / "again" / "aggregate.csv")
+    pd.testing.assert_frame_equal(again, table)
 
 
 def _wait_for(condition, seconds: float, log: Path) -> None:
