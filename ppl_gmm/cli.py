@@ -290,7 +290,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from .select import CRITERIA, parse_k_range, select
 
     ks = parse_k_range(args.k)
-    result = select(_load(args), ks, args.backend, Path(args.runs_dir), _progress(args.quiet))
+    quiet = args.quiet
+
+    def message(text: str) -> None:
+        if not quiet:
+            sys.stderr.write(f"{text}\n")
+
+    result = select(_load(args), ks, args.backend, Path(args.runs_dir), message, args.jobs)
     columns = ["k", *CRITERIA, "effective_k", "status"]
     lines = [columns]
     for _, row in result.table.iterrows():
@@ -447,6 +453,13 @@ def _select_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments(parser, "configs/select.yaml", "the selection directory")
     parser.add_argument("--k", required=True, help="the range of K, e.g. 1..8")
     parser.add_argument("--backend", default="em", help="the backend to fit for each K (default: em)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="values of K fitted at once, by local worker processes (default: 1)",
+    )
 
 
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:

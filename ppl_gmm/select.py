@@ -1,4 +1,5 @@
-"""Choosing the number of components: one experiment per K on the same data, criteria side by side.
+"""Choosing the number of components: a sweep over ``model.k`` on the same data (one seed), its
+criteria side by side.
 
 BIC, AIC and ICL (lower is better) for any point estimate; the ELBO (higher is better) for
 variational backends; the effective number of components where a backend reports one (vb).
@@ -8,18 +9,19 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from .backends import BACKENDS
-from .config import Config
+from .config import Config, dump_config
 from .errors import UserError
-from .experiment import Progress, execute, prepare
 from .figures import plot_selection
-from .runs import create_experiment_dir, write_csv
+from .runs import read_summary, write_csv
+from .sweep import sweep
 
 __all__ = ["CRITERIA", "Selection", "parse_k_range", "select"]
 
@@ -45,43 +47,47 @@ def parse_k_range(text: str) -> list[int]:
     return list(range(low, high + 1))
 
 
-def _config_for(cfg: Config, k: int, backend: str) -> Config:
-    options = cfg.backends.get(backend, {})
-    model = cfg.model.model_copy(update={"k": k})
-    return cfg.model_copy(
-        update={"experiment": f"{cfg.experiment}-k{k}", "model": model, "backends": {backend: options}}
-    )
-
-
 def select(
-    cfg: Config, ks: Sequence[int], backend: str, runs_dir: Path, progress: Progress | None = None
+    cfg: Config,
+    ks: Sequence[int],
+    backend: str,
+    runs_dir: Path,
+    message: Callable[[str], None] = lambda text: None,
+    jobs: int = 1,
 ) -> Selection:
-    """Run ``backend`` once per K; write every experiment, ``selection.csv`` and a figure into one
-    directory under ``runs_dir``. Everything is checked before anything is written."""
+    """Sweep ``backend`` over K = ``ks`` (the config's seed: the same data and seeding for every
+    K); write the sweep's directory (every experiment, its manifest) with ``selection.csv`` and a
+    figure in it. Everything is checked before anything is written."""
     BACKENDS.get(backend, field="--backend")
-    plans = [prepare(_config_for(cfg, k, backend)) for k in ks]
-    path = create_experiment_dir(runs_dir, f"{cfg.experiment}-select")
+    raw = yaml.safe_load(dump_config(cfg))
+    raw["backends"] = {backend: raw["backends"].get(backend, {})}
+    swept = sweep(
+        raw,
+        {"model.k": [str(k) for k in ks]},
+        [cfg.seed],
+        runs_dir,
+        jobs=jobs,
+        message=message,
+        name="select",
+    )
     rows = []
-    for k, plan in zip(ks, plans, strict=True):
-        if progress is not None:
-            progress.message(f"K = {k}")
-        outcome = execute(plan, path, progress)
-        summary = outcome.summaries[backend]
+    for k, (_, point) in zip(ks, swept.manifest.iterrows(), strict=True):
+        summary = read_summary(swept.path / str(point["experiment"]) / backend) or {}
         rows.append(
             {
                 "k": k,
                 **{name: summary.get(name) for name in CRITERIA},
                 "effective_k": summary.get("effective_k"),
                 "train_log_likelihood": summary.get("train_log_likelihood"),
-                "status": summary.status,
-                "experiment": outcome.path.name,
+                "status": summary.get("status", point["state"]),
+                "experiment": point["experiment"],
             }
         )
     table = pd.DataFrame(rows)
     chosen = {name: _best(table, name, higher) for name, higher in CRITERIA.items()}
-    write_csv(path / "selection.csv", table)
-    plot_selection(table, chosen, path / "selection.png", f"{cfg.experiment}: {backend}")
-    return Selection(path, table, chosen)
+    write_csv(swept.path / "selection.csv", table)
+    plot_selection(table, chosen, swept.path / "selection.png", f"{cfg.experiment}: {backend}")
+    return Selection(swept.path, table, chosen)
 
 
 def _best(table: pd.DataFrame, column: str, higher: bool) -> int | None:

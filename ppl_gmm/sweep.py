@@ -254,13 +254,19 @@ def _claim_slot(counter: Any, cores: list[int], jobs: int) -> None:
 
 def _local(sweep: Sweep, todo: list[int], record: Record) -> None:
     """A pool of ``jobs`` processes (spawned: torch's threads do not survive a fork), each pinned
-    to its share of the cores and given that many torch threads."""
+    to its share of the cores and given that many torch threads; one job runs the points in this
+    process, one after another."""
+    jobs = min(sweep.jobs, len(todo))
+    if jobs == 1:
+        for index in todo:
+            record(index, {"state": "running"})
+            record(index, run_point(str(sweep.path), index))
+        return
     cores = (
         sorted(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else list(range(os.cpu_count() or 1))
     )
-    jobs = min(sweep.jobs, len(todo))
     threads = max(1, len(cores) // jobs)
     context = multiprocessing.get_context("spawn")
     counter = context.Value("i", 0)
@@ -358,10 +364,12 @@ def sweep(
     jobs: int = 1,
     resources: dict[str, Any] | None = None,
     message: Callable[[str], None] = lambda text: None,
+    name: str = "sweep",
 ) -> SweepResult:
     """Check every point's config (and prepare one per grid combination: its data, model, start),
     write the sweep directory, run the points, aggregate. ``raw``: the base config as read, its
-    KEY=VALUE overrides applied; ``resources`` override its ``launcher:`` block."""
+    KEY=VALUE overrides applied; ``resources`` override its ``launcher:`` block; the directory is
+    ``<runs_dir>/<experiment>-<name>-<stamp>``."""
     if launcher not in LAUNCHERS:
         raise UserError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, but found {launcher!r}.")
     if jobs < 1:
@@ -372,7 +380,7 @@ def sweep(
     config = yaml.safe_load(dump_config(base))
     draft = Sweep(Path("."), config, grid, list(seeds), launcher, jobs, settings)
     _check_points(draft, message)
-    path = create_experiment_dir(runs_dir, f"{base.experiment}-sweep")
+    path = create_experiment_dir(runs_dir, f"{base.experiment}-{name}")
     write_text(path / Files.CONFIG, dump_config(base))
     meta = {
         "grid": grid,
