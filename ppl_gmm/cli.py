@@ -348,6 +348,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if args.threads is not None:
             raw["threads"] = args.threads
         resources = {
+            "points_per_job": args.points_per_job,
             "partition": args.partition,
             "time_min": args.time_min,
             "cpus": args.cpus,
@@ -515,6 +516,9 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     )
     slurm.add_argument("--mem-gb", type=float, metavar="GB", help="memory per job (default: the partition's)")
     slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per job (default: 0)")
+    slurm.add_argument(
+        "--points-per-job", type=int, metavar="N", help="points each job runs one after another (default: 1)"
+    )
 
 
 def _assign_arguments(parser: argparse.ArgumentParser) -> None:

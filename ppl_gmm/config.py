@@ -86,6 +86,9 @@ class LauncherConfig(Strict):
     cpus: int = Field(1, ge=1, le=4096)  # cores per job, and the torch threads of its run
     mem_gb: float | None = Field(None, gt=0)  # null: the partition's default
     gpus: int = Field(0, ge=0, le=64)
+    # points each job runs one after another: more than 1 saves a job's start-up (a Python with
+    # torch, seconds) per point when points are small
+    points_per_job: int = Field(1, ge=1)
 
 
 class Config(Strict):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import time
@@ -46,6 +47,7 @@ __all__ = [
     "parse_grid",
     "parse_seeds",
     "run_point",
+    "run_points",
     "sweep",
 ]
 
@@ -253,9 +255,10 @@ def _claim_slot(counter: Any, cores: list[int], jobs: int) -> None:
 
 
 def _local(sweep: Sweep, todo: list[int], record: Record) -> None:
-    """A pool of ``jobs`` processes (spawned: torch's threads do not survive a fork), each pinned
-    to its share of the cores and given that many torch threads; one job runs the points in this
-    process, one after another."""
+    """A pool of ``jobs`` processes, each pinned to its share of the cores and given that many
+    torch threads; one job runs the points in this process, one after another. The workers fork
+    from a fork server that imported the package once (not from this process, whose torch thread
+    pools may already run: a fork would copy their locks)."""
     jobs = min(sweep.jobs, len(todo))
     if jobs == 1:
         for index in todo:
@@ -268,7 +271,7 @@ def _local(sweep: Sweep, todo: list[int], record: Record) -> None:
         else list(range(os.cpu_count() or 1))
     )
     threads = max(1, len(cores) // jobs)
-    context = multiprocessing.get_context("spawn")
+    context = _fork_server()
     counter = context.Value("i", 0)
     with futures.ProcessPoolExecutor(jobs, context, _claim_slot, (counter, cores, jobs)) as pool:
         pending = {pool.submit(run_point, str(sweep.path), index, threads): index for index in todo}
@@ -311,35 +314,61 @@ def _slurm(sweep: Sweep, todo: list[int], record: Record) -> None:
     if resources.gpus:
         parameters["gpus_per_node"] = resources.gpus
     executor.update_parameters(**parameters)
+    size = resources.points_per_job
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     try:
         jobs = executor.map_array(
-            run_point, [str(sweep.path)] * len(todo), todo, [resources.cpus] * len(todo)
+            run_points, [str(sweep.path)] * len(chunks), chunks, [resources.cpus] * len(chunks)
         )
     except Exception as exc:  # sbatch refused the array: nothing ran
         raise UserError(
             f"--launcher slurm: the job array was not accepted ({' '.join(str(exc).split())})."
         ) from None
-    waiting = dict(zip(todo, jobs, strict=True))
-    for index, job in waiting.items():
-        record(index, {"state": "running", "job_id": job.job_id})
+    waiting = dict(enumerate(jobs))
+    for chunk, job in zip(chunks, jobs, strict=True):
+        for index in chunk:
+            record(index, {"state": "running", "job_id": job.job_id})
     try:
         while waiting:
-            for index, job in list(waiting.items()):
+            for number, job in list(waiting.items()):
                 if not job.done():
                     continue
-                del waiting[index]
+                del waiting[number]
                 try:
-                    record(index, job.result())
+                    results = job.result()
                 except Exception as exc:  # the job ended without a result: cancelled, timed out, killed
-                    state = job.state
                     detail = " ".join(str(exc).split())[:300]
-                    record(index, {"state": "failed", "error": f"job {job.job_id} {state}: {detail}"})
+                    error = f"job {job.job_id} {job.state}: {detail}"
+                    results = [_after_death(sweep, index, error) for index in chunks[number]]
+                for index, fields in zip(chunks[number], results, strict=True):
+                    record(index, fields)
             if waiting:
                 time.sleep(POLL_SECONDS)
     except BaseException:
         for job in waiting.values():
             job.cancel(check=False)
         raise
+
+
+def run_points(sweep_dir: str, indices: Sequence[int], threads: int | None = None) -> list[dict[str, Any]]:
+    """``run_point`` for each of ``indices``, one after another: one Slurm job's share."""
+    return [run_point(sweep_dir, index, threads) for index in indices]
+
+
+def _after_death(sweep: Sweep, index: int, error: str) -> dict[str, Any]:
+    """A point of a job that died: finished if its experiment was complete by then, else failed."""
+    done = complete_experiment(sweep, sweep.points[index])
+    if done is not None:
+        return {"state": "finished", "experiment": done.name}
+    return {"state": "failed", "error": error}
+
+
+def _fork_server() -> Any:
+    """The fork-server context, its server importing the package up front (started early by
+    ``_run``, it imports while the sweep checks its points)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ppl_gmm.experiment", "ppl_gmm.sweep"])
+    return context
 
 
 LAUNCHERS: dict[str, Callable[[Sweep, list[int], Record], None]] = {"local": _local, "slurm": _slurm}
@@ -379,6 +408,7 @@ def sweep(
     settings = LauncherConfig.model_validate(settings.model_dump())
     config = yaml.safe_load(dump_config(base))
     draft = Sweep(Path("."), config, grid, list(seeds), launcher, jobs, settings)
+    _start_workers(draft)
     _check_points(draft, message)
     path = create_experiment_dir(runs_dir, f"{base.experiment}-{name}")
     write_text(path / Files.CONFIG, dump_config(base))
@@ -398,6 +428,13 @@ def sweep(
 def resume(path: Path, message: Callable[[str], None] = lambda text: None) -> SweepResult:
     """Run again the points of the sweep in ``path`` that did not finish."""
     return _run(load_sweep(path), message)
+
+
+def _start_workers(sweep: Sweep) -> None:
+    """Start the local pool's fork server now, so that its imports overlap the checks."""
+    if sweep.launcher == "local" and sweep.jobs > 1:
+        _fork_server()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _check_points(sweep: Sweep, message: Callable[[str], None]) -> None:
@@ -428,6 +465,7 @@ def _describe(point: Point) -> str:
 def _run(sweep: Sweep, message: Callable[[str], None]) -> SweepResult:
     from .aggregate import aggregate_sweep
 
+    _start_workers(sweep)
     manifest = read_manifest(sweep.path)
     points = sweep.points
     todo = []

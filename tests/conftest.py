@@ -9,6 +9,9 @@ import torch
 
 from ppl_gmm.models.gmm import make_synthetic
 
+# the `slurm_cluster` fixture: a real one-node Slurm, started on first use (tests/slurm_cluster.py)
+pytest_plugins = ["slurm_cluster"]
+
 SEED = 20261125
 
 
