@@ -628,6 +628,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import launch, sharded, world_from_env
+
+    if world_from_env().size > 1 and not sharded():  # under torchrun or srun: every rank runs main
+        return launch(main, list(sys.argv[1:] if argv is None else argv))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may also come after the flags: `run CONFIG --quiet model.k=5`

@@ -19,10 +19,32 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from . import distributed
 from .config import DataConfig
 from .errors import UserError
 
-__all__ = ["BUILTIN", "Checker", "Dataset", "Simulator", "check_sequence_lengths", "load_data", "sha256_of"]
+__all__ = [
+    "BUILTIN",
+    "Checker",
+    "Dataset",
+    "Shard",
+    "Simulator",
+    "check_sequence_lengths",
+    "load_data",
+    "sha256_of",
+]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A rank's view of data split over the ranks of a sharded run (``distributed``): the train
+    and test splits' sizes over all ranks, and on rank 0 a reader of any rows of the whole train
+    split, by index (rows (I,) -> (I, D) float64, standardized as the split is), for its hash
+    and the figures' sample."""
+
+    n_train: int
+    n_test: int
+    read_train: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,10 +69,30 @@ class Dataset:
     scale: tuple[float, ...] | None = None
     train_lengths: np.ndarray | None = None
     test_lengths: np.ndarray | None = None
+    # a sharded run: train, test and their labels are this rank's contiguous share of each split
+    shard: Shard | None = None
 
     @property
     def dim(self) -> int:
         return int(self.train.shape[1])
+
+    @property
+    def n_train(self) -> int:
+        """Rows of the train split (over all ranks of a sharded run)."""
+        return self.shard.n_train if self.shard is not None else int(self.train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        if self.shard is not None:
+            return self.shard.n_test
+        return 0 if self.test is None else int(self.test.shape[0])
+
+    def train_rows(self, index: np.ndarray) -> Tensor:
+        """Rows (I, D) of the whole train split by index (I,): in a sharded run, on rank 0 only."""
+        if self.shard is None:
+            return self.train[torch.from_numpy(index)]
+        assert self.shard.read_train is not None, "only rank 0 reads the whole train split"
+        return torch.from_numpy(self.shard.read_train(index))
 
     @property
     def has_labels(self) -> bool:
@@ -59,18 +101,28 @@ class Dataset:
     def describe(self) -> dict[str, object]:
         return {
             "source": self.source,
-            "n_train": int(self.train.shape[0]),
-            "n_test": 0 if self.test is None else int(self.test.shape[0]),
+            "n_train": self.n_train,
+            "n_test": self.n_test,
             "dim": self.dim,
             "has_labels": self.has_labels,
             "feature_names": list(self.feature_names),
-            "sha256": sha256_of(self.train, self.train_lengths),
+            "sha256": self._sha256(),
             # what new data need to be scored by this run's fits (ppl-gmm assign)
             "standardization": None
             if self.center is None
             else {"center": list(self.center), "scale": list(self.scale or ())},
             **self._describe_sequences(),
         }
+
+    def _sha256(self) -> str:
+        """``sha256_of`` the whole train split; in a sharded run (rank 0) read a chunk at a time."""
+        if self.shard is None:
+            return sha256_of(self.train, self.train_lengths)
+        digest = hashlib.sha256()
+        for start in range(0, self.n_train, HASH_ROWS):
+            rows = self.train_rows(np.arange(start, min(start + HASH_ROWS, self.n_train)))
+            digest.update(np.ascontiguousarray(rows.numpy(), dtype=np.float64).data)
+        return digest.hexdigest()
 
     def _describe_sequences(self) -> dict[str, int | None]:
         lengths = self.train_lengths
@@ -244,7 +296,11 @@ def _sequence_lengths(frame: pd.DataFrame, name: str, path: Path) -> np.ndarray:
     return np.diff(np.concatenate([[0], starts, [codes.size]])).astype(np.int64)
 
 
-def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None]:
+def _read_npy(
+    cfg: DataConfig, cast: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None]:
+    """The file's array, memory-mapped; in float64 with ``cast`` (else as stored, for a rank of a
+    sharded run to convert only its rows)."""
     path = _need_path(cfg)
     if cfg.label_column is not None:
         raise UserError("data.label_column: only CSV files have named columns; set it to null.")
@@ -265,7 +321,8 @@ def _read_npy(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]
     lengths = (
         None if cfg.lengths_path is None else _read_lengths(Path(cfg.lengths_path), array.shape[0], path)
     )
-    return np.asarray(array, dtype=np.float64), None, [f"x{j}" for j in range(array.shape[1])], lengths
+    array = np.asarray(array, dtype=np.float64) if cast else array
+    return array, None, [f"x{j}" for j in range(array.shape[1])], lengths
 
 
 def _read_lengths(path: Path, n_rows: int, data_path: Path) -> np.ndarray:
@@ -319,13 +376,14 @@ def _read_lengths_text(path: Path) -> np.ndarray:
         raise UserError(f"{path}: a sequence length does not fit in 64 bits.") from None
 
 
-def load_data(
-    cfg: DataConfig, seed: int, simulate: Simulator | None = None, check: Checker | None = None
-) -> Dataset:
-    """Load or draw the data, check it (``check``: against the model's support), split it and
-    optionally standardize it. ``simulate`` draws synthetic data."""
+_Source = tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None, dict[str, Tensor] | None]
+
+
+def _read_source(
+    cfg: DataConfig, rng: np.random.Generator, simulate: Simulator | None, cast: bool = True
+) -> _Source:
+    """The rows (N, D), labels, feature names, sequence lengths and (synthetic) truth."""
     _check_sequence_fields(cfg)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     truth = None
     labels: np.ndarray | None
     lengths: np.ndarray | None = None
@@ -337,12 +395,29 @@ def load_data(
     elif cfg.source == "csv":
         x, labels, names, lengths = _read_csv(cfg)
     elif cfg.source == "npy":
-        x, labels, names, lengths = _read_npy(cfg)
+        x, labels, names, lengths = _read_npy(cfg, cast)
     elif cfg.source in BUILTIN:
         x, labels, names = BUILTIN[cfg.source]()
     else:
         known = ", ".join(["synthetic", "csv", "npy", *sorted(BUILTIN)])
         raise UserError(f"data.source: unknown data source {cfg.source!r}. Known sources: {known}.")
+    return x, labels, names, lengths, truth
+
+
+def load_data(
+    cfg: DataConfig,
+    seed: int,
+    simulate: Simulator | None = None,
+    check: Checker | None = None,
+    world: distributed.World | None = None,
+) -> Dataset:
+    """Load or draw the data, check it (``check``: against the model's support), split it and
+    optionally standardize it. ``simulate`` draws synthetic data. With ``world`` of R > 1 ranks
+    (a sharded run), this rank keeps only its share of each split (``_load_shard``)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    if world is not None and world.size > 1:
+        return _load_shard(cfg, rng, simulate, check, world)
+    x, labels, names, lengths, truth = _read_source(cfg, rng, simulate)
     where = cfg.path if cfg.source in ("csv", "npy") else f"data set {cfg.source!r}"
     _check_values(x, where, names, cfg.source)
     if check is not None:
@@ -392,6 +467,116 @@ def load_data(
         train_lengths=train_lengths,
         test_lengths=test_lengths,
     )
+
+
+def _load_shard(
+    cfg: DataConfig,
+    rng: np.random.Generator,
+    simulate: Simulator | None,
+    check: Checker | None,
+    world: distributed.World,
+) -> Dataset:
+    """``load_data`` for one rank of a sharded run: the same split on every rank (it depends on
+    the seed and the number of rows alone), of which this rank keeps a contiguous share of the
+    train rows and of the test rows (``distributed.shard_range``); from a memory-mapped .npy it
+    reads only those. Each rank checks its own rows, then the ranks agree on the first error
+    (the lowest rank's), so that they fail together; the standardization's moments are sums over
+    all ranks. Rank 0 keeps a reader of the whole train split (for its hash and the figures)."""
+    error: UserError | None = None
+    try:
+        x, labels, names, lengths, truth = _read_source(cfg, rng, simulate, cast=False)
+        where = cfg.path if cfg.source in ("csv", "npy") else f"data set {cfg.source!r}"
+        if lengths is not None:
+            raise UserError(
+                f"data: expected independent rows in a sharded run ({world.size} ranks), but {where} "
+                "holds sequences, which rows cut across ranks would break. Run it in one process."
+            )
+        train_idx, test_idx = _split(x.shape[0], cfg.test_fraction, rng, where, "points", 2)
+        if train_idx.size < 2 * world.size:
+            raise UserError(
+                f"data: {train_idx.size} train points are too few for {world.size} ranks (2 each at "
+                "least). Use fewer ranks or more data."
+            )
+        mine = train_idx[slice(*distributed.shard_range(train_idx.size))]
+        mine_test = test_idx[slice(*distributed.shard_range(test_idx.size))]
+        # without a test split the train rows are all rows in order: a slice of the file
+        train = _rows(x, slice(int(mine[0]), int(mine[-1]) + 1) if not test_idx.size else mine)
+        test = _rows(x, mine_test)
+        _check_values(train, where, names, cfg.source, mine)
+        _check_values(test, where, names, cfg.source, mine_test, least=0)
+        if check is not None:
+            check(train, str(where))
+            check(test, str(where))
+    except UserError as exc:
+        error = exc
+    message = distributed.agree(error)
+    if message is not None:
+        raise UserError(message)
+    center = scale = None
+    if cfg.standardize:
+        center, scale = _sharded_moments(train, train_idx.size, names)
+        train, test = (train - center) / scale, (test - center) / scale
+    reader = None
+    if world.rank == 0:
+        reader = _train_reader(cfg, x if cfg.source != "npy" else None, train_idx, center, scale)
+    return Dataset(
+        source=cfg.source,
+        train=torch.from_numpy(np.ascontiguousarray(train)),
+        test=torch.from_numpy(np.ascontiguousarray(test)) if test_idx.size else None,
+        train_labels=None if labels is None else np.asarray(labels)[mine],
+        test_labels=None if labels is None or not test_idx.size else np.asarray(labels)[mine_test],
+        feature_names=tuple(names),
+        truth=truth,
+        center=None if center is None else tuple(center.tolist()),
+        scale=None if scale is None else tuple(scale.tolist()),
+        shard=Shard(int(train_idx.size), int(test_idx.size), reader),
+    )
+
+
+def _rows(x: np.ndarray, index: np.ndarray | slice) -> np.ndarray:
+    """Rows of x (a memory map reads only those) as a float64 array of their own."""
+    return np.array(x[index], dtype=np.float64)
+
+
+def _sharded_moments(train: np.ndarray, n: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The train split's center and scale (as ``load_data`` computes them) from sums over the
+    ranks' rows train (n_r, D) of n in all."""
+    top = distributed.all_max(torch.from_numpy(np.abs(train).max(axis=0, initial=0.0))).numpy()
+    top[top == 0] = 1.0
+    sums = torch.from_numpy((train / top).sum(axis=0))
+    distributed.all_sum([sums])
+    mean = sums.numpy() / n
+    squares = torch.from_numpy(((train / top - mean) ** 2).sum(axis=0))
+    distributed.all_sum([squares])
+    center, scale = top * mean, top * np.sqrt(squares.numpy() / n)
+    constant = np.flatnonzero(scale == 0)
+    if constant.size:
+        raise UserError(
+            f"data.standardize: feature {names[constant[0]]!r} is constant in the train split, "
+            "so it cannot be scaled. Drop it or set data.standardize: false."
+        )
+    return center, scale
+
+
+def _train_reader(
+    cfg: DataConfig,
+    x: np.ndarray | None,
+    train_idx: np.ndarray,
+    center: np.ndarray | None,
+    scale: np.ndarray | None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows of the whole train split by index, standardized as the split is: from the rows x
+    in memory, or (x None) from the .npy file, mapped afresh for each read so that the pages read
+    do not stay in the process's memory."""
+
+    def read(index: np.ndarray) -> np.ndarray:
+        source = x if x is not None else np.load(Path(str(cfg.path)), allow_pickle=False, mmap_mode="r")
+        if source.ndim == 1:
+            source = source[:, None]
+        rows = _rows(source, train_idx[index])
+        return rows if center is None or scale is None else (rows - center) / scale
+
+    return read
 
 
 def _check_sequence_fields(cfg: DataConfig) -> None:
@@ -454,9 +639,18 @@ def _cell(row: int, col: int, names: list[str], source: str) -> str:
     return f"column {names[col]!r}, {_row(row, source)}"
 
 
-def _check_values(x: np.ndarray, where: object, names: list[str], source: str) -> None:
-    if x.shape[0] < 2:
-        raise UserError(f"{where}: has {x.shape[0]} point(s); at least 2 are needed.")
+def _check_values(
+    x: np.ndarray,
+    where: object,
+    names: list[str],
+    source: str,
+    rows: np.ndarray | None = None,
+    least: int = 2,
+) -> None:
+    """Raise ``UserError`` at the first value of x that is not finite; ``rows`` (N,): the file's
+    row of each row of x (default: x is the file)."""
+    if x.shape[0] < least:
+        raise UserError(f"{where}: has {x.shape[0]} point(s); at least {least} are needed.")
     count, first = 0, None
     for start in range(0, x.shape[0], HASH_ROWS):
         bad = ~np.isfinite(x[start : start + HASH_ROWS])
@@ -465,6 +659,8 @@ def _check_values(x: np.ndarray, where: object, names: list[str], source: str) -
             if first is None:
                 row, col = np.argwhere(bad)[0]
                 first = (start + int(row), int(col))
+    if first is not None and rows is not None:
+        first = (int(rows[first[0]]), first[1])
     if first is not None:
         # pandas reads an empty CSV cell as NaN
         kind = "missing, NaN or infinite" if source == "csv" else "NaN or infinite"

@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import Tensor
 
+from . import distributed
 from .data import Dataset
 from .models.base import LatentModel, Params
 
@@ -57,9 +58,35 @@ def score(model: LatentModel, params: Params, data: Dataset) -> dict[str, float 
         entropy += float(-(log_resp.exp() * log_resp).nan_to_num().sum())
         if data.train_labels is not None:
             predicted.append(torch.argmax(log_joint, dim=1).numpy())
+    if data.shard is not None:
+        return _score_shard(model, params, data, total, entropy, predicted)
     test = None if data.test is None else mean_log_likelihood(model, data.test, params)
     labels = None if not predicted else np.concatenate(predicted)
     return _scores(model, n, total / n, test, entropy, data.train_labels, labels)
+
+
+def _score_shard(
+    model: LatentModel,
+    params: Params,
+    data: Dataset,
+    total: float,
+    entropy: float,
+    predicted: list[np.ndarray],
+) -> dict[str, float | int | None]:
+    """``score``'s ending in a sharded run, from this rank's sums over its train rows: the sums
+    (and the test split's) all-reduced, the labels gathered in row order for ARI and NMI."""
+    test_total = 0.0
+    if data.test is not None:
+        for rows in data.test.split(SCORE_ROWS):
+            test_total += float(model.log_likelihood(rows.to(torch.float64), params).sum())
+    total, entropy, test_total = distributed.all_sum(values=[total, entropy, test_total])
+    labels = found = None
+    if data.train_labels is not None:
+        mine = np.concatenate([np.asarray(data.train_labels)[:, None], np.concatenate(predicted)[:, None]], 1)
+        both = distributed.gather_rows(torch.from_numpy(mine.astype(np.int64))).numpy()
+        labels, found = both[:, 0], both[:, 1]
+    test = None if data.test is None else test_total / data.n_test
+    return _scores(model, data.n_train, total / data.n_train, test, entropy, labels, found)
 
 
 def _score_sequences(model: LatentModel, params: Params, data: Dataset) -> dict[str, float | int | None]:

@@ -11,11 +11,11 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ import pyro
 import torch
 from pydantic import BaseModel, ValidationError
 
-from . import __version__
+from . import __version__, distributed
 from .backends import BACKENDS, Backend, FitResult, Options, StepInfo
 from .backends.base import one_line
 from .config import Config, dump_config, format_validation_error
@@ -32,18 +32,33 @@ from .errors import UserError
 from .evaluate import assignments, parameter_errors, score
 from .init import initialize
 from .models import MODELS, LatentModel, Params
-from .runs import (
-    Files,
-    Summary,
-    create_experiment_dir,
-    save_tensors,
-    write_csv,
-    write_json,
-    write_summary,
-    write_text,
-)
+from .runs import Files, Summary, create_experiment_dir
+from .runs import save_tensors as _save_tensors
+from .runs import write_csv as _write_csv
+from .runs import write_json as _write_json
+from .runs import write_summary as _write_summary
+from .runs import write_text as _write_text
 
 M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+
+
+def _writes() -> bool:
+    """Whether this process writes the experiment directory: the only process, or rank 0 of a
+    sharded run (the other ranks fit and score alike, and write nothing)."""
+    return distributed.world().rank == 0
+
+
+def _rank0(write: Callable[P, None]) -> Callable[P, None]:
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        if _writes():
+            write(*args, **kwargs)
+
+    return guarded
+
+
+save_tensors, write_csv, write_json = _rank0(_save_tensors), _rank0(_write_csv), _rank0(_write_json)
+write_summary, write_text = _rank0(_write_summary), _rank0(_write_text)
 
 __all__ = [
     "Interrupted",
@@ -199,6 +214,8 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     dtype = {"float64": torch.float64, "float32": torch.float32}[cfg.dtype]
     model_cls = MODELS.get(cfg.model.name, field="model.name")
     backends = _resolve_backends(cfg, model_cls)
+    if distributed.sharded():
+        _check_sharded(cfg, backends)
     init_cfg = _model_fields(cfg.init, model_cls, "init")
     if cfg.data.standardize and not model_cls.standardizable:
         raise UserError(
@@ -208,10 +225,12 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     if data is None:
         try:
             data_seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
-            data = load_data(cfg.data, data_seed, simulator(cfg, model_cls), model_cls.check_data)
+            data = load_data(
+                cfg.data, data_seed, simulator(cfg, model_cls), model_cls.check_data, distributed.world()
+            )
         except MemoryError:
             raise UserError("data: not enough memory to hold the data. Lower data.n or data.dim.") from None
-    n_train = data.train.shape[0]
+    n_train = data.n_train
     if cfg.model.k > n_train:
         raise UserError(
             f"model.k: {cfg.model.k} components need at least as many train points, but the data "
@@ -276,8 +295,33 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
             "backends": {name: options.model_dump(mode="json") for name, _, options in backends},
         }
     )
-    threads = cfg.threads or auto_threads(n_train, data.train.shape[1], cfg.model.k)
+    # a rank of a sharded run works on its own rows
+    threads = cfg.threads or auto_threads(data.train.shape[0], data.train.shape[1], cfg.model.k)
     return Plan(resolved, data, model, backends, inits, device, dtype, threads)
+
+
+SHARDED_BACKENDS = ("em",)  # backends whose sums over rows are all-reduced across ranks
+
+
+def _check_sharded(cfg: Config, backends: tuple[tuple[str, Backend[Any], Options], ...]) -> None:
+    """Refuse, before loading data, what a sharded run (``distributed``) cannot do."""
+    size = distributed.world().size
+    for name, _, options in backends:
+        if name not in SHARDED_BACKENDS:
+            raise UserError(
+                f"backends.{name}: expected only {', '.join(SHARDED_BACKENDS)} in a sharded run ({size} "
+                f"ranks), but found {name}. Run {name} in one process, or remove it."
+            )
+        if options.save_assignments:
+            raise UserError(
+                f"backends.{name}.save_assignments: a sharded run ({size} ranks) keeps no rank's rows "
+                "all in one place. Set it to false, or run in one process."
+            )
+    if cfg.model.prior != "none":
+        raise UserError(
+            f"model.prior: a sharded run ({size} ranks) fits maximum likelihood only (the prior's "
+            "defaults come from all the data). Set model.prior: none, or run in one process."
+        )
 
 
 # torch's own thread count when this module was imported: all physical cores, or what
@@ -315,13 +359,14 @@ def torch_threads(count: int) -> Iterator[None]:
 FIGURE_POINTS = 5000  # train points kept in the run directory for figures
 
 
-def _figure_sample(train: torch.Tensor, seed: int) -> torch.Tensor:
+def _figure_sample(data: Dataset, seed: int) -> torch.Tensor:
     """At most ``FIGURE_POINTS`` train rows (a seeded subset, in order), so that figures are
     drawn from the run directory alone."""
-    if train.shape[0] <= FIGURE_POINTS:
-        return train
+    n = data.n_train
+    if n <= FIGURE_POINTS:
+        return data.train if data.shard is None else data.train_rows(np.arange(n))
     rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
-    return train[torch.from_numpy(np.sort(rng.choice(train.shape[0], FIGURE_POINTS, replace=False)))]
+    return data.train_rows(np.sort(rng.choice(n, FIGURE_POINTS, replace=False)))
 
 
 def _pyro_seed(seed: int, restart: int) -> int:
@@ -359,19 +404,23 @@ class _BackendRun:
 
 def execute(plan: Plan, runs_dir: Path, progress: Progress | None = None) -> Outcome:
     """Fit every backend and write the experiment directory; returns its path and summaries."""
-    progress = progress or Silent()
+    progress = (progress or Silent()) if _writes() else Silent()
     cfg = plan.config
-    path = create_experiment_dir(runs_dir, cfg.experiment)
+    path = create_experiment_dir(runs_dir, cfg.experiment) if _writes() else Path()
+    if distributed.sharded():  # every rank knows the name that rank 0 created
+        path = Path(distributed.broadcast_text(str(path)))
     write_text(path / Files.CONFIG, dump_config(cfg))
-    write_json(path / Files.DATA, plan.data.describe())
+    if _writes():  # rank 0 hashes the whole train split
+        write_json(path / Files.DATA, plan.data.describe())
     save_tensors(path / Files.INIT, _init_tensors(plan.inits))
     if plan.data.truth is not None:
         save_tensors(path / Files.TRUTH, plan.data.truth)
-    sample = {"x": _figure_sample(plan.data.train, cfg.seed)}
-    if plan.data.train_lengths is not None and sample["x"].shape[0] == plan.data.train.shape[0]:
-        # every train row, in order: the figures can cut them into the train sequences again
-        sample["lengths"] = torch.as_tensor(plan.data.train_lengths, dtype=torch.int64)
-    save_tensors(path / Files.SAMPLE, sample)
+    if _writes():
+        sample = {"x": _figure_sample(plan.data, cfg.seed)}
+        if plan.data.train_lengths is not None and sample["x"].shape[0] == plan.data.train.shape[0]:
+            # every train row, in order: the figures can cut them into the train sequences again
+            sample["lengths"] = torch.as_tensor(plan.data.train_lengths, dtype=torch.int64)
+        save_tensors(path / Files.SAMPLE, sample)
     common = {
         "model": plan.model.name,
         "seed": cfg.seed,
@@ -521,7 +570,8 @@ def _fit_backend(
     progress: Progress,
 ) -> _BackendRun:
     out = path / name
-    out.mkdir()
+    if _writes():
+        out.mkdir()
     rows: list[dict[str, Any]] = []
     x = plan.data.train.to(plan.device, plan.dtype)
     best: tuple[Any, int, FitResult] | None = None
@@ -596,7 +646,7 @@ def _collapse_warning(plan: Plan, run: _BackendRun) -> str | None:
     than parameters, a component holding less than 2 points' worth of weight under maximum
     likelihood (its covariance can then shrink onto a point, the likelihood growing without
     bound), or a train log-likelihood that is not finite."""
-    n, k = plan.data.train.shape[0], plan.model.k
+    n, k = plan.data.n_train, plan.model.k
     n_params = plan.model.n_params()
     train = run.summary.train_log_likelihood
     weights = run.params.get("weights") if run.params is not None else None
@@ -668,7 +718,7 @@ def _target_value(
     if target is None or train is None:
         return None
     if target == "log_posterior":
-        return float(train) + float(plan.model.log_prior(params)) / plan.data.train.shape[0]
+        return float(train) + float(plan.model.log_prior(params)) / plan.data.n_train
     return float(train)
 
 

@@ -110,8 +110,10 @@ def test_threads_flag_sets_the_config_field(
         argv += ["--k", "2"]
     rc, out, err = _run(argv, capsys)
     assert rc == 0, err
-    (config,) = Path(out.splitlines()[-1]).rglob("config.yaml")
-    assert yaml.safe_load(config.read_text(encoding="utf-8"))["threads"] == 1
+    configs = list(Path(out.splitlines()[-1]).rglob("config.yaml"))  # select: the sweep's and the run's
+    assert len(configs) == (1 if command == "run" else 2)
+    for config in configs:
+        assert yaml.safe_load(config.read_text(encoding="utf-8"))["threads"] == 1
 
 
 def test_quiet_hides_progress_but_not_warnings(tiny: Path, tmp_path: Path, capsys) -> None:

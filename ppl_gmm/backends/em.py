@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from .. import distributed
 from ..errors import UserError
 from ..models.base import ClosedFormEM, LatentModel, Params, Stats
 from .base import BACKENDS, Backend, Clock, FitError, FitResult, Report, StepInfo
@@ -201,6 +202,12 @@ class EM(Backend[EMOptions]):
     options = EMOptions
 
     def check(self, model: LatentModel, options: EMOptions) -> None:
+        if distributed.sharded() and (model.sequential or m_step_kind(model, options) != "closed_form"):
+            raise UserError(
+                f"backends.{self.name}: a sharded run ({distributed.world().size} ranks) needs the "
+                f"closed-form EM of a mixture, but model {model.name!r} is fitted by "
+                f"{'Baum–Welch' if model.sequential else 'generalized EM'} here. Run it in one process."
+            )
         if model.sequential:
             if options.m_step not in (None, "closed_form"):
                 raise UserError(
@@ -245,13 +252,20 @@ class EM(Backend[EMOptions]):
             run = EMRun(model, self.name, x.shape[0], options.tol)
             return fit_gradient(model, x, init, options, options.max_iter, run, report)
         assert isinstance(model, ClosedFormEM)
+        # a sharded run: x is this rank's rows; the sums over rows are all-reduced, so every rank
+        # takes the same M-steps, measured from rank 0's center
+        sharded = distributed.sharded()
         n = x.shape[0]
         params: Params = {name: value.to(x) for name, value in init.items()}
         threads = options.threads or torch.get_num_threads()
         block_rows = options.block_rows or block_rows_for(model, x)
         center = model.em_center(x[:block_rows])
-        run = EMRun(model, self.name, n, options.tol)
         constant = data_constant(model, x)  # the part of log p(x | θ) that θ does not move
+        if sharded:
+            center = None if center is None else distributed.broadcast_tensor(center)
+            rows, constant = distributed.all_sum(values=[n, constant])
+            n = int(rows)
+        run = EMRun(model, self.name, n, options.tol)
         converged = False
         reseeds = [0] * model.k  # per component
         reseed_steps: list[int] = []  # the step of each re-seed: its parameters are the first to have it
@@ -267,6 +281,8 @@ class EM(Backend[EMOptions]):
                         total, stats = _e_pass(model, x, params, center, block_rows, threads)
                     except torch.linalg.LinAlgError:
                         raise run.singular(step, params) from None
+                    if sharded:
+                        (total,) = distributed.all_sum(list(stats.values()), [total])
                     objective = run.objective(total + constant, params, step)
                     report(StepInfo(step, run.clock.seconds(), objective, (total + constant) / n))
                     if run.settled(objective):
@@ -281,6 +297,11 @@ class EM(Backend[EMOptions]):
                     # with a prior the M-step is the posterior mode, which the prior alone defines for a
                     # component without points: a surplus component may empty out, as in VB
                     empty = [] if model.has_prior else empty_components(model.component_mass(stats))
+                    if empty and sharded:
+                        raise FitError(
+                            f"step {step}: component {empty[0]} lost all its points; re-seeding it is "
+                            "not sharded. Lower model.k, or run in one process."
+                        )
                     if empty:
                         for component in empty:
                             reseeds[component] += 1
