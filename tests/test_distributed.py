@@ -19,6 +19,7 @@ import torch
 import yaml
 from conftest import SEED
 from safetensors.torch import load_file
+from slurm_cluster import SlurmCluster
 
 from ppl_gmm import distributed
 from ppl_gmm.config import load_config
@@ -210,3 +211,39 @@ def test_a_rank_lost_mid_fit_fails_the_run(sharded_config: Path, tmp_path: Path,
     assert summary["status"] == "failed"
     assert summary["error"].startswith("another rank of the sharded run (2 ranks) died or stopped answering")
     assert (experiment / "comparison.csv").is_file()
+
+
+def test_srun_ranks_on_a_slurm_cluster_fit_what_one_process_fits(
+    slurm_cluster: SlurmCluster, sharded_config: Path, tmp_path: Path
+) -> None:
+    """`srun -n 2 python -m ppl_gmm run` on a real one-node Slurm: the ranks find each other from
+    Slurm's variables alone and fit what one process fits."""
+    runs = tmp_path / "runs"
+    command = [
+        "srun",
+        "-n",
+        "2",
+        f"--partition={slurm_cluster.partition}",
+        "--time=5",
+        "--kill-on-bad-exit=1",
+    ]
+    command += [
+        sys.executable,
+        "-m",
+        "ppl_gmm",
+        "run",
+        str(sharded_config),
+        "--runs-dir",
+        str(runs),
+        "--quiet",
+    ]
+    env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [sharded] = list(runs.iterdir())
+    assert done.stdout.strip().splitlines()[-1] == str(sharded)  # rank 0 alone prints
+    alone = run(load_config(str(sharded_config), []), tmp_path / "alone").path
+    for name in ("init.safetensors", "em/params.safetensors"):
+        theirs, ours = load_file(str(alone / name)), load_file(str(sharded / name))
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-10, msg=f"{name}: {key}")
