@@ -78,6 +78,18 @@ def lloyd(x: Tensor, centers: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
     return centers, labels
 
 
+def _reg_covar(model: LatentModel, cfg: InitConfig) -> float:
+    """init.reg_covar, or (unset) the model's default."""
+    return cfg.reg_covar if cfg.reg_covar is not None else float(model.backend_fields.get("reg_covar", 0.0))
+
+
+def _singular_cluster(cfg: InitConfig) -> UserError:
+    return UserError(
+        f"init.reg_covar: a cluster of init.method {cfg.method} has too few points for a "
+        "covariance (it is singular without regularization). Raise init.reg_covar, e.g. 1e-6."
+    )
+
+
 def _m_step(
     model: LatentModel, x: Tensor, resp: Tensor, cfg: InitConfig, start: Params | None = None
 ) -> Params:
@@ -86,14 +98,11 @@ def _m_step(
     on the other sites) repeated from ``start`` (default: ``model.default_params()``) until Q stops
     rising."""
     if isinstance(model, ClosedFormEM | HiddenMarkovModel):  # a hidden Markov model: its emissions
-        reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
+        reg_covar = _reg_covar(model, cfg)
         try:
             return model.m_step(x, resp, reg_covar, use_prior=False)
         except torch.linalg.LinAlgError:
-            raise UserError(
-                f"init.reg_covar: a cluster of init.method {cfg.method} has too few points for a "
-                "covariance (it is singular without regularization). Raise init.reg_covar, e.g. 1e-6."
-            ) from None
+            raise _singular_cluster(cfg) from None
     from .backends.gem import GEMOptions, GradientMStep, MStepKind, check_gradient_em
 
     kind: MStepKind = "ecm" if model.closed_form_sites else "gradient"
@@ -336,11 +345,8 @@ def _m_step_shard(model: LatentModel, x: Tensor, resp: Tensor, cfg: InitConfig) 
     for block, block_resp in zip(x.split(M_STEP_ROWS), resp.split(M_STEP_ROWS), strict=True):
         model.accumulate(stats, model.design(block, center), block_resp.T)
     distributed.all_sum(list(stats.values()))
-    reg_covar = cfg.reg_covar if cfg.reg_covar is not None else model.backend_fields.get("reg_covar", 0.0)
+    reg_covar = _reg_covar(model, cfg)
     try:
         return model.m_step_stats(stats, center, reg_covar, use_prior=False)
     except torch.linalg.LinAlgError:
-        raise UserError(
-            f"init.reg_covar: a cluster of init.method {cfg.method} has too few points for a "
-            "covariance (it is singular without regularization). Raise init.reg_covar, e.g. 1e-6."
-        ) from None
+        raise _singular_cluster(cfg) from None

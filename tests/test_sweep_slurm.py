@@ -12,22 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 from slurm_cluster import SlurmCluster
+from test_sweep import SMALL, _config
 
 from ppl_gmm.cli import main
-
-SMALL = {
-    "experiment": "tiny",
-    "data": {"source": "synthetic", "n": 300, "dim": 2, "k": 3, "separation": 2.5, "seed": 7},
-    "model": {"name": "gmm", "k": 3},
-    "init": {"method": "random_from_data"},
-    "backends": {"em": {"max_iter": 200, "tol": 1e-8}},
-}
-
-
-def _config(tmp_path: Path, config: dict) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_a_sweep_of_three_values_by_five_seeds_on_slurm(
