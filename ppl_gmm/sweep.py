@@ -284,7 +284,10 @@ def _local(sweep: Sweep, todo: list[int], record: Record) -> None:
                     record(index, done.result())
                 except futures.process.BrokenProcessPool as exc:
                     record(index, {"state": "failed", "error": f"its worker process died ({exc})"})
-        except BaseException:
+        except BaseException:  # interrupted: stop the running points too, not wait for them
+            workers = getattr(pool, "_processes", None) or {}  # the executor's own; no public handle
+            for worker in list(workers.values()):
+                worker.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 

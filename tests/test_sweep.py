@@ -175,3 +175,38 @@ def test_bad_sweeps_are_one_line_errors_and_write_nothing(
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(message, err[0]), err[0]
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_sigterm_stops_the_sweep_and_its_workers_and_marks_what_ran(tmp_path: Path) -> None:
+    """SIGTERM to the sweep (as a batch system sends): it exits 130 within seconds, its running
+    points are marked failed (interrupted), and no worker process outlives it."""
+    runs = tmp_path / "runs"
+    slow = {**SMALL, "model": {"name": "gmm", "k": 3, "prior": "conjugate"}}
+    slow["backends"] = {"mcmc": {"num_samples": 100000, "warmup_steps": 5}}
+    command = [sys.executable, "-m", "ppl_gmm", "sweep", str(_config(tmp_path, slow)), "--seeds", "0..3"]
+    command += ["--jobs", "2", "--runs-dir", str(runs), "--quiet"]
+    log = tmp_path / "sweep.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, start_new_session=True, stdout=output, stderr=output)
+    try:
+        manifest = lambda: next(runs.glob("*/manifest.csv"), None)  # noqa: E731
+
+        def fitting() -> bool:  # both workers have started their points' backends
+            found = manifest()
+            return found is not None and len(list(found.parent.glob("*/mcmc"))) >= 2
+
+        _wait_for(fitting, 120, log)
+        workers = subprocess.run(
+            ["pgrep", "-g", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) >= 3  # the sweep, its fork server and two workers
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 130, log.read_text()[-2000:]
+        _wait_for(lambda: subprocess.run(["pgrep", "-g", str(process.pid)]).returncode == 1, 20, log)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    states = pd.read_csv(manifest(), keep_default_na=False)
+    assert set(states["state"]) <= {"failed", "pending", "running"} and "running" not in set(states["state"])
+    interrupted = states[states["state"] == "failed"]
+    assert len(interrupted) >= 2 and (interrupted["error"] == "interrupted").all()
