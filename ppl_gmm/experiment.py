@@ -300,7 +300,8 @@ def prepare(cfg: Config, data: Dataset | None = None) -> Plan:
     return Plan(resolved, data, model, backends, inits, device, dtype, threads)
 
 
-SHARDED_BACKENDS = ("em",)  # backends whose sums over rows are all-reduced across ranks
+SHARDED_BACKENDS = ("em", "online_em")  # backends whose sums over rows are all-reduced across ranks
+# (their closed-form path only: each backend's ``check`` refuses the rest)
 
 
 def _check_sharded(cfg: Config, backends: tuple[tuple[str, Backend[Any], Options], ...]) -> None:
@@ -309,7 +310,7 @@ def _check_sharded(cfg: Config, backends: tuple[tuple[str, Backend[Any], Options
     for name, _, options in backends:
         if name not in SHARDED_BACKENDS:
             raise UserError(
-                f"backends.{name}: expected only {', '.join(SHARDED_BACKENDS)} in a sharded run ({size} "
+                f"backends.{name}: expected only {' or '.join(SHARDED_BACKENDS)} in a sharded run ({size} "
                 f"ranks), but found {name}. Run {name} in one process, or remove it."
             )
         if options.save_assignments:
@@ -587,7 +588,7 @@ def _fit_backend(
                 progress.step(info)
 
             init_here = {key: value.to(plan.device, plan.dtype).clone() for key, value in init.items()}
-            progress.begin(name, restart, backend.total_steps(options, x.shape[0]))
+            progress.begin(name, restart, backend.total_steps(options, plan.data.n_train))
             try:
                 result = backend.fit(plan.model, x, init_here, options, report)
             except BaseException:

@@ -54,7 +54,9 @@ def test_backends_that_cannot_be_sharded_are_refused_up_front(
     monkeypatch.setattr(distributed, "_WORLD", distributed.World(0, 2, 0))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"backends": {"em": {}, "svi": {"steps": 2}}}), encoding="utf-8")
-    with pytest.raises(UserError, match=r"^backends\.svi: expected only em in a sharded run \(2 ranks\)"):
+    with pytest.raises(
+        UserError, match=r"^backends\.svi: expected only em or online_em in a sharded run \(2 ranks\)"
+    ):
         prepare(load_config(str(config), []))
 
 

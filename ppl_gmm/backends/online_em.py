@@ -15,6 +15,14 @@ batch's Q(θ) = (N / B) Σ_n Σ_k r_nk log p(x_n, z_n = k | θ) (+ log p(θ)), i
 coordinates, with the learning rate ``m_step_lr`` · γ_t: stochastic gradient EM, in the spirit of
 Titterington's (1984) recursive EM (the batch's ∇Q at θ is an unbiased estimate of the
 log-likelihood's gradient, Fisher's identity), with one Adam state across batches.
+
+A sharded run (``distributed``; closed form only) splits each mini-batch over the R ranks: for
+batch t = 1, 2, ... rank r takes rows ⌊n_r (t - 1) B / N⌋ to ⌊n_r t B / N⌋ of its n_r (about B / R;
+in one process, rows (t - 1) B to t B), E-steps them, and the ranks all-reduce the batch's
+statistics, log-likelihood and rows before the update: every rank makes the same M-steps, ⌈N / B⌉
+per epoch, on batches of B rows or up to R - 1 fewer. Shuffled, each rank permutes its own rows
+each epoch, seeded by rank 0's draw plus its rank: a batch draws from every shard in proportion
+to its rows, never across shards.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from .. import distributed
+from ..errors import UserError
 from ..models.base import ClosedFormEM, LatentModel, Params
 from .base import BACKENDS, Backend, FitResult, Options, Report, StepInfo, refuse_sequences
 from .em import EM, EMOptions, EMRun, needs_closed_form, reg_covar
@@ -73,6 +83,8 @@ class OnlineEM(Backend[OnlineEMOptions]):
     def check(self, model: LatentModel, options: OnlineEMOptions) -> None:
         refuse_sequences(model, self.name, "online EM's mini-batches of rows would cut the sequences")
         kind = _m_step_kind(model, options)
+        if distributed.sharded():
+            _check_sharded(self.name, model, options, kind)
         if kind == "closed_form":
             needs_closed_form(model, self.name)
         else:
@@ -89,23 +101,30 @@ class OnlineEM(Backend[OnlineEMOptions]):
         if _m_step_kind(model, options) == "gradient":
             return self._fit_gradient(model, x, init, options, report)
         assert isinstance(model, ClosedFormEM)
-        n = x.shape[0]
-        size = min(options.batch_size, n)
-        last = options.epochs * math.ceil(n / size)
+        sharded = distributed.sharded()
+        n = x.shape[0]  # a sharded run: this rank's rows, and n_all the train split's
+        n_all = int(distributed.all_sum(values=[n])[0]) if sharded else n
+        size = min(options.batch_size, n_all)
+        last = options.epochs * math.ceil(n_all / size)
         params: Params = {name: value.to(x) for name, value in init.items()}
         center = model.em_center(x[:size])
+        if sharded and center is not None:
+            center = distributed.broadcast_tensor(center)  # statistics measured from one center
         regularization = reg_covar(model, options.reg_covar)
         buffer = model.design_buffer(x, min(CHUNK_ROWS, n))
         stats = None
-        run = EMRun(model, self.name, n)
+        run = EMRun(model, self.name, n_all)
         step = 0
-        for step, rows in _batches(x, options):
+        for step, rows in _batches(x, n_all, options):
             prepared = run.prepare(params, center, step)
             batch = model.new_stats(x)
             seen = e_step_rows(model, rows, prepared, center, batch, buffer)
-            scale = n / rows.shape[0]
+            log_likelihood, points = seen.log_likelihood, rows.shape[0]
+            if sharded:
+                log_likelihood, total = distributed.all_sum(list(batch.values()), [log_likelihood, points])
+                points = int(total)
             gamma = step_size(step, options.step_power, options.step_offset)
-            stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * scale)
+            stats = combine(batch if stats is None else stats, batch, 1.0 - gamma, gamma * n_all / points)
             check_not_empty(
                 model,
                 stats,
@@ -113,15 +132,18 @@ class OnlineEM(Backend[OnlineEMOptions]):
                 f"Increase backends.{self.name}.batch_size, lower model.k, or use the em backend, "
                 "which re-seeds empty components.",
             )
-            objective = run.objective(seen.log_likelihood, params, step, rows.shape[0], aside=True)
+            objective = run.objective(log_likelihood, params, step, points, aside=True)
             params = m_step_checked(model, run, stats, center, regularization, step, params)
             seconds = run.clock.seconds()
-            log_likelihood = None
+            train_log_likelihood = None
             if step % options.eval_every == 0 or step == last:
                 with run.clock.aside():
                     done = run.prepare(params, center, step)
-                    log_likelihood = e_step_rows(model, x, done, center, None, buffer).log_likelihood / n
-            report(StepInfo(step, seconds, objective, log_likelihood))
+                    total = e_step_rows(model, x, done, center, None, buffer).log_likelihood
+                    if sharded:
+                        (total,) = distributed.all_sum(values=[total])
+                    train_log_likelihood = total / n_all
+            report(StepInfo(step, seconds, objective, train_log_likelihood))
         return run.result(params, step, converged=True)
 
     def _fit_gradient(
@@ -153,7 +175,7 @@ class OnlineEM(Backend[OnlineEMOptions]):
 
         params = current()
         step = 0
-        for step, rows in _batches(x, options):
+        for step, rows in _batches(x, n, options):
             with torch.no_grad():
                 joint = log_joint(rows, params)
                 log_norm = torch.logsumexp(joint, dim=1, keepdim=True)
@@ -188,19 +210,39 @@ def _m_step_kind(model: LatentModel, options: OnlineEMOptions) -> Literal["close
     return "closed_form" if isinstance(model, ClosedFormEM) else "gradient"
 
 
-def _batches(x: Tensor, options: OnlineEMOptions) -> Iterator[tuple[int, Tensor]]:
-    """(t, rows) for mini-batches t = 1, 2, ... over ``epochs`` passes, in a fresh random order
-    each epoch (drawn from torch's global generator, so that pyro.set_rng_seed fixes it) or in
-    file order."""
+def _check_sharded(
+    name: str, model: LatentModel, options: OnlineEMOptions, kind: Literal["closed_form", "gradient"]
+) -> None:
+    size = distributed.world().size
+    if kind != "closed_form":
+        raise UserError(
+            f"backends.{name}: a sharded run ({size} ranks) needs the closed-form M-step (running "
+            f"statistics), but model {model.name!r} is fitted by stochastic gradient EM here. Run it "
+            "in one process."
+        )
+    if options.batch_size < size:
+        raise UserError(
+            f"backends.{name}.batch_size: expected at least one point per rank ({size}), but found "
+            f"{options.batch_size}. Raise it, or use fewer ranks."
+        )
+
+
+def _batches(x: Tensor, n_all: int, options: OnlineEMOptions) -> Iterator[tuple[int, Tensor]]:
+    """(t, rows) for mini-batches t = 1, 2, ... over ``epochs`` passes of ⌈N / B⌉ batches, N =
+    ``n_all``: this rank's share of each (all rows in one process), in a fresh random order each
+    epoch (drawn from torch's global generator, so that pyro.set_rng_seed fixes it; rank 0's seed
+    plus the rank in a sharded run) or in file order."""
     n = x.shape[0]
-    size = min(options.batch_size, n)
-    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    size = min(options.batch_size, n_all)
+    seed = torch.randint(2**62, ())
+    if distributed.sharded():
+        seed = distributed.broadcast_tensor(seed) + distributed.world().rank
+    generator = torch.Generator().manual_seed(int(seed))
     step = 0
     for _ in range(options.epochs):
         order = torch.randperm(n, generator=generator).to(x.device) if options.shuffle else None
-        for start in range(0, n, size):
+        for start in range(0, n_all, size):
             step += 1
-            yield (
-                step,
-                x[start : start + size] if order is None else x.index_select(0, order[start : start + size]),
-            )
+            # this rank's share of the batch's B rows; all B in one process (n = N)
+            lo, hi = n * start // n_all, n * min(start + size, n_all) // n_all
+            yield step, x[lo:hi] if order is None else x.index_select(0, order[lo:hi])
