@@ -499,8 +499,11 @@ def _load_shard(
             )
         mine = train_idx[slice(*distributed.shard_range(train_idx.size))]
         mine_test = test_idx[slice(*distributed.shard_range(test_idx.size))]
-        # without a test split the train rows are all rows in order: a slice of the file
-        train = _rows(x, slice(int(mine[0]), int(mine[-1]) + 1) if not test_idx.size else mine)
+        if test_idx.size:
+            train = _rows(x, mine)
+        else:  # the train rows are all rows in order: a slice of the file, kept mapped if float64
+            rows = slice(int(mine[0]), int(mine[-1]) + 1)
+            train = x[rows] if x.dtype == np.float64 and not cfg.standardize else _rows(x, rows)
         test = _rows(x, mine_test)
         _check_values(train, where, names, cfg.source, mine)
         _check_values(test, where, names, cfg.source, mine_test, least=0)
