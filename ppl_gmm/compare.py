@@ -21,6 +21,7 @@ from .evaluate import match_components, permute
 from .figures import Experiment, plot_components, plot_models, plot_states, plot_traces, plot_transitions
 from .models import MODELS, LatentModel
 from .runs import Files, read_summary, write_csv
+from .sweep import SLURM_LOGS, is_sweep
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -81,7 +82,8 @@ class Comparison:
 
 
 def _is_experiment(path: Path) -> bool:
-    return (path / Files.CONFIG).is_file() or (path / Files.DATA).is_file()
+    """An experiment directory; a sweep's (or select's) holds a config too, and experiments."""
+    return not is_sweep(path) and ((path / Files.CONFIG).is_file() or (path / Files.DATA).is_file())
 
 
 def find_experiments(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
@@ -110,7 +112,10 @@ def _search(path: Path, depth: int, skipped: list[str]) -> list[Path]:
     if _is_experiment(path):
         return [path]
     found = []
-    for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    logs = {SLURM_LOGS} if is_sweep(path) else set()  # a sweep's job logs: no experiment to skip
+    for child in sorted(
+        p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in logs
+    ):
         below = _search(child, depth - 1, []) if depth > 1 else []
         if below:
             found.extend(below)

@@ -40,6 +40,7 @@ from .runs import Files, create_experiment_dir, read_summary, write_csv, write_j
 
 __all__ = [
     "MANIFEST",
+    "SLURM_LOGS",
     "SWEEP",
     "Point",
     "Sweep",
@@ -54,8 +55,11 @@ __all__ = [
 
 SWEEP = "sweep.json"
 MANIFEST = "manifest.csv"
+SLURM_LOGS = "slurm"  # the Slurm launcher's folder of job logs in a sweep directory
 STATES = ("pending", "running", "finished", "failed")
 POLL_SECONDS = 1.0  # how often the Slurm launcher asks after its jobs
+# Slurm's states of a job that ended without finishing its work
+DEAD = ("CANCELLED", "TIMEOUT", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
 
 # ---- the points -------------------------------------------------------------------------------
@@ -309,7 +313,7 @@ def _slurm(sweep: Sweep, todo: list[int], record: Record) -> None:
             "--launcher slurm needs submitit: pip install 'ppl-gmm[slurm]' (or pip install submitit)."
         ) from None
     resources = sweep.resources
-    executor = submitit.SlurmExecutor(folder=sweep.path / "slurm" / "%j", max_num_timeout=0)
+    executor = submitit.SlurmExecutor(folder=sweep.path / SLURM_LOGS / "%j", max_num_timeout=0)
     parameters: dict[str, Any] = {
         "time": resources.time_min,
         "cpus_per_task": resources.cpus,
@@ -344,11 +348,15 @@ def _slurm(sweep: Sweep, todo: list[int], record: Record) -> None:
                 if not job.done():
                     continue
                 del waiting[number]
+                state = str(job.state)
                 try:
+                    if state.startswith(DEAD) and not job.paths.result_pickle.exists():
+                        # no result will come: do not wait out submitit's grace for a late file
+                        raise RuntimeError("Slurm ended it without a result")
                     results = job.result()
                 except Exception as exc:  # the job ended without a result: cancelled, timed out, killed
                     detail = " ".join(str(exc).split())[:300]
-                    error = f"job {job.job_id} {job.state}: {detail}"
+                    error = f"job {job.job_id} {state}: {detail}"
                     results = [_after_death(sweep, index, error) for index in chunks[number]]
                 for index, fields in zip(chunks[number], results, strict=True):
                     record(index, fields)
