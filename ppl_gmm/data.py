@@ -569,15 +569,53 @@ def _train_reader(
     scale: np.ndarray | None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Rows of the whole train split by index, standardized as the split is: from the rows x
-    in memory, or (x None) from the .npy file, mapped afresh for each read so that the pages read
-    do not stay in the process's memory."""
+    in memory, or (x None) from the .npy file by plain reads (a memory map's pages would count in
+    the process's memory: rank 0 reads the whole split for the data's hash)."""
+    from_file = None if x is not None else _npy_rows(Path(str(cfg.path)))
 
     def read(index: np.ndarray) -> np.ndarray:
-        source = x if x is not None else np.load(Path(str(cfg.path)), allow_pickle=False, mmap_mode="r")
-        if source.ndim == 1:
-            source = source[:, None]
-        rows = _rows(source, train_idx[index])
+        if from_file is not None:
+            rows = from_file(train_idx[index])
+        else:
+            source = x if x is not None else np.load(Path(str(cfg.path)), allow_pickle=False, mmap_mode="r")
+            rows = _rows(source[:, None] if source.ndim == 1 else source, train_idx[index])
         return rows if center is None or scale is None else (rows - center) / scale
+
+    return read
+
+
+def _npy_rows(path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Rows of a C-ordered .npy file by row number, as float64, read with ``np.fromfile`` in
+    windows of at most ``HASH_ROWS`` rows; None for a file this cannot read so (Fortran order, a
+    header version without a public reader): map it instead."""
+    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with path.open("rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in headers:
+            return None
+        shape, fortran, dtype = headers[version](handle)
+        offset = handle.tell()
+    if fortran or len(shape) not in (1, 2) or dtype.hasobject:
+        return None
+    width = 1 if len(shape) == 1 else int(shape[1])
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        order = np.argsort(rows, kind="stable")
+        wanted = np.asarray(rows)[order]
+        out = np.empty((wanted.size, width), dtype=np.float64)
+        with path.open("rb") as handle:
+            i = 0
+            while i < wanted.size:
+                first = int(wanted[i])
+                j = int(np.searchsorted(wanted, first + HASH_ROWS, side="left"))
+                span = int(wanted[j - 1]) - first + 1
+                handle.seek(offset + first * width * dtype.itemsize)
+                block = np.fromfile(handle, dtype=dtype, count=span * width).reshape(span, width)
+                out[i:j] = block[wanted[i:j] - first]
+                i = j
+        result = np.empty_like(out)
+        result[order] = out
+        return result
 
     return read
 

@@ -153,3 +153,30 @@ def test_csv_missing_label_is_located(tmp_path) -> None:
     message = str(info.value)
     assert "column 'kind' has 2 missing label(s), the first in row 2 (counted from 1" in message, message
     assert "data.label_column" in message, message
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int16])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+@pytest.mark.parametrize("shape", [(70_000, 3), (1000,)])
+def test_npy_rows_by_plain_reads_equal_numpys_load(tmp_path: Path, dtype, version, shape) -> None:
+    """The reader rank 0 hashes a sharded run's train split with: any rows, in any order, across
+    read windows, as float64; a Fortran-ordered file is left to the memory map."""
+    from ppl_gmm.data import _npy_rows
+
+    rng = np.random.default_rng(0)
+    array = (rng.normal(size=shape) * 100).astype(dtype)
+    path = tmp_path / "x.npy"
+    with path.open("wb") as handle:
+        np.lib.format.write_array(handle, array, version=version)
+    read = _npy_rows(path)
+    assert read is not None
+    expected = np.asarray(array, dtype=np.float64).reshape(shape[0], -1)
+    for rows in (
+        np.arange(shape[0]),
+        rng.choice(shape[0], 500, replace=False),
+        np.array([shape[0] - 1, 0, 5]),
+    ):
+        np.testing.assert_array_equal(read(rows), expected[rows])
+    fortran = tmp_path / "f.npy"
+    np.save(fortran, np.asfortranarray(rng.normal(size=(10, 3))))
+    assert _npy_rows(fortran) is None
