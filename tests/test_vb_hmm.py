@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 import ppl_gmm
 from ppl_gmm.backends.vb import (
+    CAVISweep,
     HMMPosterior,
-    Sweep,
     VBOptions,
     hmm_expected_logs,
     hmm_variational_e_step,
@@ -60,8 +60,8 @@ def _gaussian_init(means: np.ndarray) -> dict[str, torch.Tensor]:
     }
 
 
-def _sweeps(model: HiddenMarkovModel, x: torch.Tensor, init: dict, n: int) -> list[tuple[Sweep, float]]:
-    out: list[tuple[Sweep, float]] = []
+def _sweeps(model: HiddenMarkovModel, x: torch.Tensor, init: dict, n: int) -> list[tuple[CAVISweep, float]]:
+    out: list[tuple[CAVISweep, float]] = []
     run_cavi(
         model,
         x,

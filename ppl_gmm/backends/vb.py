@@ -78,9 +78,9 @@ from .em import e_step, fixes, reg_covar
 __all__ = [
     "CAVIFit",
     "CAVIState",
+    "CAVISweep",
     "HMMPosterior",
     "Posterior",
-    "Sweep",
     "VB",
     "VBOptions",
     "Variational",
@@ -459,10 +459,10 @@ class CAVIFit:
     elbo: float  # per point, every constant included
     n_steps: int
     converged: bool
-    occupancy: Tensor  # (K,) each component's expected share of the data, as ``Sweep``'s
+    occupancy: Tensor  # (K,) each component's expected share of the data, as ``CAVISweep``'s
 
 
-class Sweep(NamedTuple):
+class CAVISweep(NamedTuple):
     """One coordinate-ascent sweep's q(θ), its ELBO summed over points, and each component's
     expected share of the data (K,): E_q[π] for a mixture; for a hidden Markov model the mean over
     time steps of q(z_t = k)."""
@@ -479,7 +479,9 @@ def _singular(step: int) -> FitError:
     )
 
 
-def _mixture_sweeps(model: LatentModel, x: Tensor, init: Params, regularization: float) -> Iterator[Sweep]:
+def _mixture_sweeps(
+    model: LatentModel, x: Tensor, init: Params, regularization: float
+) -> Iterator[CAVISweep]:
     """q(θ) ← its optimum given q(z), then q(z) ← its optimum given q(θ), from the
     responsibilities of ``init``; the ELBO is that of the q(z) q(θ) was fitted to."""
     log_resp = e_step(model, x, init)[1]
@@ -492,11 +494,13 @@ def _mixture_sweeps(model: LatentModel, x: Tensor, init: Params, regularization:
                 state, total = cavi_update(x, log_resp, model.prior, model.covariance, regularization)
             except torch.linalg.LinAlgError:
                 raise _singular(step) from None
-        yield Sweep(state.posterior, total, _point_estimate(model, state.posterior)["weights"])
+        yield CAVISweep(state.posterior, total, _point_estimate(model, state.posterior)["weights"])
         log_resp = next_log_resp(state)
 
 
-def _hmm_sweeps(model: HiddenMarkovModel, x: Tensor, init: Params, regularization: float) -> Iterator[Sweep]:
+def _hmm_sweeps(
+    model: HiddenMarkovModel, x: Tensor, init: Params, regularization: float
+) -> Iterator[CAVISweep]:
     """q(start) q(A) q(θ) ← its optimum given q(z), then q(z) ← its optimum given those, from the
     smoothed posterior of ``init``; the ELBO is that of the new q(z), log Z̃ - KL."""
     estep = model.e_step(x, init)
@@ -507,7 +511,7 @@ def _hmm_sweeps(model: HiddenMarkovModel, x: Tensor, init: Params, regularizatio
             raise _singular(step) from None
         estep = hmm_variational_e_step(model, x, q)
         total = estep.log_likelihood - hmm_variational_kl(model, q)
-        yield Sweep(q, total, estep.posteriors.mean(0))
+        yield CAVISweep(q, total, estep.posteriors.mean(0))
 
 
 def run_cavi(
@@ -515,7 +519,7 @@ def run_cavi(
     x: Tensor,
     init: Params,
     options: VBOptions,
-    on_step: Callable[[int, Sweep, float], None] = lambda step, sweep, elbo: None,
+    on_step: Callable[[int, CAVISweep, float], None] = lambda step, sweep, elbo: None,
 ) -> CAVIFit:
     """CAVI for a gmm, a ``ConjugateVB`` model or a hidden Markov model over one of them, with a
     prior, from the posterior of the states under ``init``, until the ELBO per point changes by
@@ -669,7 +673,7 @@ class VB(Backend[VBOptions]):
         start = time.perf_counter()
         scoring = 0.0  # the exact log-likelihood of each step's estimate is not the algorithm's cost
 
-        def on_step(step: int, sweep: Sweep, elbo: float) -> None:
+        def on_step(step: int, sweep: CAVISweep, elbo: float) -> None:
             nonlocal scoring
             began = time.perf_counter()
             seconds = began - start - scoring
