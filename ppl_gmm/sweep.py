@@ -32,9 +32,10 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
-from .config import Config, LauncherConfig, dump_config, parse_config
+from .config import Config, LauncherConfig, dump_config, format_validation_error, parse_config
 from .errors import UserError
 from .runs import Files, create_experiment_dir, read_summary, write_csv, write_json, write_text
 
@@ -422,8 +423,13 @@ def sweep(
     if jobs < 1:
         raise UserError(f"--jobs: expected at least 1, but found {jobs}.")
     base = parse_config(raw)
-    settings = base.launcher.model_copy(update={k: v for k, v in (resources or {}).items() if v is not None})
-    settings = LauncherConfig.model_validate(settings.model_dump())
+    given = {key: value for key, value in (resources or {}).items() if value is not None}
+    try:
+        settings = LauncherConfig.model_validate({**base.launcher.model_dump(), **given})
+    except ValidationError as err:  # a flag's value: name the flag with the field
+        where, _, what = format_validation_error(err, LauncherConfig, "launcher").partition(":")
+        flag = "--" + where.removeprefix("launcher.").replace("_", "-")
+        raise UserError(f"{flag} ({where}):{what}") from None
     config = yaml.safe_load(dump_config(base))
     draft = Sweep(Path("."), config, grid, list(seeds), launcher, jobs, settings)
     _start_workers(draft)

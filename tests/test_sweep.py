@@ -163,6 +163,8 @@ def test_grid_and_seed_ranges_parse() -> None:
         (["--grid", "model.covariance=full,round"], r"model\.covariance"),
         (["--grid", "backends.em.max_iters=5,6"], r"backends\.em\.max_iters: unknown field"),
         (["--jobs", "0"], r"--jobs: expected at least 1"),
+        (["--cpus", "0"], r"--cpus \(launcher\.cpus\): .*at least 1|--cpus \(launcher\.cpus\): .*greater"),
+        (["--points-per-job", "0"], r"--points-per-job \(launcher\.points_per_job\)"),
     ],
 )
 def test_bad_sweeps_are_one_line_errors_and_write_nothing(
