@@ -42,7 +42,7 @@ class DataConfig(Strict):
     # synthetic data of a sequence model (hidden Markov): rows per simulated sequence, the last
     # one shorter where data.n is not a multiple (null: the n rows are one sequence)
     sequence_length: int | None = Field(None, ge=1)
-    path: str | None = None  # csv / npy: the file
+    path: str | None = None  # csv / npy: the file; npy: or a directory of .npy shards, in name order
     label_column: str | None = None  # csv: true labels, kept out of the features
     # sequences (e.g. for hidden Markov models); null: the rows are independent points
     sequence_column: str | None = None  # csv: rows with the same value form one sequence, in file order

@@ -1,4 +1,5 @@
-"""Data: synthetic mixtures with known truth, CSV and .npy files, built-in sets; split, standardize.
+"""Data: synthetic mixtures with known truth, CSV and .npy files (or a directory of .npy shards),
+built-in sets; split, standardize.
 
 Rows are independent points, or, with ``data.sequence_column`` (CSV) or ``data.lengths_path``
 (.npy), consecutive runs of rows form sequences, which the split keeps whole.
@@ -9,7 +10,7 @@ Everything is checked here, once: a bad file or value becomes a one-line ``UserE
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -223,12 +224,15 @@ BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray | None, list[str]]]
 }
 
 
-def _need_path(cfg: DataConfig) -> Path:
+def _need_path(cfg: DataConfig, directory: bool = False) -> Path:
+    """``data.path``, which names a file (or, with ``directory``, a file or a directory)."""
     if not cfg.path:
         raise UserError(f"data.path: data.source is {cfg.source!r}, so a file path is needed.")
     path = Path(cfg.path)
-    if path.is_dir():
+    if path.is_dir() and not directory:
         raise UserError(f"data.path: {path} is a directory; name a {cfg.source} file.")
+    if path.is_dir():
+        return path
     if not path.is_file():
         raise UserError(f"data.path: file not found: {path}.")
     return path
@@ -298,12 +302,19 @@ def _sequence_lengths(frame: pd.DataFrame, name: str, path: Path) -> np.ndarray:
 
 def _read_npy(
     cfg: DataConfig, cast: bool = True
-) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None]:
+) -> tuple[np.ndarray | _NpyShards, np.ndarray | None, list[str], np.ndarray | None]:
     """The file's array, memory-mapped; in float64 with ``cast`` (else as stored, for a rank of a
-    sharded run to convert only its rows)."""
-    path = _need_path(cfg)
+    sharded run to convert only its rows). A directory's shards are concatenated in float64 with
+    ``cast``, else left in their files (``_NpyShards``)."""
+    path = _need_path(cfg, directory=True)
     if cfg.label_column is not None:
         raise UserError("data.label_column: only CSV files have named columns; set it to null.")
+    if path.is_dir():
+        shards = _NpyShards.open(path)
+        n_rows = shards.shape[0]
+        lengths = None if cfg.lengths_path is None else _read_lengths(Path(cfg.lengths_path), n_rows, path)
+        x = shards.window(0, n_rows) if cast else shards
+        return x, None, [f"x{j}" for j in range(shards.width)], lengths
     try:
         # copy-on-write map: a file larger than memory is paged in as it is read, and the
         # array is writable for torch without ever writing to the file
@@ -323,6 +334,137 @@ def _read_npy(
     )
     array = np.asarray(array, dtype=np.float64) if cast else array
     return array, None, [f"x{j}" for j in range(array.shape[1])], lengths
+
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    """What a .npy file's header says: the array's shape, dtype and order, and where its data start."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int
+
+
+_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_header(path: Path) -> _NpyHeader:
+    """The header of a .npy file, read without mapping the file (numpy's loader maps it for a
+    header version without a public reader); ``UserError`` if it is no .npy file or too short
+    for the array its header describes."""
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version in _HEADERS:
+                shape, fortran, dtype = _HEADERS[version](handle)
+                offset = handle.tell()
+            else:
+                mapped = np.load(path, allow_pickle=False, mmap_mode="r")
+                shape, dtype, offset = mapped.shape, mapped.dtype, int(getattr(mapped, "offset", 0))
+                fortran = bool(mapped.flags.f_contiguous and not mapped.flags.c_contiguous)
+                del mapped
+        size = path.stat().st_size
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"{path}: cannot read as a .npy array ({detail}).") from None
+    needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size - offset < needed:
+        raise UserError(
+            f"{path}: expected {needed} bytes of data for shape {shape} of dtype {dtype}, but found "
+            f"{max(size - offset, 0)}: the file is truncated."
+        )
+    return _NpyHeader(tuple(int(n) for n in shape), dtype, bool(fortran), offset)
+
+
+@dataclass(frozen=True)
+class _NpyShards:
+    """The rows of a directory's .npy files (shards), taken in sorted file-name order, as one
+    array (N, D). A file is memory-mapped only while rows of it are read: a rank of a sharded run
+    maps the files that hold its rows alone.
+
+    paths: (F,) the shards; starts: (F + 1,) each shard's first row in the whole, then N.
+    """
+
+    paths: tuple[Path, ...]
+    starts: np.ndarray
+    width: int
+
+    @classmethod
+    def open(cls, directory: Path) -> _NpyShards:
+        """The ``*.npy`` files of ``directory`` (other files are ignored), checked from their
+        headers alone: 2-D, numeric, the same number of columns."""
+        paths = sorted((p for p in directory.iterdir() if p.name.endswith(".npy")), key=lambda p: p.name)
+        if not paths:
+            raise UserError(
+                f"data.path: expected .npy files (the data set's shards) in the directory {directory}, "
+                "but found none."
+            )
+        width, rows = None, []
+        for path in paths:
+            header = _npy_header(path)
+            if header.dtype.kind not in "biuf":
+                raise UserError(f"{path}: expected a numeric array, but found dtype {header.dtype}.")
+            if len(header.shape) != 2:
+                raise UserError(
+                    f"{path}: expected a 2-D array (points × features), but found shape {header.shape}."
+                )
+            if header.shape[1] == 0:
+                raise UserError(f"{path}: no feature columns (shape {header.shape}).")
+            if width is not None and header.shape[1] != width:
+                raise UserError(
+                    f"{path}: expected {width} columns, as {paths[0].name} has (every shard of "
+                    f"{directory} has the same columns), but found shape {header.shape}."
+                )
+            width = header.shape[1]
+            rows.append(header.shape[0])
+        assert width is not None
+        return cls(tuple(paths), np.concatenate([[0], np.cumsum(rows)]).astype(np.int64), width)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.starts[-1]), self.width
+
+    def _map(self, i: int) -> np.ndarray:
+        # copy-on-write, as one file is mapped: writable for torch, the file never written
+        return np.load(self.paths[i], allow_pickle=False, mmap_mode="c")
+
+    def window(self, start: int, stop: int, keep: bool = False) -> np.ndarray:
+        """Rows [start, stop) of the whole, in float64: with ``keep``, a view of the file's map
+        where they lie in one float64 shard; else (or across shards) an array of their own."""
+        ends = self.starts[1:]
+        files = np.flatnonzero((self.starts[:-1] < np.minimum(stop, ends)) & (ends > start))
+        parts = []
+        for i in files.tolist():
+            lo, hi = max(start, int(self.starts[i])), min(stop, int(self.starts[i + 1]))
+            parts.append((lo - start, self._map(i)[lo - int(self.starts[i]) : hi - int(self.starts[i])]))
+        if keep and len(parts) == 1 and parts[0][1].dtype == np.float64:
+            return parts[0][1]
+        out = np.empty((max(stop - start, 0), self.width), dtype=np.float64)
+        for at, part in parts:
+            out[at : at + part.shape[0]] = part
+        return out
+
+    def locate(self, row: int) -> tuple[Path, int]:
+        """The shard that holds row ``row`` of the whole, and the row's number in it."""
+        i = int(np.searchsorted(self.starts[1:], row, side="right"))  # shards that end before it
+        return self.paths[i], row - int(self.starts[i])
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Rows (I, D) of the whole by index (I,), in any order, in float64."""
+        ordered = bool(np.all(index[1:] >= index[:-1]))
+        order = None if ordered else np.argsort(index, kind="stable")
+        wanted = index if order is None else index[order]
+        out = np.empty((wanted.size, self.width), dtype=np.float64)
+        cuts = np.searchsorted(wanted, self.starts)  # where each shard's rows begin among the wanted
+        for i in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
+            lo, hi = int(cuts[i]), int(cuts[i + 1])
+            out[lo:hi] = self._map(i)[wanted[lo:hi] - self.starts[i]]
+        if order is None:
+            return out
+        result = np.empty_like(out)
+        result[order] = out
+        return result
 
 
 def _read_lengths(path: Path, n_rows: int, data_path: Path) -> np.ndarray:
@@ -376,15 +518,19 @@ def _read_lengths_text(path: Path) -> np.ndarray:
         raise UserError(f"{path}: a sequence length does not fit in 64 bits.") from None
 
 
-_Source = tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray | None, dict[str, Tensor] | None]
+_Source = tuple[
+    np.ndarray | _NpyShards, np.ndarray | None, list[str], np.ndarray | None, dict[str, Tensor] | None
+]
 
 
 def _read_source(
     cfg: DataConfig, rng: np.random.Generator, simulate: Simulator | None, cast: bool = True
 ) -> _Source:
-    """The rows (N, D), labels, feature names, sequence lengths and (synthetic) truth."""
+    """The rows (N, D), labels, feature names, sequence lengths and (synthetic) truth; the rows
+    are an array with ``cast``, and may be ``_NpyShards`` without."""
     _check_sequence_fields(cfg)
     truth = None
+    x: np.ndarray | _NpyShards
     labels: np.ndarray | None
     lengths: np.ndarray | None = None
     if cfg.source == "synthetic":
@@ -418,6 +564,7 @@ def load_data(
     if world is not None and world.size > 1:
         return _load_shard(cfg, rng, simulate, check, world)
     x, labels, names, lengths, truth = _read_source(cfg, rng, simulate)
+    assert isinstance(x, np.ndarray)  # cast: shards are concatenated
     where = cfg.path if cfg.source in ("csv", "npy") else f"data set {cfg.source!r}"
     _check_values(x, where, names, cfg.source)
     if check is not None:
@@ -478,8 +625,10 @@ def _load_shard(
 ) -> Dataset:
     """``load_data`` for one rank of a sharded run: the same split on every rank (it depends on
     the seed and the number of rows alone), of which this rank keeps a contiguous share of the
-    train rows and of the test rows (``distributed.shard_range``); from a memory-mapped .npy it
-    reads only those. Each rank checks its own rows, then the ranks agree on the first error
+    train rows and of the test rows (``distributed.shard_range``): shares of the sorted train
+    (and test) row numbers, so without a test split a rank's rows are a contiguous range of the
+    file's. From a memory-mapped .npy, or the shards of a directory that hold them, it reads only
+    those. Each rank checks its own rows, then the ranks agree on the first error
     (the lowest rank's), so that they fail together; the standardization's moments are sums over
     all ranks. Rank 0 keeps a reader of the whole train split (for its hash and the figures)."""
     error: UserError | None = None
@@ -502,8 +651,7 @@ def _load_shard(
         if test_idx.size:
             train = _rows(x, mine)
         else:  # the train rows are all rows in order: a slice of the file, kept mapped if float64
-            rows = slice(int(mine[0]), int(mine[-1]) + 1)
-            train = x[rows] if x.dtype == np.float64 and not cfg.standardize else _rows(x, rows)
+            train = _window(x, int(mine[0]), int(mine[-1]) + 1, keep=not cfg.standardize)
         test = _rows(x, mine_test)
         _check_values(train, where, names, cfg.source, mine)
         _check_values(test, where, names, cfg.source, mine_test, least=0)
@@ -521,7 +669,7 @@ def _load_shard(
         train, test = (train - center) / scale, (test - center) / scale
     reader = None
     if world.rank == 0:
-        reader = _train_reader(cfg, x if cfg.source != "npy" else None, train_idx, center, scale)
+        reader = _train_reader(x, _npy_paths(cfg, x), train_idx, center, scale)
     return Dataset(
         source=cfg.source,
         train=torch.from_numpy(np.ascontiguousarray(train)),
@@ -536,9 +684,26 @@ def _load_shard(
     )
 
 
-def _rows(x: np.ndarray, index: np.ndarray | slice) -> np.ndarray:
+def _rows(x: np.ndarray | _NpyShards, index: np.ndarray) -> np.ndarray:
     """Rows of x (a memory map reads only those) as a float64 array of their own."""
-    return np.array(x[index], dtype=np.float64)
+    return x.take(index) if isinstance(x, _NpyShards) else np.array(x[index], dtype=np.float64)
+
+
+def _window(x: np.ndarray | _NpyShards, start: int, stop: int, keep: bool) -> np.ndarray:
+    """Rows [start, stop) of x in float64: with ``keep``, a view of a float64 memory map where
+    the rows lie in one file; else an array of their own."""
+    if isinstance(x, _NpyShards):
+        return x.window(start, stop, keep)
+    if keep and x.dtype == np.float64:
+        return x[start:stop]
+    return np.array(x[start:stop], dtype=np.float64)
+
+
+def _npy_paths(cfg: DataConfig, x: np.ndarray | _NpyShards) -> tuple[Path, ...] | None:
+    """The .npy files that hold the rows, in order; None for rows from another source."""
+    if isinstance(x, _NpyShards):
+        return x.paths
+    return (Path(str(cfg.path)),) if cfg.source == "npy" else None
 
 
 def _sharded_moments(train: np.ndarray, n: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -562,62 +727,68 @@ def _sharded_moments(train: np.ndarray, n: int, names: list[str]) -> tuple[np.nd
 
 
 def _train_reader(
-    cfg: DataConfig,
-    x: np.ndarray | None,
+    x: np.ndarray | _NpyShards,
+    paths: Sequence[Path] | None,
     train_idx: np.ndarray,
     center: np.ndarray | None,
     scale: np.ndarray | None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Rows of the whole train split by index, standardized as the split is: from the rows x
-    in memory, or (x None) from the .npy file by plain reads (a memory map's pages would count in
-    the process's memory: rank 0 reads the whole split for the data's hash)."""
-    from_file = None if x is not None else _npy_rows(Path(str(cfg.path)))
+    in memory, or (``paths`` given) from the .npy files by plain reads (a memory map's pages
+    would count in the process's memory: rank 0 reads the whole split for the data's hash)."""
+    from_file = None if paths is None else _npy_rows(paths)
 
     def read(index: np.ndarray) -> np.ndarray:
         if from_file is not None:
             rows = from_file(train_idx[index])
+        elif paths is None or isinstance(x, _NpyShards):
+            rows = _rows(x, train_idx[index])  # shards map only while they are read
         else:
-            source = x if x is not None else np.load(Path(str(cfg.path)), allow_pickle=False, mmap_mode="r")
+            source = np.load(paths[0], allow_pickle=False, mmap_mode="r")
             rows = _rows(source[:, None] if source.ndim == 1 else source, train_idx[index])
         return rows if center is None or scale is None else (rows - center) / scale
 
     return read
 
 
-def _npy_rows(path: Path) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Rows of a C-ordered .npy file by row number, as float64, read with ``np.fromfile`` in
-    windows of at most ``HASH_ROWS`` rows; None for a file this cannot read so (Fortran order, a
-    header version without a public reader): map it instead."""
-    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    with path.open("rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        if version not in headers:
-            return None
-        shape, fortran, dtype = headers[version](handle)
-        offset = handle.tell()
-    if fortran or len(shape) not in (1, 2) or dtype.hasobject:
+def _npy_rows(paths: Sequence[Path]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Rows of C-ordered .npy files, concatenated in order, by row number, as float64, read with
+    ``np.fromfile`` in windows of at most ``HASH_ROWS`` rows of a file; None where a file cannot
+    be read so (Fortran order): map it instead."""
+    headers = [_npy_header(path) for path in paths]
+    if any(header.fortran or len(header.shape) not in (1, 2) or header.dtype.hasobject for header in headers):
         return None
-    width = 1 if len(shape) == 1 else int(shape[1])
+    width = 1 if len(headers[0].shape) == 1 else headers[0].shape[1]
+    starts = np.concatenate([[0], np.cumsum([header.shape[0] for header in headers])])
 
     def read(rows: np.ndarray) -> np.ndarray:
         order = np.argsort(rows, kind="stable")
         wanted = np.asarray(rows)[order]
         out = np.empty((wanted.size, width), dtype=np.float64)
-        with path.open("rb") as handle:
-            i = 0
-            while i < wanted.size:
-                first = int(wanted[i])
-                j = int(np.searchsorted(wanted, first + HASH_ROWS, side="left"))
-                span = int(wanted[j - 1]) - first + 1
-                handle.seek(offset + first * width * dtype.itemsize)
-                block = np.fromfile(handle, dtype=dtype, count=span * width).reshape(span, width)
-                out[i:j] = block[wanted[i:j] - first]
-                i = j
+        cuts = np.searchsorted(wanted, starts)  # where each file's rows begin among the wanted
+        for f in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():
+            _read_windows(paths[f], headers[f], wanted[cuts[f] : cuts[f + 1]] - starts[f], out[cuts[f] :])
         result = np.empty_like(out)
         result[order] = out
         return result
 
     return read
+
+
+def _read_windows(path: Path, header: _NpyHeader, wanted: np.ndarray, out: np.ndarray) -> None:
+    """Rows ``wanted`` (W,), sorted, of one file into out[:W], a window of rows at a time."""
+    width = 1 if len(header.shape) == 1 else header.shape[1]
+    row_bytes = width * header.dtype.itemsize
+    with path.open("rb") as handle:
+        i = 0
+        while i < wanted.size:
+            first = int(wanted[i])
+            j = int(np.searchsorted(wanted, first + HASH_ROWS, side="left"))
+            span = int(wanted[j - 1]) - first + 1
+            handle.seek(header.offset + first * row_bytes)
+            block = np.fromfile(handle, dtype=header.dtype, count=span * width).reshape(span, width)
+            out[i:j] = block[wanted[i:j] - first]
+            i = j
 
 
 def _check_sequence_fields(cfg: DataConfig) -> None:
@@ -705,7 +876,10 @@ def _check_values(
     if first is not None:
         # pandas reads an empty CSV cell as NaN
         kind = "missing, NaN or infinite" if source == "csv" else "NaN or infinite"
+        cell = _cell(*first, names, source)
+        if source == "npy" and Path(str(where)).is_dir():  # a directory of shards: the shard's row
+            shard, row = _NpyShards.open(Path(str(where))).locate(first[0])
+            cell = f"{shard}, {_cell(row, first[1], names, source)}"
         raise UserError(
-            f"{where}: {count} value(s) are {kind}; the first is in {_cell(*first, names, source)}. "
-            "Remove or impute them."
+            f"{where}: {count} value(s) are {kind}; the first is in {cell}. Remove or impute them."
         )

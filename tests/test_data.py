@@ -12,6 +12,8 @@ import torch
 from sklearn.datasets import load_iris
 from sklearn.preprocessing import StandardScaler
 
+from ppl_gmm import data as data_module
+from ppl_gmm import distributed
 from ppl_gmm.config import Config, DataConfig
 from ppl_gmm.data import load_data
 from ppl_gmm.errors import UserError
@@ -168,7 +170,7 @@ def test_npy_rows_by_plain_reads_equal_numpys_load(tmp_path: Path, dtype, versio
     path = tmp_path / "x.npy"
     with path.open("wb") as handle:
         np.lib.format.write_array(handle, array, version=version)
-    read = _npy_rows(path)
+    read = _npy_rows([path])
     assert read is not None
     expected = np.asarray(array, dtype=np.float64).reshape(shape[0], -1)
     for rows in (
@@ -179,4 +181,222 @@ def test_npy_rows_by_plain_reads_equal_numpys_load(tmp_path: Path, dtype, versio
         np.testing.assert_array_equal(read(rows), expected[rows])
     fortran = tmp_path / "f.npy"
     np.save(fortran, np.asfortranarray(rng.normal(size=(10, 3))))
-    assert _npy_rows(fortran) is None
+    assert _npy_rows([fortran]) is None
+    assert _npy_rows([path, fortran]) is None
+
+
+# ---- a directory of .npy shards ----------------------------------------------------------------
+
+
+def _write_shards(folder: Path, sizes: tuple[int, ...] = (37, 5, 58), width: int = 3) -> np.ndarray:
+    """Shards of unequal sizes and dtypes whose names sort otherwise than they were written, a file
+    that is no shard beside them; returns their rows in sorted file-name order, as float64."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(7)
+    names, dtypes = ("b-01.npy", "a-10.npy", "b-00.npy"), (np.float64, np.int16, np.float32)
+    parts = {}
+    for name, size, dtype in zip(names, sizes, dtypes, strict=True):
+        parts[name] = (rng.normal(size=(size, width)) * 50).astype(dtype)
+        np.save(folder / name, parts[name])
+    (folder / "README.txt").write_text("not a shard", encoding="utf-8")
+    return np.concatenate([parts[name].astype(np.float64) for name in sorted(names)])
+
+
+@pytest.mark.parametrize(("test_fraction", "standardize"), [(0.0, False), (0.3, True)])
+def test_a_directory_of_shards_is_its_rows_as_one_file(tmp_path: Path, test_fraction, standardize) -> None:
+    """A directory of shards loads, splits, standardizes and hashes as one .npy of the same rows."""
+    expected = _write_shards(tmp_path / "shards")
+    np.save(tmp_path / "whole.npy", expected)
+    shards, whole = (
+        load_data(
+            DataConfig(source="npy", path=str(path), test_fraction=test_fraction, standardize=standardize), 4
+        )
+        for path in (tmp_path / "shards", tmp_path / "whole.npy")
+    )
+    assert torch.equal(shards.train, whole.train) and shards.train.shape[0] == round(
+        100 * (1 - test_fraction)
+    )
+    assert (shards.test is None) == (whole.test is None) == (test_fraction == 0)
+    if test_fraction:
+        assert torch.equal(shards.test, whole.test)
+    assert shards.describe()["sha256"] == whole.describe()["sha256"]
+    assert shards.describe()["standardization"] == whole.describe()["standardization"]
+    if not test_fraction:  # the rows in file-name order, against the bytes hashed independently
+        np.testing.assert_array_equal(shards.train.numpy(), expected)
+        assert shards.describe()["sha256"] == hashlib.sha256(expected.tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("test_fraction", [0.0, 0.25])
+def test_ranks_map_only_the_shards_that_hold_their_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_fraction: float
+) -> None:
+    """Each of 3 ranks holds its contiguous share of the train (and test) rows that one process
+    holds, mapping only the shards those rows lie in (a float64 share inside one shard stays a
+    view of the map); rank 0 hashes the whole train split by plain reads, to one process's hash."""
+    _write_shards(tmp_path / "shards", sizes=(25, 30, 45))  # in order: a-10 (30), b-00 (45), b-01 (25)
+    cfg = DataConfig(source="npy", path=str(tmp_path / "shards"), test_fraction=test_fraction)
+    alone = load_data(cfg, 4)
+    mapped: list[int] = []
+    real_map = data_module._NpyShards._map
+    monkeypatch.setattr(data_module._NpyShards, "_map", lambda self, i: mapped.append(i) or real_map(self, i))
+    monkeypatch.setattr(distributed, "agree", lambda error: None if error is None else str(error))
+    for rank in range(3):
+        mapped.clear()
+        monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank, 3, 0))
+        share = load_data(cfg, 4, world=distributed.World(rank, 3, 0))
+        start, stop = distributed.shard_range(alone.n_train, rank, 3)
+        assert torch.equal(share.train, alone.train[start:stop]) and share.n_train == alone.n_train
+        if test_fraction:
+            start_test, stop_test = distributed.shard_range(alone.n_test, rank, 3)
+            assert torch.equal(share.test, alone.test[start_test:stop_test])
+        else:  # the train rows are the file's rows [start, stop): which shards hold them is known
+            holding = {
+                f for f, (lo, hi) in enumerate([(0, 30), (30, 75), (75, 100)]) if lo < stop and start < hi
+            }
+            assert set(mapped) == holding, (rank, mapped)
+        mapped.clear()
+        if rank == 0:
+            assert share.describe()["sha256"] == alone.describe()["sha256"]
+            assert not mapped  # plain reads
+
+
+def test_a_float64_window_inside_one_shard_stays_mapped(tmp_path: Path) -> None:
+    """A rank's rows inside one float64 shard are a view of its map; rows across shards, or of
+    another dtype, are a float64 array of their own."""
+    expected = _write_shards(tmp_path / "shards", sizes=(25, 30, 45))  # b-01.npy (float64) is rows 75-99
+    shards = data_module._NpyShards.open(tmp_path / "shards")
+    assert [p.name for p in shards.paths] == ["a-10.npy", "b-00.npy", "b-01.npy"]
+    for start, stop, mapped in [(80, 95, True), (10, 20, False), (70, 95, False), (0, 100, False)]:
+        rows = shards.window(start, stop, keep=True)
+        assert isinstance(rows, np.memmap) == mapped and rows.dtype == np.float64
+        np.testing.assert_array_equal(rows, expected[start:stop])
+    assert not isinstance(shards.window(80, 95), np.memmap)
+
+
+def test_the_rows_of_several_files_by_plain_reads(tmp_path: Path) -> None:
+    """The reader over several files: any rows, in any order, across files and read windows."""
+    from ppl_gmm.data import _npy_rows
+
+    rng = np.random.default_rng(1)
+    parts = [
+        rng.normal(size=(70_000, 2)),
+        (rng.normal(size=(3, 2)) * 9).astype(np.int32),
+        rng.normal(size=(0, 2)),
+    ]
+    parts.append(rng.normal(size=(900, 2)).astype(">f4"))
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], part)
+    expected = np.concatenate([part.astype(np.float64) for part in parts])
+    read = _npy_rows(paths)
+    assert read is not None
+    for rows in (np.arange(expected.shape[0]), rng.choice(expected.shape[0], 800, replace=False)):
+        np.testing.assert_array_equal(read(rows), expected[rows])
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    np.save(path, array)
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (
+            lambda d: None,
+            r"^data\.path: expected \.npy files \(the data set's shards\) in the directory \S+, "
+            r"but found none\.$",
+        ),
+        (
+            lambda d: _save(d / "b.npy", np.ones((4, 2))),
+            r"^\S+/b\.npy: expected 3 columns, as a\.npy has .*found shape \(4, 2\)\.$",
+        ),
+        (
+            lambda d: _save(d / "b.npy", np.ones(4)),
+            r"^\S+/b\.npy: expected a 2-D array \(points × features\), but found shape \(4,\)\.$",
+        ),
+        (lambda d: _save(d / "b.npy", np.ones((2, 2, 3))), r"^\S+/b\.npy: expected a 2-D array"),
+        (
+            lambda d: _save(d / "b.npy", np.array([["x", "y", "z"]])),
+            r"^\S+/b\.npy: expected a numeric array, but found dtype <U1\.$",
+        ),
+        (
+            lambda d: _save(d / "b.npy", np.ones((3, 3), dtype=complex)),
+            r"^\S+/b\.npy: expected a numeric array",
+        ),
+        (
+            lambda d: _save(d / "b.npy", np.zeros(3, dtype=[("a", "f8")])),
+            r"^\S+/b\.npy: expected a numeric array",
+        ),
+        (
+            lambda d: _save(d / "b.npy", np.ones((0, 0))),
+            r"^\S+/b\.npy: no feature columns \(shape \(0, 0\)\)\.$",
+        ),
+        (
+            lambda d: (d / "b.npy").write_bytes(b"3,4,5\n"),
+            r"^\S+/b\.npy: cannot read as a \.npy array \(.+\)\.$",
+        ),
+        (lambda d: (d / "b.npy").mkdir(), r"^\S+/b\.npy: cannot read as a \.npy array \(.+\)\.$"),
+        (
+            lambda d: (d / "b.npy").write_bytes((d / "a.npy").read_bytes()[:-8]),
+            r"^\S+/b\.npy: expected 120 bytes of data for shape \(5, 3\) of dtype float64, but found "
+            r"112: the file is truncated\.$",
+        ),
+    ],
+    ids=[
+        "empty",
+        "columns",
+        "1-d",
+        "3-d",
+        "strings",
+        "complex",
+        "structured",
+        "no-columns",
+        "text",
+        "folder",
+        "truncated",
+    ],
+)
+def test_a_bad_shard_is_one_line_naming_it(tmp_path: Path, write, message: str) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "notes.csv").write_text("a,b\n1,2\n", encoding="utf-8")  # no .npy: ignored
+    if "found none" not in message:
+        np.save(folder / "a.npy", np.ones((5, 3)))
+    write(folder)
+    with pytest.raises(UserError, match=message) as info:
+        load_data(DataConfig(source="npy", path=str(folder), test_fraction=0), 0)
+    assert "\n" not in str(info.value)
+
+
+def test_a_non_finite_value_in_a_shard_is_located_in_that_shard(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    bad = np.ones((4, 2))
+    bad[2, 1] = np.inf
+    np.save(folder / "0.npy", np.ones((3, 2)))
+    np.save(folder / "1.npy", bad)
+    with pytest.raises(UserError) as info:
+        load_data(DataConfig(source="npy", path=str(folder), test_fraction=0), 0)
+    assert str(info.value) == (
+        f"{folder}: 1 value(s) are NaN or infinite; the first is in {folder / '1.npy'}, row 3 (counted "
+        "from 1), column 2 (x[2, 1] in NumPy). Remove or impute them."
+    )
+
+
+def test_sequence_lengths_cut_the_rows_of_all_shards(tmp_path: Path) -> None:
+    """data.lengths_path counts the rows of the shards concatenated (in one process)."""
+    expected = _write_shards(tmp_path / "shards")
+    np.savetxt(tmp_path / "lengths.txt", [30, 41, 29], fmt="%d")
+    cfg = DataConfig(
+        source="npy",
+        path=str(tmp_path / "shards"),
+        lengths_path=str(tmp_path / "lengths.txt"),
+        test_fraction=0,
+    )
+    data = load_data(cfg, 0)
+    np.testing.assert_array_equal(data.train.numpy(), expected)
+    np.testing.assert_array_equal(data.train_lengths, [30, 41, 29])
+    np.savetxt(tmp_path / "lengths.txt", [30, 41], fmt="%d")
+    with pytest.raises(UserError, match=r"the sequence lengths sum to 71, but \S+shards has 100 rows"):
+        load_data(cfg, 0)

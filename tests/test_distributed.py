@@ -23,6 +23,7 @@ from slurm_cluster import SlurmCluster
 
 from ppl_gmm import distributed
 from ppl_gmm.config import load_config
+from ppl_gmm.data import load_data
 from ppl_gmm.errors import UserError
 from ppl_gmm.experiment import prepare, run
 from ppl_gmm.models.gmm import make_synthetic
@@ -116,9 +117,39 @@ def _env(**extra: str) -> dict[str, str]:
 def test_torchrun_ranks_fit_what_one_process_fits(sharded_config: Path, tmp_path: Path) -> None:
     """Two ranks (seeding, EM and scoring sharded) give one process's initial and fitted
     parameters and scores, and one complete experiment directory of the same layout."""
+    _torchrun_fits_what_one_process_fits(sharded_config, tmp_path)
+
+
+def test_torchrun_ranks_on_a_directory_of_shards_fit_what_one_process_fits(
+    sharded_config: Path, tmp_path: Path
+) -> None:
+    """The same rows as three .npy shards of unequal sizes, whose boundaries are not the ranks':
+    two ranks fit what one process fits on the directory, and hash the train split as one
+    process hashes the rows given as one file."""
+    x = np.load(yaml.safe_load(sharded_config.read_text())["data"]["path"])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name, rows in zip(
+        ("part-0.npy", "part-1.npy", "part-2.npy"), np.split(x, [6001, 15001]), strict=True
+    ):
+        np.save(shards / name, rows)  # rank 0's train rows end inside part-1, near row 10,000
+    cfg = yaml.safe_load(sharded_config.read_text())
+    # raw rows: standardized ones hash the moments' last bits, which sums over ranks round otherwise
+    cfg["data"].update(path=str(shards), standardize=False)
+    config = tmp_path / "shards.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    sharded, alone = _torchrun_fits_what_one_process_fits(config, tmp_path)
+    one_file = load_data(load_config(str(sharded_config), ["data.standardize=false"]).data, cfg["seed"])
+    digests = {json.loads((p / "data.json").read_text())["sha256"] for p in (sharded, alone)}
+    assert digests == {one_file.describe()["sha256"]}
+
+
+def _torchrun_fits_what_one_process_fits(config: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Runs ``config`` on two ranks under torchrun and in one process, checks that they agree,
+    and returns the two experiment directories."""
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    command += ["--master-port", str(_free_port()), "-m", "ppl_gmm", "run", str(sharded_config)]
+    command += ["--master-port", str(_free_port()), "-m", "ppl_gmm", "run", str(config)]
     done = subprocess.run(
         [*command, "--runs-dir", str(runs), "--quiet"],
         capture_output=True,
@@ -129,7 +160,7 @@ def test_torchrun_ranks_fit_what_one_process_fits(sharded_config: Path, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     [sharded] = list(runs.iterdir())
     assert done.stdout.strip().splitlines()[-1] == str(sharded)
-    alone = run(load_config(str(sharded_config), []), tmp_path / "alone").path
+    alone = run(load_config(str(config), []), tmp_path / "alone").path
 
     def listing(root: Path) -> list[str]:
         return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
@@ -146,9 +177,12 @@ def test_torchrun_ranks_fit_what_one_process_fits(sharded_config: Path, tmp_path
     ours_data, theirs_data = (json.loads((p / "data.json").read_text()) for p in (sharded, alone))
     for key in ("n_train", "n_test", "dim"):
         assert ours_data[key] == theirs_data[key]
-    np.testing.assert_allclose(
-        ours_data["standardization"]["scale"], theirs_data["standardization"]["scale"], rtol=1e-13
-    )
+    assert (ours_data["standardization"] is None) == (theirs_data["standardization"] is None)
+    if theirs_data["standardization"] is not None:
+        np.testing.assert_allclose(
+            ours_data["standardization"]["scale"], theirs_data["standardization"]["scale"], rtol=1e-13
+        )
+    return sharded, alone
 
 
 def _slurm_ranks(
