@@ -18,6 +18,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare.yaml"
 LONG_SVI = [
     "backends.map.steps=40",
     "backends.svi.steps=1000000",
+    "backends.svi.compile=false",  # steps from the first second (compiled steps would start later)
     "backends.svi.tol=0",  # no stopping rule: svi is still fitting when the signal comes
     "backends.svi.eval_every=5",
     "data.n=300",

@@ -51,6 +51,13 @@ class MAP(Backend[MAPOptions]):
         def point_estimate() -> Params:
             return model.from_sites(guide.median(x))
 
-        n_steps, converged, seconds = run_svi(model, guide, x, options, point_estimate, report, self.name)
+        fit = run_svi(model, guide, x, options, point_estimate, report, self.name)
         params = {name: value.detach() for name, value in point_estimate().items()}
-        return FitResult(params, n_steps, converged, seconds, "map" if model.has_prior else "mle")
+        return FitResult(
+            params,
+            fit.n_steps,
+            fit.converged,
+            fit.fit_seconds,
+            "map" if model.has_prior else "mle",
+            extras=fit.extras,
+        )

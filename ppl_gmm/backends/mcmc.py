@@ -11,15 +11,17 @@ computed on the relabelled draws.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import init_to_value
+from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from torch import Tensor
 
@@ -27,6 +29,7 @@ from ..errors import UserError
 from ..evaluate import posterior_moments, relabel
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo, one_line
+from .compiled import Compile, CompiledPotential, direct_gradients, wants
 
 __all__ = [
     "MCMCBackend",
@@ -39,6 +42,9 @@ __all__ = [
 ]
 
 R_HAT_CONVERGED = 1.01  # split R-hat below this on every parameter counts as converged (Vehtari 2021)
+# compile: auto compiles the potential of runs with this many iterations (warmup and draws, all
+# chains) or more: each takes several potential evaluations (one a leapfrog step)
+MIN_ITERATIONS = 500
 MIN_DRAWS_FOR_DIAGNOSTICS = 4  # split R-hat halves each chain; fewer draws give no usable estimate
 
 
@@ -48,7 +54,20 @@ class MCMCOptions(Options):
     num_chains: int = Field(1, ge=1)  # one after another in this process; R-hat compares them
     target_accept_prob: float = Field(0.8, gt=0, lt=1)  # raise it (0.9, 0.95) when draws diverge
     max_tree_depth: int = Field(10, ge=1)  # at most 2^depth leapfrog steps per draw
-    jit_compile: bool = False  # trace the potential energy once: faster draws after a compile
+    # record the potential energy and its gradient once from the declaration and compile them:
+    # auto (with 500 iterations or more in all chains), true, record (no compiling), false;
+    # compile_seconds reports the cost (see compiled.py)
+    compile: Compile = "auto"
+    jit_compile: bool = False  # Pyro's JIT of the potential instead (compile: false)
+
+    @model_validator(mode="after")
+    def _one_compiler(self) -> MCMCOptions:
+        if self.jit_compile and self.compile is True:
+            raise ValueError(
+                "jit_compile (Pyro's JIT) and compile (the potential recorded and compiled) are two ways "
+                "to compile the potential energy; set one of them to false"
+            )
+        return self
 
 
 class NUTSChains(NamedTuple):
@@ -58,6 +77,8 @@ class NUTSChains(NamedTuple):
     samples: dict[str, Tensor]
     divergences: int  # divergent transitions, all chains together
     accept_prob: float  # mean acceptance probability, averaged over chains
+    compile_seconds: float | None = None  # recording and compiling the potential (None: eager)
+    compiled: str | None = None  # "inductor" or "recorded" (None: eager)
 
 
 OnDraw = Callable[[int, dict[str, Tensor]], None]
@@ -72,6 +93,7 @@ def run_nuts(
     options: MCMCOptions,
     max_plate_nesting: int = 1,
     on_draw: OnDraw | None = None,
+    clock: Clock | None = None,
 ) -> NUTSChains:
     """NUTS on ``pyro_model(x)``, every chain started from ``init_sites`` (site values, unused
     names ignored, so a conditioned variant of a model can take the full model's start).
@@ -83,16 +105,34 @@ def run_nuts(
     chains: list[dict[str, Tensor]] = []
     divergences = 0
     accept_probs: list[float] = []
+    init_strategy = init_to_value(values=dict(init_sites))
+    compiled: CompiledPotential | None = None
+    how = (
+        None
+        if options.jit_compile
+        else wants(options.compile, per_chain * options.num_chains, MIN_ITERATIONS)
+    )
+    if how is not None:
+        # the potential NUTS derives from the declaration, derived here once and compiled (aside
+        # from ``clock``: the compiling is reported apart)
+        with clock.aside() if clock is not None else contextlib.nullcontext():
+            initial, potential_fn, transforms, _ = initialize_model(
+                pyro_model, (x,), max_plate_nesting=max_plate_nesting, init_strategy=init_strategy
+            )
+            compiled = CompiledPotential(potential_fn, initial, how)
     for chain in range(options.num_chains):
-        kernel = NUTS(
-            pyro_model,
-            max_plate_nesting=max_plate_nesting,
-            init_strategy=init_to_value(values=dict(init_sites)),
-            target_accept_prob=options.target_accept_prob,
-            max_tree_depth=options.max_tree_depth,
-            jit_compile=options.jit_compile,
-            ignore_jit_warnings=True,
-        )
+        common = {"target_accept_prob": options.target_accept_prob, "max_tree_depth": options.max_tree_depth}
+        if compiled is None:
+            kernel = NUTS(
+                pyro_model,
+                max_plate_nesting=max_plate_nesting,
+                init_strategy=init_strategy,
+                jit_compile=options.jit_compile,
+                ignore_jit_warnings=True,
+                **common,
+            )
+        else:
+            kernel = NUTS(potential_fn=compiled, transforms=transforms, **common)
 
         def hook(kernel: NUTS, params: dict[str, Tensor], stage: str, i: int, chain: int = chain) -> None:
             nonlocal divergences
@@ -113,14 +153,24 @@ def run_nuts(
             num_chains=1,
             hook_fn=hook,
             disable_progbar=True,
+            **({} if compiled is None else {"initial_params": initial, "transforms": transforms}),
         )
-        with warnings.catch_warnings():
+        with (
+            warnings.catch_warnings(),
+            direct_gradients() if compiled is not None else contextlib.nullcontext(),
+        ):
             # torch deprecates jit.trace, which jit_compile is built on; the option still works
             warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
             sampler.run(x)
         chains.append({name: value.detach() for name, value in sampler.get_samples().items()})
     samples = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
-    return NUTSChains(samples, divergences, sum(accept_probs) / len(accept_probs))
+    return NUTSChains(
+        samples,
+        divergences,
+        sum(accept_probs) / len(accept_probs),
+        None if compiled is None else compiled.compile_seconds,
+        None if compiled is None else compiled.how,
+    )
 
 
 def convergence(stacked: Mapping[str, Tensor]) -> tuple[float | None, float | None]:
@@ -191,7 +241,9 @@ class MCMCBackend(Backend[MCMCOptions]):
             progress(step, model.from_sites(sites))
 
         try:
-            chains = run_nuts(model.model, x, model.to_sites(init), options, model.max_plate_nesting, on_draw)
+            chains = run_nuts(
+                model.model, x, model.to_sites(init), options, model.max_plate_nesting, on_draw, clock
+            )
         except (ValueError, torch.linalg.LinAlgError) as exc:
             # Pyro's checks of a draw or of the start (no finite potential energy), or a draw whose
             # covariance rounds to singular
@@ -235,6 +287,8 @@ class MCMCBackend(Backend[MCMCOptions]):
                 "num_samples": n_draws,
                 "divergences": chains.divergences,
                 "accept_prob": chains.accept_prob,
+                "compile_seconds": chains.compile_seconds,
+                "compiled": chains.compiled,
             },
             tensors={"draws": flat, "posterior": posterior},
         )

@@ -104,7 +104,8 @@ class SVIBackend(Backend[SVIBackendOptions]):
         def median() -> Params:
             return model.from_sites(global_guide.median(x))
 
-        n_steps, converged, seconds = run_svi(model, guide, x, options, median, report, self.name)
+        fit = run_svi(model, guide, x, options, median, report, self.name)
+        n_steps = fit.n_steps
         # the fitted guide, by param-store name and constrained: a user rebuilds the same guide,
         # runs it once (which declares each parameter's constraint), sets each entry
         # (pyro.get_param_store()[name] = value) and runs it again to load them
@@ -129,10 +130,10 @@ class SVIBackend(Backend[SVIBackendOptions]):
         return FitResult(
             params={name: value.detach() for name, value in params.items()},
             n_steps=n_steps,
-            converged=converged,
-            fit_seconds=seconds,
+            converged=fit.converged,
+            fit_seconds=fit.fit_seconds,
             point_estimate=options.point_estimate,
             elbo=-loss / x.shape[0],
-            extras={"elbo_seconds": elbo_seconds},
+            extras={"elbo_seconds": elbo_seconds, **fit.extras},
             tensors={"posterior": moments, "guide": fitted},
         )
