@@ -50,7 +50,9 @@ def test_map_without_prior_reaches_em_log_likelihood() -> None:
     model, init = _setup(x, "full")
     em = EM().fit(model, x, init, EMOptions(tol=1e-10), lambda s: None)
     steps = []
-    fit = MAP().fit(model, x, init, MAPOptions(steps=3000, lr=0.05, tol=1e-10, patience=20, compile=False), steps.append)
+    fit = MAP().fit(
+        model, x, init, MAPOptions(steps=3000, lr=0.05, tol=1e-10, patience=20, compile=False), steps.append
+    )
     assert fit.point_estimate == "mle"
     em_ll = float(model.log_likelihood(x, em.params).mean())
     map_ll = float(model.log_likelihood(x, fit.params).mean())
@@ -64,7 +66,9 @@ def test_map_by_gradient_agrees_with_map_em(covariance: str) -> None:
     x, _, _ = _data(300, 2, 3, 3.0, 3)
     model, init = _setup(x, covariance, "conjugate", weight_concentration=2.0)
     em = EM().fit(model, x, init, EMOptions(tol=1e-12, reg_covar=0.0, max_iter=2000), lambda s: None)
-    fit = MAP().fit(model, x, init, MAPOptions(steps=4000, lr=0.05, tol=1e-12, patience=20, compile=False), lambda s: None)
+    fit = MAP().fit(
+        model, x, init, MAPOptions(steps=4000, lr=0.05, tol=1e-12, patience=20, compile=False), lambda s: None
+    )
     assert fit.point_estimate == "map"
     perm = match_components(em.params["means"], fit.params["means"])
     for name in ("weights", "means", "covariances"):

@@ -16,13 +16,15 @@ coordinates, with the learning rate ``m_step_lr`` · γ_t: stochastic gradient E
 Titterington's (1984) recursive EM (the batch's ∇Q at θ is an unbiased estimate of the
 log-likelihood's gradient, Fisher's identity), with one Adam state across batches.
 
-A sharded run (``distributed``; closed form only) splits each mini-batch over the R ranks: for
-batch t = 1, 2, ... rank r takes rows ⌊n_r (t - 1) B / N⌋ to ⌊n_r t B / N⌋ of its n_r (about B / R;
-in one process, rows (t - 1) B to t B), E-steps them, and the ranks all-reduce the batch's
-statistics, log-likelihood and rows before the update: every rank makes the same M-steps, ⌈N / B⌉
-per epoch, on batches of B rows or up to R - 1 fewer. Shuffled, each rank permutes its own rows
-each epoch, seeded by rank 0's draw plus its rank: a batch draws from every shard in proportion
-to its rows, never across shards.
+A sharded run (``distributed``) splits each mini-batch over the R ranks: for batch t = 1, 2, ...
+rank r takes rows ⌊n_r (t - 1) B / N⌋ to ⌊n_r t B / N⌋ of its n_r (about B / R; in one process,
+rows (t - 1) B to t B), E-steps them, and the ranks all-reduce the batch's statistics,
+log-likelihood and rows before the update: every rank makes the same M-steps, ⌈N / B⌉ per epoch,
+on batches of B rows or up to R - 1 fewer. The gradient M-step is data-parallel SGD: each rank
+differentiates (N / B) Σ_{its rows} Σ_k r_nk log p(x_n, z_n = k | θ) (rank 0 adds log p(θ)), one
+all-reduce per Adam step sums the gradients, and every rank takes the same Adam step. Shuffled,
+each rank permutes its own rows each epoch, seeded by rank 0's draw plus its rank: a batch draws
+from every shard in proportion to its rows, never across shards.
 """
 
 from __future__ import annotations
@@ -84,12 +86,14 @@ class OnlineEM(Backend[OnlineEMOptions]):
         refuse_sequences(model, self.name, "online EM's mini-batches of rows would cut the sequences")
         kind = _m_step_kind(model, options)
         if distributed.sharded():
-            _check_sharded(self.name, model, options, kind)
+            _check_sharded(self.name, options)
+        # the posterior mode must exist, as for MAP-EM
         if kind == "closed_form":
             needs_closed_form(model, self.name)
+            EM().check(model, EMOptions(m_step=kind))
         else:
             check_gradient_em(model, self.name)
-        EM().check(model, EMOptions(m_step=kind))  # the posterior mode must exist, as for MAP-EM
+            model.check_mode("MAP-EM")  # em's check of generalized EM, which refuses sharded runs
 
     def total_steps(self, options: OnlineEMOptions, n: int | None = None) -> int | None:
         """Mini-batches over all epochs; unknown without the number of train points ``n``."""
@@ -149,15 +153,19 @@ class OnlineEM(Backend[OnlineEMOptions]):
     def _fit_gradient(
         self, model: LatentModel, x: Tensor, init: Params, options: OnlineEMOptions, report: Report
     ) -> FitResult:
-        """Stochastic gradient EM: an exact E-step per mini-batch, then Adam steps on its Q."""
+        """Stochastic gradient EM: an exact E-step per mini-batch, then Adam steps on its Q (in a
+        sharded run, on this rank's rows, with Q's gradient all-reduced before every step)."""
         transforms = check_gradient_em(model, self.name)
-        n = x.shape[0]
-        last = options.epochs * math.ceil(n / min(options.batch_size, n))
+        sharded = distributed.sharded()
+        n = x.shape[0]  # a sharded run: this rank's rows, and n_all the train split's
+        n_all = int(distributed.all_sum(values=[n])[0]) if sharded else n
+        last = options.epochs * math.ceil(n_all / min(options.batch_size, n_all))
         sites = model.to_sites({name: value.to(x) for name, value in init.items()})
         names = list(sites)
         free = [transforms[name].inv(sites[name]).detach().clone().requires_grad_(True) for name in names]
         optimizer = torch.optim.Adam(free, lr=options.m_step_lr)
-        run = EMRun(model, self.name, n)
+        run = EMRun(model, self.name, n_all)
+        with_prior = model.has_prior and distributed.world().rank == 0  # log p(θ) once, not per rank
 
         def theta() -> Params:
             return model.from_sites({name: transforms[name](u) for name, u in zip(names, free, strict=True)})
@@ -175,33 +183,52 @@ class OnlineEM(Backend[OnlineEMOptions]):
 
         params = current()
         step = 0
-        for step, rows in _batches(x, n, options):
+        for step, rows in _batches(x, n_all, options):
             with torch.no_grad():
                 joint = log_joint(rows, params)
                 log_norm = torch.logsumexp(joint, dim=1, keepdim=True)
                 resp = torch.exp(joint - log_norm)
-            objective = run.objective(
-                float(log_norm.sum(dtype=torch.float64)), params, step, rows.shape[0], aside=True
-            )
+            log_likelihood, points = float(log_norm.sum(dtype=torch.float64)), rows.shape[0]
+            if sharded:
+                log_likelihood, total = distributed.all_sum(values=[log_likelihood, points])
+                points = int(total)
+            objective = run.objective(log_likelihood, params, step, points, aside=True)
             gamma = step_size(step, options.step_power, options.step_offset)
             for group in optimizer.param_groups:
                 group["lr"] = options.m_step_lr * gamma
             for _ in range(options.m_step_iters):
                 optimizer.zero_grad()
                 moving = theta()
-                q = (n / rows.shape[0]) * (resp * log_joint(rows, moving)).sum()
-                if model.has_prior:
-                    q = q + model.log_prior(moving)
-                (-q / n).backward()
+                # a rank's share may be empty: the log-joint of no rows has NaN gradients
+                q = (n_all / points) * (resp * log_joint(rows, moving)).sum() if rows.shape[0] else None
+                if with_prior:
+                    prior = model.log_prior(moving)
+                    q = prior if q is None else q + prior
+                if q is not None:
+                    (-q / n_all).backward()
+                if sharded:
+                    _all_sum_gradients(free)
                 optimizer.step()
             params = current()
             seconds = run.clock.seconds()
-            log_likelihood = None
+            train_log_likelihood = None
             if step % options.eval_every == 0 or step == last:
                 with run.clock.aside(), torch.no_grad():
-                    log_likelihood = float(model.log_likelihood(x, params).sum(dtype=torch.float64)) / n
-            report(StepInfo(step, seconds, objective, log_likelihood))
+                    total = float(model.log_likelihood(x, params).sum(dtype=torch.float64))
+                    if sharded:
+                        (total,) = distributed.all_sum(values=[total])
+                    train_log_likelihood = total / n_all
+            report(StepInfo(step, seconds, objective, train_log_likelihood))
         return run.result(params, step, converged=True, m_step="gradient")
+
+
+def _all_sum_gradients(free: list[Tensor]) -> None:
+    """Each variable's gradient summed over the ranks, in one all-reduce (zero where a rank had
+    none: its share of the batch was empty)."""
+    for u in free:
+        if u.grad is None:
+            u.grad = torch.zeros_like(u)
+    distributed.all_sum([u.grad for u in free if u.grad is not None])
 
 
 def _m_step_kind(model: LatentModel, options: OnlineEMOptions) -> Literal["closed_form", "gradient"]:
@@ -210,16 +237,8 @@ def _m_step_kind(model: LatentModel, options: OnlineEMOptions) -> Literal["close
     return "closed_form" if isinstance(model, ClosedFormEM) else "gradient"
 
 
-def _check_sharded(
-    name: str, model: LatentModel, options: OnlineEMOptions, kind: Literal["closed_form", "gradient"]
-) -> None:
+def _check_sharded(name: str, options: OnlineEMOptions) -> None:
     size = distributed.world().size
-    if kind != "closed_form":
-        raise UserError(
-            f"backends.{name}: a sharded run ({size} ranks) needs the closed-form M-step (running "
-            f"statistics), but model {model.name!r} is fitted by stochastic gradient EM here. Run it "
-            "in one process."
-        )
     if options.batch_size < size:
         raise UserError(
             f"backends.{name}.batch_size: expected at least one point per rank ({size}), but found "
