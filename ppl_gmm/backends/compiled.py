@@ -20,6 +20,7 @@ step, so a seeded run draws what eager Pyro draws.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -120,10 +121,24 @@ def compile_graph(graph: fx.GraphModule, inputs: Sequence[Tensor]) -> Callable[.
         examples = [value.detach() for value in inputs]
         # the context dynamo would give: without its shape environment TorchInductor skips its cache
         context = TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
-        with tracing(context), inductor_config.patch(fallback_random=True, cpp_wrapper=True):
+        options = inductor_config.patch(fallback_random=True, cpp_wrapper=True)
+        with tracing(context), options, _quiet_logger("torch._inductor"):
             compiled = compile_fx(graph, examples)
     assert callable(compiled)  # compile_fx returns source code or weights only when asked for them
     return compiled
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """The logger ``name`` at ERROR within the block: TorchInductor logs a warning for each linear
+    algebra call it leaves to ATen ("missing a c-shim implementation"), which is no news to a user."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _Timer:
