@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..evaluate import posterior_moments, relabel
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo, one_line
-from .compiled import Compile, CompiledPotential, direct_gradients, wants
+from .compiled import Compile, CompiledPotential, FlatSites, direct_gradients, wants
 
 __all__ = [
     "MCMCBackend",
@@ -45,6 +45,7 @@ R_HAT_CONVERGED = 1.01  # split R-hat below this on every parameter counts as co
 # compile: auto compiles the potential of runs with this many iterations (warmup and draws, all
 # chains) or more: each takes several potential evaluations (one a leapfrog step)
 MIN_ITERATIONS = 500
+FLAT = "sites"  # the one site NUTS moves when it samples a compiled potential
 MIN_DRAWS_FOR_DIAGNOSTICS = 4  # split R-hat halves each chain; fewer draws give no usable estimate
 
 
@@ -119,7 +120,17 @@ def run_nuts(
             initial, potential_fn, transforms, _ = initialize_model(
                 pyro_model, (x,), max_plate_nesting=max_plate_nesting, init_strategy=init_strategy
             )
-            compiled = CompiledPotential(potential_fn, initial, how)
+            # NUTS moves one flat vector of all sites (the same mass matrix and momentum draws)
+            flat = FlatSites(initial)
+            start = {FLAT: flat.join(initial)}
+            compiled = CompiledPotential(lambda z: potential_fn(flat.split(z[FLAT])), start, how)
+
+    def constrained(params: dict[str, Tensor], kernel: NUTS) -> dict[str, Tensor]:
+        """Sites' values from NUTS's unconstrained ones (leading dims kept)."""
+        if compiled is None:
+            return {name: kernel.transforms[name].inv(u) for name, u in params.items()}
+        return {name: transforms[name].inv(u) for name, u in flat.split(params[FLAT]).items()}
+
     for chain in range(options.num_chains):
         common = {"target_accept_prob": options.target_accept_prob, "max_tree_depth": options.max_tree_depth}
         if compiled is None:
@@ -132,14 +143,14 @@ def run_nuts(
                 **common,
             )
         else:
-            kernel = NUTS(potential_fn=compiled, transforms=transforms, **common)
+            kernel = NUTS(potential_fn=compiled, **common)
 
         def hook(kernel: NUTS, params: dict[str, Tensor], stage: str, i: int, chain: int = chain) -> None:
             nonlocal divergences
             sampling = stage == "Sample"
             if on_draw is not None:
                 with torch.no_grad():
-                    values = {name: kernel.transforms[name].inv(u.detach()) for name, u in params.items()}
+                    values = constrained({name: u.detach() for name, u in params.items()}, kernel)
                 on_draw(chain * per_chain + i + 1 + (options.warmup_steps if sampling else 0), values)
             if sampling and i == options.num_samples - 1:
                 # the kernel forgets its counters when the chain ends, so read them at its last draw
@@ -153,7 +164,8 @@ def run_nuts(
             num_chains=1,
             hook_fn=hook,
             disable_progbar=True,
-            **({} if compiled is None else {"initial_params": initial, "transforms": transforms}),
+            # compiled: samples of the flat vector, unconstrained (constrained below)
+            **({} if compiled is None else {"initial_params": start, "transforms": {}}),
         )
         with (
             warnings.catch_warnings(),
@@ -162,7 +174,8 @@ def run_nuts(
             # torch deprecates jit.trace, which jit_compile is built on; the option still works
             warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
             sampler.run(x)
-        chains.append({name: value.detach() for name, value in sampler.get_samples().items()})
+        drawn = {name: value.detach() for name, value in sampler.get_samples().items()}
+        chains.append(drawn if compiled is None else constrained(drawn, kernel))
     samples = {name: torch.stack([c[name] for c in chains]) for name in chains[0]}
     return NUTSChains(
         samples,
