@@ -188,3 +188,20 @@ def test_compiled_potential_energy_and_draws_equal_eager_nuts() -> None:
     eager, ours = draws(False), draws(True)
     for name in eager:  # the same draws: the same energies and gradients, the same random numbers
         np.testing.assert_allclose(ours[name], eager[name], rtol=1e-8, atol=1e-8)
+
+
+def test_recorded_potential_of_a_hidden_markov_model_gives_eager_nuts_draws() -> None:
+    """The recorded graph (compile: record, what auto runs for a hidden Markov model's large
+    graph), one block a time step, under NUTS: the draws of eager NUTS."""
+    model, x, init = _model_problem("poisson_hmm", "conjugate")
+
+    def draws(compile: bool | str) -> Any:
+        pyro.set_rng_seed(2)
+        options = MCMCOptions(num_samples=6, warmup_steps=6, compile=compile)
+        return MCMCBackend().fit(model, x, init, options, lambda step: None)
+
+    eager, ours = draws(False), draws("record")
+    assert ours.extras["compiled"] == "recorded" and eager.extras["compiled"] is None
+    for name, value in eager.tensors["draws"].items():
+        assert value.std(0).max() > 0  # the chain moved
+        np.testing.assert_allclose(ours.tensors["draws"][name], value, rtol=1e-8, atol=1e-8)
