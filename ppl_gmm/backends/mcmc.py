@@ -80,6 +80,7 @@ class NUTSChains(NamedTuple):
     accept_prob: float  # mean acceptance probability, averaged over chains
     compile_seconds: float | None = None  # recording and compiling the potential (None: eager)
     compiled: str | None = None  # "inductor" or "recorded" (None: eager)
+    compile_error: str | None = None  # why compile: auto fell back to eager NUTS
 
 
 OnDraw = Callable[[int, dict[str, Tensor]], None]
@@ -108,6 +109,7 @@ def run_nuts(
     accept_probs: list[float] = []
     init_strategy = init_to_value(values=dict(init_sites))
     compiled: CompiledPotential | None = None
+    compile_error: str | None = None
     how = (
         None
         if options.jit_compile
@@ -123,7 +125,14 @@ def run_nuts(
             # NUTS moves one flat vector of all sites (the same mass matrix and momentum draws)
             flat = FlatSites(initial)
             start = {FLAT: flat.join(initial)}
-            compiled = CompiledPotential(lambda z: potential_fn(flat.split(z[FLAT])), start, how)
+            try:
+                compiled = CompiledPotential(lambda z: potential_fn(flat.split(z[FLAT])), start, how)
+            except Exception as exc:
+                if how != "auto":
+                    raise FitError(
+                        f"the potential could not be recorded and compiled ({one_line(exc)})"
+                    ) from exc
+                compile_error = one_line(exc)  # auto: a declaration the recording cannot follow runs eagerly
 
     def constrained(params: dict[str, Tensor], kernel: NUTS) -> dict[str, Tensor]:
         """Sites' values from NUTS's unconstrained ones (leading dims kept)."""
@@ -183,6 +192,7 @@ def run_nuts(
         sum(accept_probs) / len(accept_probs),
         None if compiled is None else compiled.compile_seconds,
         None if compiled is None else compiled.how,
+        compile_error,
     )
 
 
@@ -302,6 +312,7 @@ class MCMCBackend(Backend[MCMCOptions]):
                 "accept_prob": chains.accept_prob,
                 "compile_seconds": chains.compile_seconds,
                 "compiled": chains.compiled,
+                **({"compile_error": chains.compile_error} if chains.compile_error else {}),
             },
             tensors={"draws": flat, "posterior": posterior},
         )

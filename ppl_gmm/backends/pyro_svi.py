@@ -10,6 +10,7 @@ same losses, without Pyro's Python per step; the compiling is timed apart, in ``
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -169,24 +170,33 @@ def run_svi(
         with clock.aside():
             start = initial_loss()
             log_likelihood: float | None = exact_log_likelihood()
+        report(StepInfo(0, 0.0, -start / n, log_likelihood))  # shown while the step compiles
         step_once = lambda: svi.step(x, batch_size=options.batch_size)  # noqa: E731
         extras: dict[str, object] = {"compile_seconds": None, "compiled": None}
         how = None if options.jit else wants(options.compile, options.steps)
         if how is not None:
-            with clock.aside():  # the guide's parameters exist now: the initial loss ran it
-                compiled = CompiledSVI(
-                    elbo,
-                    model.model,
-                    guide,
-                    (x,),
-                    {"batch_size": options.batch_size},
-                    options.optimizer,
-                    options.lr,
-                    how,
-                )
-            step_once = compiled.step
-            extras = {"compile_seconds": compiled.compile_seconds, "compiled": compiled.how}
-        report(StepInfo(0, 0.0, -start / n, log_likelihood))
+            began = time.perf_counter()
+            try:
+                with clock.aside():  # the guide's parameters exist now: the initial loss ran it
+                    compiled = CompiledSVI(
+                        elbo,
+                        model.model,
+                        guide,
+                        (x,),
+                        {"batch_size": options.batch_size},
+                        options.optimizer,
+                        options.lr,
+                        how,
+                    )
+            except Exception as exc:
+                if how != "auto":
+                    raise FitError(f"the step could not be recorded and compiled ({one_line(exc)})") from exc
+                # auto: a declaration the recording cannot follow runs eagerly, and says why
+                seconds = time.perf_counter() - began
+                extras = {"compile_seconds": seconds, "compiled": None, "compile_error": one_line(exc)}
+            else:
+                step_once = compiled.step
+                extras = {"compile_seconds": compiled.compile_seconds, "compiled": compiled.how}
         plateau = Plateau(options.tol, options.patience, options.window)
         if options.window is None:  # a step's loss is compared with the one before, the first's too
             plateau.update(start)
