@@ -25,6 +25,7 @@ from ppl_gmm.backends.mcmc import MCMCBackend, MCMCOptions
 from ppl_gmm.backends.pyro_svi import SVIOptions
 from ppl_gmm.backends.svi import SVIBackend, SVIBackendOptions
 from ppl_gmm.config import parse_config
+from ppl_gmm.errors import UserError
 from ppl_gmm.experiment import prepare
 from ppl_gmm.models.base import LatentModel, Params
 
@@ -205,3 +206,21 @@ def test_recorded_potential_of_a_hidden_markov_model_gives_eager_nuts_draws() ->
     for name, value in eager.tensors["draws"].items():
         assert value.std(0).max() > 0  # the chain moved
         np.testing.assert_allclose(ours.tensors["draws"][name], value, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["map", "svi", "mcmc"])
+@pytest.mark.parametrize("compile", [True, "record"])
+def test_pyros_jit_and_compile_together_are_one_error_line(backend: str, compile: bool | str) -> None:
+    jit = "jit_compile" if backend == "mcmc" else "jit"
+    raw = {
+        "experiment": "both",
+        "data": {"source": "synthetic", "n": 40, "dim": 2, "k": 2},
+        "model": {"name": "gmm", "k": 2, "prior": "conjugate"},
+        "backends": {backend: {jit: True, "compile": compile}},
+    }
+    with pytest.raises(
+        UserError, match=rf"^backends\.{backend}: .*{jit} \(Pyro's JIT\) and compile"
+    ) as error:
+        prepare(parse_config(raw))
+    assert "\n" not in str(error.value)
+    prepare(parse_config({**raw, "backends": {backend: {jit: True}}}))  # Pyro's JIT alone is fine

@@ -63,7 +63,7 @@ class MCMCOptions(Options):
 
     @model_validator(mode="after")
     def _one_compiler(self) -> MCMCOptions:
-        if self.jit_compile and self.compile is True:
+        if self.jit_compile and self.compile not in ("auto", False):
             raise ValueError(
                 "jit_compile (Pyro's JIT) and compile (the potential recorded and compiled) are two ways "
                 "to compile the potential energy; set one of them to false"

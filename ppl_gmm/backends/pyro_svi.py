@@ -57,7 +57,7 @@ class SVIOptions(Options):
                 "jit compiles one fixed computation, but mini-batches subsample new points every "
                 "step; set jit: false or batch_size: null"
             )
-        if self.jit and self.compile is True:
+        if self.jit and self.compile not in ("auto", False):
             raise ValueError(
                 "jit (Pyro's JIT) and compile (the step recorded and compiled) are two ways to "
                 "compile the step; set one of them to false"
