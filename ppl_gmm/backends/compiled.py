@@ -250,11 +250,13 @@ class CompiledSVI:
         timer = _Timer()
         with timer, _RngKept():
             start = [p.detach().clone() for p in self.params]
-            graph = record(step, self._inputs(tensors, self.params))
-            with torch.no_grad():  # the recording took a step: undo it
-                for param, value in zip(self.params, start, strict=True):
-                    param.copy_(value)
-                self._reset()
+            try:
+                graph = record(step, self._inputs(tensors, self.params))
+            finally:
+                with torch.no_grad():  # the recording took a step (or part of one): undo it
+                    for param, value in zip(self.params, start, strict=True):
+                        param.copy_(value)
+                    self._reset()
             self._inputs_now = self._inputs(tensors, [p.detach() for p in self.params])
             self.how, self._run = _compiled_or_recorded(graph, self._inputs_now, how)
         self.compile_seconds = timer.seconds
