@@ -19,7 +19,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +38,7 @@ __all__ = [
     "busy_seconds",
     "fmt_n",
     "machine",
+    "mixture_chunks",
     "maxrss_mb",
     "measure",
     "measure_quietly",
@@ -338,3 +339,27 @@ def timed_lanes(blocks: Any, lanes: int, make_steps: Callable[[], list], reps: i
     finally:
         torch.set_num_threads(before)
     return best
+
+
+GEN_CHUNK = 65_536  # rows drawn at a time by mixture_chunks
+
+
+def mixture_chunks(truth: dict[str, np.ndarray], n: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """n points of the mixture ``truth`` (weights, means, covariances) as (first row, block) in
+    blocks of GEN_CHUNK rows, block c from its own generators: each n is a prefix of the larger
+    ones, and no more than a block is ever held. The block's array is reused: copy it out."""
+    means = truth["means"]
+    k, d = means.shape
+    chol_t = np.ascontiguousarray(np.linalg.cholesky(truth["covariances"]).transpose(0, 2, 1))
+    cdf = np.cumsum(truth["weights"])
+    block = np.empty((min(GEN_CHUNK, n), d))
+    for c, start in enumerate(range(0, n, GEN_CHUNK)):
+        rows = min(GEN_CHUNK, n - start)
+        labels_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, c, 0]))
+        noise_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, c, 1]))
+        labels = np.minimum(np.searchsorted(cdf, labels_rng.random(rows), side="right"), k - 1)
+        z = noise_rng.standard_normal((rows, d))
+        for j in range(k):
+            idx = np.flatnonzero(labels == j)
+            block[idx] = z[idx] @ chol_t[j] + means[j]
+        yield start, block[:rows]

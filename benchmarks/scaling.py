@@ -42,6 +42,7 @@ from ._common import (
     machine,
     maxrss_mb,
     measure_quietly,
+    mixture_chunks,
     reset_peak,
     rss_mb,
     run_worker,
@@ -50,7 +51,6 @@ from ._common import (
 )
 
 MODULE = "benchmarks.scaling"
-GEN_CHUNK = 65_536  # rows drawn at a time
 INIT_ROWS = 20_000  # k-means++ runs on this many rows
 SMALLEST_N = 10_000
 ONLINE = [
@@ -194,23 +194,10 @@ def mixture(case: Case) -> dict[str, np.ndarray]:
 def generate(n: int, truth: dict[str, np.ndarray], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """n points from the mixture, drawn chunk by chunk into one (n, D) tensor: chunk c from its own
     generators, so that each N is a prefix of the larger ones."""
-    means = truth["means"]
-    k, d = means.shape
-    chol_t = np.ascontiguousarray(np.linalg.cholesky(truth["covariances"]).transpose(0, 2, 1))
-    cdf = np.cumsum(truth["weights"])
-    x = torch.empty((n, d), dtype=dtype)
+    x = torch.empty((n, truth["means"].shape[1]), dtype=dtype)
     out = x.numpy()
-    block = np.empty((min(GEN_CHUNK, n), d))
-    for c, start in enumerate(range(0, n, GEN_CHUNK)):
-        rows = min(GEN_CHUNK, n - start)
-        labels_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, c, 0]))
-        noise_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, c, 1]))
-        labels = np.minimum(np.searchsorted(cdf, labels_rng.random(rows), side="right"), k - 1)
-        z = noise_rng.standard_normal((rows, d))
-        for j in range(k):
-            idx = np.flatnonzero(labels == j)
-            block[idx] = z[idx] @ chol_t[j] + means[j]
-        out[start : start + rows] = block[:rows]
+    for start, block in mixture_chunks(truth, n, seed):
+        out[start : start + block.shape[0]] = block
     return x
 
 

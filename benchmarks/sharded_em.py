@@ -26,11 +26,19 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ._common import RESULTS, add_quiet_options, fmt_n, machine, settle, synthetic, write_results
+from ._common import (
+    RESULTS,
+    add_quiet_options,
+    fmt_n,
+    machine,
+    mixture_chunks,
+    settle,
+    synthetic,
+    write_results,
+)
 
 MODULE = "benchmarks.sharded_em"
 TIME_TARGET, MEMORY_TARGET = 1.15, 0.5
-GEN_CHUNK = 65_536
 INIT_ROWS = 20_000
 SAMPLE_SECONDS = 0.05  # how often a process samples its own RssAnon
 
@@ -80,20 +88,9 @@ def write_data(path: Path, n: int, d: int, k: int, seed: int) -> dict[str, np.nd
     """n points of make_synthetic's mixture (drawn with n=1) into a .npy at ``path``, chunk by
     chunk (chunk c from its own generators), so that this process never holds them all."""
     truth = synthetic(1, d, k, 3.0, seed)[1]
-    chol_t = np.ascontiguousarray(np.linalg.cholesky(truth["covariances"]).transpose(0, 2, 1))
-    cdf = np.cumsum(truth["weights"])
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, d))
-    for c, start in enumerate(range(0, n, GEN_CHUNK)):
-        rows = min(GEN_CHUNK, n - start)
-        labels_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, c, 0]))
-        noise_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, c, 1]))
-        labels = np.minimum(np.searchsorted(cdf, labels_rng.random(rows), side="right"), k - 1)
-        z = noise_rng.standard_normal((rows, d))
-        block = np.empty((rows, d))
-        for j in range(k):
-            idx = np.flatnonzero(labels == j)
-            block[idx] = z[idx] @ chol_t[j] + truth["means"][j]
-        out[start : start + rows] = block
+    for start, block in mixture_chunks(truth, n, seed):
+        out[start : start + block.shape[0]] = block
     out.flush()
     del out
     return truth
