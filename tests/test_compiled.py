@@ -224,3 +224,18 @@ def test_pyros_jit_and_compile_together_are_one_error_line(backend: str, compile
         prepare(parse_config(raw))
     assert "\n" not in str(error.value)
     prepare(parse_config({**raw, "backends": {backend: {jit: True}}}))  # Pyro's JIT alone is fine
+
+
+@pytest.mark.parametrize("backend", ["map", "svi", "mcmc"])
+@pytest.mark.parametrize("value", ["fast", 2])
+def test_a_bad_compile_value_is_one_error_line_naming_the_choices(backend: str, value: object) -> None:
+    raw = {
+        "experiment": "bad",
+        "data": {"source": "synthetic", "n": 40, "dim": 2, "k": 2},
+        "model": {"name": "gmm", "k": 2, "prior": "conjugate"},
+        "backends": {backend: {"compile": value}},
+    }
+    with pytest.raises(
+        UserError, match=rf"^backends\.{backend}\.compile: expected auto, true, record or false"
+    ):
+        prepare(parse_config(raw))

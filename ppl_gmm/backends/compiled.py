@@ -25,10 +25,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pyro
 import torch
+from pydantic import BeforeValidator
 from pyro.infer import TraceEnum_ELBO
 from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -50,7 +51,13 @@ __all__ = [
 # steps and compiles their graph unless it is larger than INDUCTOR_MAX_NODES operations; true
 # records and compiles whatever the length; record records only (the graph runs as recorded, no
 # C++ compiler needed); false runs Pyro's eager step
-Compile = Literal["auto", "record"] | bool
+def _compile_value(value: object) -> object:
+    if value in ("auto", "record") or isinstance(value, bool):
+        return value
+    raise ValueError("expected auto, true, record or false")  # the error line adds what it found
+
+
+Compile = Annotated[Literal["auto", "record"] | bool, BeforeValidator(_compile_value)]
 How = Literal["auto", "record", "inductor"]
 
 # recording takes 1-3 s (a hidden Markov model's 10 s and more: one operation per time step);
