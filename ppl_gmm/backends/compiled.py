@@ -47,6 +47,7 @@ __all__ = [
     "wants",
 ]
 
+
 # the backends' ``compile`` option: auto (the default) records runs of at least COMPILE_MIN_STEPS
 # steps and compiles their graph unless it is larger than INDUCTOR_MAX_NODES operations; true
 # records and compiles whatever the length; record records only (the graph runs as recorded, no
