@@ -22,6 +22,7 @@ from torch.distributions import Gamma, constraints, kl_divergence
 
 from ._gmm_em import unvech
 from .base import Flat
+from .distributions import Wishart
 
 __all__ = ["COVARIANCE_TYPES", "CovarianceType", "Moments"]
 
@@ -98,7 +99,7 @@ class CovarianceType:
 
     def precision_prior(self, nu0: Tensor, c0: Tensor, k: int, d: int) -> dist.TorchDistribution:
         """The conjugate prior of the ``precision`` site, for W0^-1 = c0 in the native shape."""
-        return dist.Wishart(nu0, precision_matrix=c0).expand((k,))
+        return Wishart(nu0, precision_matrix=c0).expand((k,))
 
     def prior_scale(self, c0: Tensor, d: int) -> Tensor:
         """What the prior adds to the scatter, as a full (D, D) matrix."""
@@ -185,7 +186,7 @@ class Tied(CovarianceType):
         return Flat(constraints.positive_definite, (), (d, d))
 
     def precision_prior(self, nu0: Tensor, c0: Tensor, k: int, d: int) -> dist.TorchDistribution:
-        return dist.Wishart(nu0, precision_matrix=c0)
+        return Wishart(nu0, precision_matrix=c0)
 
     def variational_posterior(
         self, nk: Tensor, sk: Tensor, dev: Tensor, shrink: Tensor, nu0: float, c0: Tensor

@@ -60,6 +60,7 @@ from ._gmm_em import (
     prepare_gaussians,
 )
 from .base import MODELS, ClosedFormEM, Flat, LatentModel, Params, Stats
+from .distributions import PrecisionMultivariateNormal
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -224,7 +225,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         if self.prior is None:
             return Flat(constraints.real_vector, (self.k,), (self.dim,))
         m0 = self._prior_tensor(self.prior.mean_prior, full_precision)
-        return dist.MultivariateNormal(m0, precision_matrix=self.prior.mean_precision * full_precision)
+        return PrecisionMultivariateNormal(m0, self.prior.mean_precision * full_precision)
 
     def full_precision(self, precision: Tensor) -> Tensor:
         """(K, D, D) precision matrices from the ``precision`` site's value."""
@@ -263,9 +264,7 @@ class GaussianMixture(LatentModel, ClosedFormEM):
                 z = pyro.sample("z", dist.Categorical(weights))
             return pyro.sample(
                 "x",
-                dist.MultivariateNormal(
-                    Vindex(locs)[..., z, :], precision_matrix=Vindex(full_precision)[..., z, :, :]
-                ),
+                PrecisionMultivariateNormal(Vindex(locs)[..., z, :], Vindex(full_precision)[..., z, :, :]),
                 obs=x,
             )
 

@@ -37,6 +37,7 @@ from ..errors import UserError
 from ._hmm import EStep, forward_backward, padding, viterbi
 from .base import MODELS, Flat, LatentModel, Params
 from .bernoulli import BernoulliHyperparameters, BernoulliMixture
+from .distributions import PrecisionMultivariateNormal
 from .gmm import ConjugatePrior, GaussianMixture, GMMHyperparameters, _default_prior
 from .poisson import PoissonHyperparameters, PoissonMixture
 
@@ -434,7 +435,7 @@ class GaussianHMM(HiddenMarkovModel):
     def emission_distribution(self, declared: tuple[Tensor, Tensor], z: Tensor) -> dist.TorchDistribution:
         locs, full_precision = declared
         precision = Vindex(full_precision)[..., z, :, :]
-        return dist.MultivariateNormal(Vindex(locs)[..., z, :], precision_matrix=precision)
+        return PrecisionMultivariateNormal(Vindex(locs)[..., z, :], precision)
 
 
 class IndependentHMM(HiddenMarkovModel):

@@ -45,6 +45,7 @@ from torch.distributions import constraints
 from ..config import ModelOptions, Strict
 from . import transforms  # noqa: F401  (registers biject_to(positive_definite) for guides)
 from .base import MODELS, ClosedFormEM, Flat, LatentModel, Params, Stats
+from .distributions import PrecisionMultivariateNormal, Wishart
 from .gmm import ConjugatePrior, GaussianMixture, GMMHyperparameters, _default_prior
 
 __all__ = ["DOFS_RANGE", "StudentTHyperparameters", "StudentTMixture", "StudentTOptions", "solve_dofs"]
@@ -192,15 +193,13 @@ class StudentTMixture(LatentModel, ClosedFormEM):
             return Flat(constraints.positive_definite, (self.k,), (self.dim, self.dim))
         gaussian = self.prior.gaussian
         nu0 = self._tensor(gaussian.degrees_of_freedom, like)
-        return dist.Wishart(nu0, precision_matrix=self._tensor(gaussian.covariance_prior, like)).expand(
-            (self.k,)
-        )
+        return Wishart(nu0, precision_matrix=self._tensor(gaussian.covariance_prior, like)).expand((self.k,))
 
     def _locs_prior(self, precision: Tensor) -> dist.TorchDistribution:
         if self.prior is None:
             return Flat(constraints.real_vector, (self.k,), (self.dim,))
         m0 = self._tensor(self.prior.gaussian.mean_prior, precision)
-        return dist.MultivariateNormal(m0, precision_matrix=self.prior.gaussian.mean_precision * precision)
+        return PrecisionMultivariateNormal(m0, self.prior.gaussian.mean_precision * precision)
 
     def _dofs_prior(self, like: Tensor) -> dist.TorchDistribution:
         if self.prior is None:

@@ -43,12 +43,28 @@ class PositiveDefiniteBijection(Transform):
         rows, cols = torch.tril_indices(d, d, device=device)
         return rows, cols, rows == cols
 
+    @staticmethod
+    def _positions(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Where the vector holds each entry of L, row by row ((D, D), the upper triangle pointing
+        one past the end), and where it holds L's diagonal ((D,)). Made from Python numbers: a
+        recorded step keeps them as constants."""
+        past_end = d * (d + 1) // 2
+        position = [[i * (i + 1) // 2 + j if j <= i else past_end for j in range(d)] for i in range(d)]
+        diagonal = [i * (i + 1) // 2 + i for i in range(d)]
+        return (
+            torch.tensor(position, dtype=torch.long, device=device),
+            torch.tensor(diagonal, dtype=torch.long, device=device),
+        )
+
     def _call(self, x: Tensor) -> Tensor:
         d = _dim_from_vector(x.shape[-1])
-        rows, cols, diagonal = self._indices(d, x.device)
+        _, _, diagonal = self._indices(d, x.device)
         entries = torch.where(diagonal, x.exp(), x)
-        tril = x.new_zeros(*x.shape[:-1], d, d)
-        tril[..., rows, cols] = entries
+        # L read off the entries (a gather, not a scatter into zeros: both directions of it fuse
+        # into one loop when the step is compiled); the upper triangle reads a zero put after them
+        position, _ = self._positions(d, x.device)
+        padded = torch.cat([entries, entries.new_zeros(*entries.shape[:-1], 1)], dim=-1)
+        tril = padded[..., position]
         return tril @ tril.mT
 
     def _inverse(self, y: Tensor) -> Tensor:
@@ -60,7 +76,7 @@ class PositiveDefiniteBijection(Transform):
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         # vec → L: Π L_ii (the exp); L → L Lᵀ: 2^D Π_i L_ii^(D - i + 1), i = 1..D
         d = y.shape[-1]
-        rows, cols, diagonal = self._indices(d, x.device)
+        _, diagonal = self._positions(d, x.device)
         log_diag = x[..., diagonal]
         powers = torch.arange(d + 1, 1, -1, dtype=x.dtype, device=x.device)
         return d * math.log(2.0) + (powers * log_diag).sum(-1)
