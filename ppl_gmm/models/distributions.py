@@ -53,34 +53,59 @@ def _quadratic_form(tril: Tensor, diff: Tensor) -> Tensor:
 
 class PrecisionMultivariateNormal(dist.TorchDistribution):
     """``MultivariateNormal(loc, precision_matrix=precision_matrix)``, its density and draws computed
-    from the precision's Cholesky factor C (Λ = C Cᵀ): x = μ + C⁻ᵀ ε."""
+    from the precision's Cholesky factor C (Λ = C Cᵀ): x = μ + C⁻ᵀ ε. The factor may be given
+    instead of the matrix (``precision_tril``), so that distributions of one precision share it."""
 
-    arg_constraints = {"loc": constraints.real_vector, "precision_matrix": constraints.positive_definite}
+    arg_constraints = {
+        "loc": constraints.real_vector,
+        "precision_matrix": constraints.positive_definite,
+        "precision_tril": constraints.lower_cholesky,
+    }
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, loc: Tensor, precision_matrix: Tensor, validate_args: bool | None = None) -> None:
-        if loc.dim() < 1 or precision_matrix.dim() < 2:
-            raise ValueError("loc needs at least one dimension and precision_matrix two")
-        batch_shape = torch.broadcast_shapes(loc.shape[:-1], precision_matrix.shape[:-2])
+    def __init__(
+        self,
+        loc: Tensor,
+        precision_matrix: Tensor | None = None,
+        validate_args: bool | None = None,
+        *,
+        precision_tril: Tensor | None = None,
+    ) -> None:
+        if (precision_matrix is None) == (precision_tril is None):
+            raise ValueError("give one of precision_matrix and precision_tril")
+        given = precision_tril if precision_matrix is None else precision_matrix
+        assert given is not None
+        if loc.dim() < 1 or given.dim() < 2:
+            raise ValueError("loc needs at least one dimension and the precision two")
+        batch_shape = torch.broadcast_shapes(loc.shape[:-1], given.shape[:-2])
         event_shape = loc.shape[-1:]
         self.loc = loc.expand(batch_shape + event_shape)
-        self.precision_matrix = precision_matrix.expand(batch_shape + event_shape + event_shape)
-        self._unbroadcasted_precision = precision_matrix
-        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+        if precision_matrix is not None:
+            self.precision_matrix = precision_matrix.expand(batch_shape + event_shape + event_shape)
+        else:
+            self.precision_tril = given.expand(batch_shape + event_shape + event_shape)
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)  # checks what was given
+        self._unbroadcasted_tril = given if precision_matrix is None else torch.linalg.cholesky(given)
 
     @lazy_property
-    def _precision_tril(self) -> Tensor:
-        return torch.linalg.cholesky(self._unbroadcasted_precision)
+    def precision_matrix(self) -> Tensor:
+        tril = self._unbroadcasted_tril
+        return (tril @ tril.mT).expand(self.batch_shape + self.event_shape + self.event_shape)
+
+    @lazy_property
+    def precision_tril(self) -> Tensor:
+        return self._unbroadcasted_tril.expand(self.batch_shape + self.event_shape + self.event_shape)
 
     def expand(self, batch_shape: _Shape, _instance: object = None) -> PrecisionMultivariateNormal:
         batch_shape = torch.Size(batch_shape)
         new = self._get_checked_instance(PrecisionMultivariateNormal, _instance)
+        matrix_shape = batch_shape + self.event_shape + self.event_shape
         new.loc = self.loc.expand(batch_shape + self.event_shape)
-        new.precision_matrix = self.precision_matrix.expand(batch_shape + self.event_shape + self.event_shape)
-        new._unbroadcasted_precision = self._unbroadcasted_precision
-        if "_precision_tril" in self.__dict__:
-            new._precision_tril = self._precision_tril
+        for name in ("precision_matrix", "precision_tril"):
+            if name in self.__dict__:
+                setattr(new, name, getattr(self, name).expand(matrix_shape))
+        new._unbroadcasted_tril = self._unbroadcasted_tril
         super(PrecisionMultivariateNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -95,7 +120,9 @@ class PrecisionMultivariateNormal(dist.TorchDistribution):
 
     @lazy_property
     def covariance_matrix(self) -> Tensor:
-        return torch.cholesky_inverse(self._precision_tril).expand(self.batch_shape + self.event_shape * 2)
+        return torch.cholesky_inverse(self._unbroadcasted_tril).expand(
+            self.batch_shape + self.event_shape * 2
+        )
 
     @property
     def variance(self) -> Tensor:
@@ -104,17 +131,17 @@ class PrecisionMultivariateNormal(dist.TorchDistribution):
     def rsample(self, sample_shape: _Shape = ()) -> Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        upper = self._precision_tril.mT
+        upper = self._unbroadcasted_tril.mT
         return self.loc + torch.linalg.solve_triangular(upper, eps.unsqueeze(-1), upper=True).squeeze(-1)
 
     def _half_log_det(self) -> Tensor:
-        return self._precision_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return self._unbroadcasted_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
         d = self._event_shape[0]
-        squares = _quadratic_form(self._precision_tril, value - self.loc)
+        squares = _quadratic_form(self._unbroadcasted_tril, value - self.loc)
         return -0.5 * (d * _LOG_2PI + squares) + self._half_log_det()
 
     def entropy(self) -> Tensor:

@@ -220,16 +220,24 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         nu0 = torch.tensor(self.prior.degrees_of_freedom, dtype=like.dtype, device=like.device)
         return self._type.precision_prior(nu0, c0, self.k, self.dim)
 
-    def locs_prior(self, full_precision: Tensor) -> dist.TorchDistribution:
-        """The prior of the ``locs`` site given (K, D, D) precisions, batch (K,)."""
+    def locs_prior(self, precision_tril: Tensor) -> dist.TorchDistribution:
+        """The prior of the ``locs`` site given the (K, D, D) precisions' Cholesky factors, batch (K,)."""
         if self.prior is None:
             return Flat(constraints.real_vector, (self.k,), (self.dim,))
-        m0 = self._prior_tensor(self.prior.mean_prior, full_precision)
-        return PrecisionMultivariateNormal(m0, self.prior.mean_precision * full_precision)
+        m0 = self._prior_tensor(self.prior.mean_prior, precision_tril)
+        # β0 Λ = (√β0 C)(√β0 C)ᵀ
+        return PrecisionMultivariateNormal(
+            m0, precision_tril=math.sqrt(self.prior.mean_precision) * precision_tril
+        )
 
     def full_precision(self, precision: Tensor) -> Tensor:
         """(K, D, D) precision matrices from the ``precision`` site's value."""
         return self._type.to_full(precision, self.k, self.dim)
+
+    def precision_tril(self, precision: Tensor) -> Tensor:
+        """The (K, D, D) precisions' Cholesky factors from the ``precision`` site's value: one
+        factorization for the locations' prior and the likelihood."""
+        return torch.linalg.cholesky(self.full_precision(precision))
 
     @config_enumerate
     def model(self, x: Tensor | None = None, n: int | None = None, batch_size: int | None = None) -> Tensor:
@@ -248,8 +256,8 @@ class GaussianMixture(LatentModel, ClosedFormEM):
                 sticks = pyro.sample("sticks", self.weights_prior(like))
             if not self._type.shared:
                 precision = pyro.sample("precision", self.precision_prior(like))
-            full_precision = self.full_precision(precision)
-            locs = pyro.sample("locs", self.locs_prior(full_precision))
+            precision_tril = self.precision_tril(precision)
+            locs = pyro.sample("locs", self.locs_prior(precision_tril))
 
         # local variables
         with pyro.plate("data", n, subsample_size=subsample) as index:
@@ -264,7 +272,9 @@ class GaussianMixture(LatentModel, ClosedFormEM):
                 z = pyro.sample("z", dist.Categorical(weights))
             return pyro.sample(
                 "x",
-                PrecisionMultivariateNormal(Vindex(locs)[..., z, :], Vindex(full_precision)[..., z, :, :]),
+                PrecisionMultivariateNormal(
+                    Vindex(locs)[..., z, :], precision_tril=Vindex(precision_tril)[..., z, :, :]
+                ),
                 obs=x,
             )
 
@@ -377,11 +387,10 @@ class GaussianMixture(LatentModel, ClosedFormEM):
         if self.prior is None:
             return torch.zeros((), dtype=weights.dtype, device=weights.device)
         sites = self.to_sites(params)
-        full_precision = self.full_precision(sites["precision"])
         return (
             self.weights_prior(weights).log_prob(sites[self.weight_site]).sum()
             + self.precision_prior(weights).log_prob(sites["precision"]).sum()
-            + self.locs_prior(full_precision).log_prob(sites["locs"]).sum()
+            + self.locs_prior(self.precision_tril(sites["precision"])).log_prob(sites["locs"]).sum()
         )
 
     def m_step(self, x: Tensor, resp: Tensor, reg_covar: float = 0.0, use_prior: bool = True) -> Params:

@@ -428,14 +428,15 @@ class GaussianHMM(HiddenMarkovModel):
         with components:
             if not emission._type.shared:
                 precision = pyro.sample("precision", emission.precision_prior(like))
-            full_precision = emission.full_precision(precision)
-            locs = pyro.sample("locs", emission.locs_prior(full_precision))
-        return locs, full_precision
+            precision_tril = emission.precision_tril(precision)
+            locs = pyro.sample("locs", emission.locs_prior(precision_tril))
+        return locs, precision_tril
 
     def emission_distribution(self, declared: tuple[Tensor, Tensor], z: Tensor) -> dist.TorchDistribution:
-        locs, full_precision = declared
-        precision = Vindex(full_precision)[..., z, :, :]
-        return PrecisionMultivariateNormal(Vindex(locs)[..., z, :], precision)
+        locs, precision_tril = declared
+        return PrecisionMultivariateNormal(
+            Vindex(locs)[..., z, :], precision_tril=Vindex(precision_tril)[..., z, :, :]
+        )
 
 
 class IndependentHMM(HiddenMarkovModel):
