@@ -13,13 +13,14 @@ import pandas as pd
 import pyro
 import pytest
 import torch
+from pyro.infer import NUTS
 from pyro.infer.autoguide import init_to_value
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
 import ppl_gmm
 from ppl_gmm.backends.base import StepInfo
-from ppl_gmm.backends.compiled import CompiledPotential
+from ppl_gmm.backends.compiled import FLAT, CompiledLeapfrog, FlatSites, FusedNUTS, direct_gradients, record
 from ppl_gmm.backends.map import MAP, MAPOptions
 from ppl_gmm.backends.mcmc import MCMCBackend, MCMCOptions
 from ppl_gmm.backends.pyro_svi import SVIOptions
@@ -161,25 +162,27 @@ def test_compiled_map_and_svi_in_a_run_match_eager_and_report_compiling_apart(tm
         assert summary["fit_seconds"] < summary["compile_seconds"]
 
 
-def test_compiled_potential_energy_and_draws_equal_eager_nuts() -> None:
+def _nuts_problem() -> tuple[Any, Any, Any, Any, FlatSites, torch.Tensor]:
     model, x, init = _problem({"name": "gmm", "prior": "conjugate"}, n=50)
     strategy = init_to_value(values=model.to_sites(init))
     initial, potential_fn, _, _ = initialize_model(
         model.model, (x,), max_plate_nesting=1, init_strategy=strategy
     )
-    compiled = CompiledPotential(potential_fn, initial)
+    flat = FlatSites(initial)
+    return model, x, init, potential_fn, flat, flat.join(initial)
+
+
+def test_compiled_potential_energy_and_draws_equal_eager_nuts() -> None:
+    model, x, init, potential_fn, flat, start = _nuts_problem()
+    compiled = CompiledLeapfrog(lambda z: potential_fn(flat.split(z)), start)
     assert compiled.how == "inductor"
     generator = torch.Generator().manual_seed(0)
     for _ in range(4):  # points away from the start the graph was recorded at
-        z = {
-            name: value + 0.3 * torch.randn(value.shape, generator=generator)
-            for name, value in initial.items()
-        }
-        grads, energy = potential_grad(potential_fn, {k: v.clone() for k, v in z.items()})
-        ours, our_energy = potential_grad(compiled, {k: v.clone() for k, v in z.items()})
+        z = start + 0.3 * torch.randn(start.shape, generator=generator, dtype=start.dtype)
+        grads, energy = potential_grad(potential_fn, flat.split(z.clone()))
+        ours, our_energy = potential_grad(compiled, {FLAT: z.clone()})
         assert float(our_energy) == pytest.approx(float(energy), rel=1e-10)
-        for name in grads:
-            np.testing.assert_allclose(ours[name], grads[name], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(ours[FLAT], flat.join(grads), rtol=1e-9, atol=1e-9)
 
     def draws(compile: bool) -> dict[str, torch.Tensor]:
         pyro.set_rng_seed(5)
@@ -188,7 +191,67 @@ def test_compiled_potential_energy_and_draws_equal_eager_nuts() -> None:
 
     eager, ours = draws(False), draws(True)
     for name in eager:  # the same draws: the same energies and gradients, the same random numbers
+        assert eager[name].std(0).max() > 0  # the chain moved
         np.testing.assert_allclose(ours[name], eager[name], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("direction", [1, -1])
+def test_fused_base_tree_equals_pyros(direction: int) -> None:
+    """One call of the recorded leapfrog graph gives what Pyro's ``NUTS._build_basetree`` computes
+    (velocity Verlet, energies, weight, divergence, acceptance), with an adapted-looking diagonal
+    mass matrix and a step large enough to change the energy."""
+    _, _, _, potential_fn, flat, start = _nuts_problem()
+
+    def potential(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return potential_fn(flat.split(params[FLAT]))
+
+    leapfrog = CompiledLeapfrog(lambda z: potential_fn(flat.split(z)), start, "record")
+    generator = torch.Generator().manual_seed(direction + 3)
+    inverse_mass = 0.5 + torch.rand(start.shape, generator=generator, dtype=start.dtype)
+    trees = []
+    for kernel in (NUTS(potential_fn=potential), FusedNUTS(potential_fn=leapfrog)):
+        kernel.initial_params = {FLAT: start}
+        pyro.set_rng_seed(0)
+        kernel.setup(10)
+        kernel._adapter.step_size = 0.15
+        kernel.mass_matrix_adapter.inverse_mass_matrix = {(FLAT,): inverse_mass}
+        r = {FLAT: torch.randn(start.shape, generator=torch.Generator().manual_seed(1), dtype=start.dtype)}
+        grads, energy = potential_grad(potential, {FLAT: start.clone()})
+        unscaled = kernel.mass_matrix_adapter.unscale(r)
+        energy_current = kernel._kinetic_energy(unscaled) + energy
+        with direct_gradients():
+            trees.append(
+                kernel._build_basetree({FLAT: start}, r, grads, -energy_current, direction, energy_current)
+            )
+    pyros, ours = trees
+    assert abs(float(pyros.weight)) > 1e-3  # the weight is the energy's change: the step changed it
+    for field, a, b in zip(pyros._fields, pyros, ours, strict=True):
+        if isinstance(a, dict):
+            ((a,), (b,)) = (a.values(), b.values())
+        if isinstance(a, torch.Tensor):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12, err_msg=field)
+        else:
+            assert a == b, field
+
+
+def test_constants_are_folded_and_draws_are_not() -> None:
+    """What the graph computes from constants alone is computed once, when it is recorded; the
+    draws stay in the graph."""
+    matrix = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return v * torch.linalg.cholesky(matrix).sum() + torch.randn(2, dtype=torch.float64)
+
+    graph = record(fn, [torch.ones(2, dtype=torch.float64)])
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert not any("cholesky" in target for target in targets)
+    v = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    torch.manual_seed(3)
+    ours, again = graph(v), graph(v)
+    torch.manual_seed(3)
+    expected = fn(v)
+    torch.testing.assert_close(ours, expected, rtol=1e-15, atol=0)
+    assert not torch.equal(ours, again)
 
 
 def test_recorded_potential_of_a_hidden_markov_model_gives_eager_nuts_draws() -> None:

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..evaluate import posterior_moments, relabel
 from ..models.base import LatentModel, Params
 from .base import BACKENDS, Backend, Clock, FitError, FitResult, Options, Report, StepInfo, one_line
-from .compiled import Compile, CompiledPotential, FlatSites, direct_gradients, wants
+from .compiled import FLAT, Compile, CompiledLeapfrog, FlatSites, FusedNUTS, direct_gradients, wants
 
 __all__ = [
     "MCMCBackend",
@@ -45,7 +45,6 @@ R_HAT_CONVERGED = 1.01  # split R-hat below this on every parameter counts as co
 # compile: auto compiles the potential of runs with this many iterations (warmup and draws, all
 # chains) or more: each takes several potential evaluations (one a leapfrog step)
 MIN_ITERATIONS = 500
-FLAT = "sites"  # the one site NUTS moves when it samples a compiled potential
 MIN_DRAWS_FOR_DIAGNOSTICS = 4  # split R-hat halves each chain; fewer draws give no usable estimate
 
 
@@ -108,7 +107,7 @@ def run_nuts(
     divergences = 0
     accept_probs: list[float] = []
     init_strategy = init_to_value(values=dict(init_sites))
-    compiled: CompiledPotential | None = None
+    compiled: CompiledLeapfrog | None = None
     compile_error: str | None = None
     how = (
         None
@@ -126,7 +125,7 @@ def run_nuts(
             flat = FlatSites(initial)
             start = {FLAT: flat.join(initial)}
             try:
-                compiled = CompiledPotential(lambda z: potential_fn(flat.split(z[FLAT])), start, how)
+                compiled = CompiledLeapfrog(lambda z: potential_fn(flat.split(z)), start[FLAT], how)
             except Exception as exc:
                 if how != "auto":
                     raise FitError(
@@ -152,7 +151,7 @@ def run_nuts(
                 **common,
             )
         else:
-            kernel = NUTS(potential_fn=compiled, **common)
+            kernel = FusedNUTS(potential_fn=compiled, **common)
 
         def hook(kernel: NUTS, params: dict[str, Tensor], stage: str, i: int, chain: int = chain) -> None:
             nonlocal divergences
