@@ -4,11 +4,13 @@ An eager Pyro step runs the declaration again every step: its messengers, its en
 contraction plan, in Python. On small data that Python is nearly all of a step. Here the whole
 step is recorded once as a graph of tensor operations. For ``map`` and ``svi`` that is the
 enumerated loss that ``TraceEnum_ELBO`` computes from the model and the guide, its gradient and
-the optimizer's update; for ``mcmc`` it is the potential energy that Pyro's ``initialize_model``
-derives for NUTS, with its gradient. ``make_fx`` records it by running Pyro's own code once; the
-Python decisions that code takes on tensor values (validation, masks) are kept at the values they
-had. TorchInductor then compiles the graph, and every later step runs the compiled graph alone:
-the operations of an eager step, so the losses of eager Pyro to rounding.
+the optimizer's update; for ``mcmc`` it is a leapfrog step of NUTS on the potential energy that
+Pyro's ``initialize_model`` derives (velocity Verlet with the gradient, and the energies NUTS reads
+off the new point). ``make_fx`` records it by running Pyro's own code once; the Python decisions
+that code takes on tensor values (validation, masks) are kept at the values they had, and what
+the graph computes from constants alone (the prior's hyperparameters) is computed then, once.
+TorchInductor then compiles the graph, and every later step runs the compiled graph alone: the
+operations of an eager step, so the losses of eager Pyro to rounding.
 
 What the graph cannot see is fixed when it is recorded: shapes (a mini-batch has one size, so it
 never recompiles), the number of particles, and Pyro's checks of values (a step that leaves the
